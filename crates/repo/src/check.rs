@@ -1,0 +1,262 @@
+//! `repo check`: structural checks, and with `read_data` a full read of every pack.
+
+use std::collections::{HashMap, HashSet};
+
+use futures::stream::{self, StreamExt};
+use serde::Serialize;
+
+use crate::error::{RepoError, Result};
+use crate::id::{BlobId, Id, PackId};
+use crate::pack::{decode_blob, pack_key, read_pack_header};
+use crate::repository::Repository;
+
+/// What `check` does.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckOptions {
+    /// Also download every pack and verify every blob.
+    pub read_data: bool,
+}
+
+/// One problem found: the object concerned and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckProblem {
+    /// Object key or name.
+    pub object: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// The result of `check`.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct CheckReport {
+    /// Errors: the repository is damaged where these say.
+    pub problems: Vec<CheckProblem>,
+    /// Warnings: nothing is lost (e.g. unindexed packs left by an interrupted write).
+    pub warnings: Vec<String>,
+    /// Manifests (backups, dumps) that reference damaged or missing data.
+    pub damaged_manifests: Vec<String>,
+    /// Packs found in storage.
+    pub packs: usize,
+    /// Blobs indexed.
+    pub blobs: usize,
+    /// Index files read.
+    pub index_files: usize,
+    /// Manifests checked.
+    pub manifests: usize,
+    /// Bytes downloaded and verified (with `read_data`).
+    pub bytes_read: u64,
+}
+
+impl CheckReport {
+    /// True when no problem was found.
+    pub fn is_ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    fn problem(&mut self, object: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(CheckProblem { object: object.into(), message: message.into() });
+    }
+}
+
+impl Repository {
+    /// Checks the repository. Never modifies it.
+    pub async fn check(&self, opts: CheckOptions) -> Result<CheckReport> {
+        let mut r = CheckReport::default();
+        let storage = self.storage().clone();
+
+        // Packs present in storage.
+        let mut stored: HashMap<PackId, u64> = HashMap::new();
+        for m in storage.list("packs/").await? {
+            let name = m.key.rsplit('/').next().unwrap_or_default();
+            match name.parse::<Id>() {
+                Ok(id) if m.key == pack_key(&id) => {
+                    stored.insert(id, m.size);
+                }
+                _ => r.warnings.push(format!("unexpected object {} in packs/", m.key)),
+            }
+        }
+        r.packs = stored.len();
+
+        // Index files, each verified on its own so one bad file is named, not fatal.
+        let mut indexed: HashMap<PackId, (u64, Vec<crate::format::IndexBlob>)> = HashMap::new();
+        let mut blob_pack: HashMap<BlobId, PackId> = HashMap::new();
+        for m in storage.list("index/").await? {
+            r.index_files += 1;
+            match self.read_index_file(&m.key).await {
+                Ok(f) => {
+                    for p in f.packs {
+                        for b in &p.blobs {
+                            blob_pack.entry(b.id).or_insert(p.id);
+                        }
+                        indexed.insert(p.id, (p.size, p.blobs));
+                    }
+                }
+                Err(e) => r.problem(&m.key, e.to_string()),
+            }
+        }
+        r.blobs = blob_pack.len();
+
+        let mut bad_packs: HashSet<PackId> = HashSet::new();
+        for (id, (size, _)) in &indexed {
+            match stored.get(id) {
+                None => {
+                    r.problem(pack_key(id), "pack is in the index but missing from storage");
+                    bad_packs.insert(*id);
+                }
+                Some(s) if s != size => {
+                    r.problem(pack_key(id), format!("pack has {s} bytes, the index says {size} (truncated?)"));
+                    bad_packs.insert(*id);
+                }
+                _ => {}
+            }
+        }
+        let unindexed = stored.keys().filter(|p| !indexed.contains_key(p)).count();
+        if unindexed > 0 {
+            r.warnings.push(format!(
+                "{unindexed} pack(s) are not in any index (left by an interrupted write); they are harmless and are removed by expire after a grace period"
+            ));
+        }
+
+        // Read every pack in full.
+        let mut bad_blobs: HashSet<BlobId> = HashSet::new();
+        if opts.read_data {
+            let todo: Vec<(PackId, Vec<crate::format::IndexBlob>)> = indexed
+                .iter()
+                .filter(|(id, _)| !bad_packs.contains(id))
+                .map(|(id, (_, b))| (*id, b.clone()))
+                .collect();
+            let results: Vec<(PackId, u64, Vec<(Option<BlobId>, String)>)> = stream::iter(todo)
+                .map(|(id, blobs)| {
+                    let repo = self.clone();
+                    async move {
+                        let key = pack_key(&id);
+                        let data = match repo.storage().get(&key).await {
+                            Ok(d) => d,
+                            Err(e) => return (id, 0, vec![(None, e.to_string())]),
+                        };
+                        let n = data.len() as u64;
+                        let sealer = repo.sealer().clone();
+                        let found = tokio::task::spawn_blocking(move || verify_pack(&sealer, &id, &data, &blobs))
+                            .await
+                            .unwrap_or_else(|e| vec![(None, format!("verification task failed: {e}"))]);
+                        (id, n, found)
+                    }
+                })
+                .buffer_unordered(4)
+                .collect()
+                .await;
+            for (id, n, found) in results {
+                r.bytes_read += n;
+                for (blob, msg) in found {
+                    match blob {
+                        Some(b) => {
+                            bad_blobs.insert(b);
+                            r.problem(format!("{} blob {}", pack_key(&id), b), msg);
+                        }
+                        None => {
+                            bad_packs.insert(id);
+                            r.problem(pack_key(&id), msg);
+                        }
+                    }
+                }
+            }
+        }
+
+        // Manifests: every referenced blob must be indexed, in a present, undamaged pack.
+        for m in self.list_manifests(None).await? {
+            r.manifests += 1;
+            let name = format!("{}/{}", m.cluster, m.id);
+            let body = match self.load_manifest(&m.cluster, &m.id).await {
+                Ok(b) => b,
+                Err(e) => {
+                    r.problem(m.key(), e.to_string());
+                    r.damaged_manifests.push(name);
+                    continue;
+                }
+            };
+            let mut damaged = false;
+            let mut reported = 0;
+            for s in Repository::stream_refs(&body) {
+                for b in &s.blobs {
+                    let why = match blob_pack.get(&b.id) {
+                        None => Some(format!("references blob {} that is in no index", b.id)),
+                        Some(p) if bad_packs.contains(p) => {
+                            Some(format!("references blob {} in damaged or missing pack {}", b.id, p))
+                        }
+                        Some(_) if bad_blobs.contains(&b.id) => Some(format!("references damaged blob {}", b.id)),
+                        _ => None,
+                    };
+                    if let Some(msg) = why {
+                        damaged = true;
+                        if reported < 10 {
+                            r.problem(m.key(), msg);
+                        }
+                        reported += 1;
+                    }
+                }
+            }
+            if reported > 10 {
+                r.problem(m.key(), format!("... and {} more damaged references", reported - 10));
+            }
+            if damaged {
+                r.damaged_manifests.push(name);
+            }
+        }
+
+        for l in self.list_locks().await? {
+            if l.stale {
+                r.warnings.push(format!(
+                    "stale lock {} of {} pid {} ({}); `pgkeep repo unlock` removes it",
+                    l.id, l.host, l.pid, l.purpose
+                ));
+            }
+        }
+        Ok(r)
+    }
+}
+
+fn verify_pack(
+    sealer: &crate::crypto::Sealer,
+    id: &PackId,
+    data: &[u8],
+    indexed: &[crate::format::IndexBlob],
+) -> Vec<(Option<BlobId>, String)> {
+    let mut out = Vec::new();
+    if blake3::hash(data).as_bytes() != &id.0 {
+        out.push((None, "pack content does not match its id (altered or truncated)".to_string()));
+    }
+    let header = match read_pack_header(sealer, data, &id.to_hex()) {
+        Ok(h) => h,
+        Err(e) => {
+            out.push((None, e.to_string()));
+            // Fall back to the index's view so each blob is still checked and named.
+            indexed.to_vec()
+        }
+    };
+    let in_header: HashSet<BlobId> = header.iter().map(|b| b.id).collect();
+    for b in indexed {
+        if !in_header.contains(&b.id) {
+            out.push((Some(b.id), "blob is in the index but not in the pack header".into()));
+        }
+    }
+    let mut d = match zstd::bulk::Decompressor::new() {
+        Ok(d) => d,
+        Err(e) => return vec![(None, format!("zstd init: {e}"))],
+    };
+    let name = format!("pack {id}");
+    for b in indexed {
+        let (s, e) = (b.offset as usize, b.offset as usize + b.length as usize);
+        if e > data.len() {
+            out.push((Some(b.id), "blob extends past the end of the pack".into()));
+            continue;
+        }
+        if let Err(err) = decode_blob(sealer, &mut d, &b.id, b.raw_length, &data[s..e], &name) {
+            let msg = match err {
+                RepoError::Integrity { reason, .. } => reason,
+                other => other.to_string(),
+            };
+            out.push((Some(b.id), msg));
+        }
+    }
+    out
+}

@@ -1,0 +1,28 @@
+//! The pgkeep repository: where backups, dumps and WAL live.
+//!
+//! A repository stores byte streams as content-defined chunks ("blobs", FastCDC, ~1 MiB),
+//! deduplicated by id, compressed with zstd, sealed with AES-256-GCM when encrypted, packed
+//! into packs of ~16 MiB and indexed; manifests (typed by the caller, stored as JSON) are the
+//! commit points. It knows nothing of PostgreSQL. See docs/design.md for the format and the
+//! invariants every part upholds.
+
+pub mod check;
+pub mod crypto;
+pub mod error;
+pub mod format;
+pub mod id;
+pub mod index;
+pub mod lock;
+pub mod pack;
+pub mod reader;
+pub mod repository;
+pub mod writer;
+
+pub use check::{CheckOptions, CheckProblem, CheckReport};
+pub use error::{ErrorKind, RepoError, Result};
+pub use format::{BlobRef, ChunkerParams, KdfParams, RepoConfig, StreamRef};
+pub use id::{BlobId, Id, PackId};
+pub use lock::{LockInfo, LockKind, RepoLock};
+pub use pgkeep_storage as storage;
+pub use repository::{InitOptions, KeyInfo, ManifestKey, RepoInfo, Repository};
+pub use writer::{BlobWriter, WriteStats, WriterOptions};

@@ -1,0 +1,579 @@
+//! The repository: opening, keys, metadata objects and manifests.
+
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+use chrono::Utc;
+use futures::stream::{self, StreamExt, TryStreamExt};
+use pgkeep_storage::{ErrorKind as SErr, Storage};
+use rand::RngCore;
+use serde::Serialize;
+
+use crate::crypto::{derive_kek, unwrap_master, wrap_master, MasterKey, Sealer};
+use crate::error::{RepoError, Result};
+use crate::format::{
+    collect_stream_refs, ChunkerParams, IndexFile, KdfParams, KeyFile, RepoConfig, StreamRef,
+    FORMAT_VERSION,
+};
+use crate::id::Id;
+use crate::index::Index;
+
+/// How `init` sets up a repository.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Encrypt with a master key wrapped by this passphrase; `None` makes a plain repository.
+    pub passphrase: Option<String>,
+    /// zstd level for blobs (1..=22).
+    pub compression_level: i32,
+    /// Chunking parameters.
+    pub chunker: ChunkerParams,
+    /// Target pack size in bytes.
+    pub pack_size: u64,
+    /// Argon2id parameters for the first key.
+    pub kdf: KdfParams,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            passphrase: None,
+            compression_level: 3,
+            chunker: ChunkerParams::default(),
+            pack_size: 16 * 1024 * 1024,
+            kdf: KdfParams::default(),
+        }
+    }
+}
+
+/// One key of the repository, as `repo key list` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyInfo {
+    /// Key id (hex).
+    pub id: String,
+    /// When it was added.
+    pub created: chrono::DateTime<Utc>,
+    /// Host that added it.
+    pub host: String,
+    /// Whether this key opened the repository now.
+    pub current: bool,
+}
+
+/// Figures about a repository, as `repo info` shows them.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepoInfo {
+    /// Repository id.
+    pub id: String,
+    /// Format version.
+    pub version: u32,
+    /// Whether it is encrypted.
+    pub encrypted: bool,
+    /// Where it is (no credentials).
+    pub location: String,
+    /// zstd level.
+    pub compression_level: i32,
+    /// Chunker parameters.
+    pub chunker: ChunkerParams,
+    /// Number of indexed packs.
+    pub packs: usize,
+    /// Bytes in indexed packs.
+    pub pack_bytes: u64,
+    /// Number of indexed blobs.
+    pub blobs: usize,
+    /// Sum of the blobs' plaintext sizes.
+    pub blob_raw_bytes: u64,
+    /// Number of index files.
+    pub index_files: usize,
+    /// Number of keys.
+    pub keys: usize,
+    /// Number of locks present.
+    pub locks: usize,
+    /// Number of manifests (backups and dumps).
+    pub manifests: usize,
+}
+
+/// Identifies one manifest: `backups/<cluster>/<id>`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct ManifestKey {
+    /// Cluster name.
+    pub cluster: String,
+    /// Backup or dump id.
+    pub id: String,
+}
+
+impl ManifestKey {
+    /// The storage key.
+    pub fn key(&self) -> String {
+        format!("backups/{}/{}", self.cluster, self.id)
+    }
+}
+
+pub(crate) struct RepoInner {
+    pub(crate) storage: Arc<dyn Storage>,
+    pub(crate) config: RepoConfig,
+    pub(crate) sealer: Sealer,
+    pub(crate) key_id: Option<String>,
+    pub(crate) index: RwLock<Index>,
+    pub(crate) index_files: RwLock<Vec<String>>,
+}
+
+/// An open repository. Cheap to clone; all clones share the index.
+#[derive(Clone)]
+pub struct Repository {
+    pub(crate) inner: Arc<RepoInner>,
+}
+
+impl std::fmt::Debug for Repository {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Repository").field("location", &self.inner.storage.location()).finish()
+    }
+}
+
+const INDEX_AAD: &[u8] = b"pgkeep-index";
+
+fn random_hex(n: usize) -> String {
+    let mut b = vec![0u8; n];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Checks a cluster name or manifest id so it is one safe path segment.
+pub(crate) fn check_segment(what: &str, s: &str) -> Result<()> {
+    let ok = !s.is_empty()
+        && s.len() <= 128
+        && s != "."
+        && s != ".."
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(RepoError::Invalid(format!(
+            "invalid {what} {s:?}: use letters, digits, '-', '_', '.' or ':' (at most 128)"
+        )))
+    }
+}
+
+impl Repository {
+    /// True when `storage` holds a repository (a `config` object).
+    pub async fn exists(storage: &dyn Storage) -> Result<bool> {
+        match storage.head("config").await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == SErr::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Creates a repository. Fails with [`RepoError::AlreadyExists`] when one is there.
+    ///
+    /// Write order: the key first, then `config` (put-if-absent), so a half-made repository
+    /// has no `config` and is not taken for a repository.
+    pub async fn init(storage: Arc<dyn Storage>, opts: InitOptions) -> Result<Repository> {
+        if !(1..=22).contains(&opts.compression_level) {
+            return Err(RepoError::Invalid(format!(
+                "compression level {} is out of range 1..=22",
+                opts.compression_level
+            )));
+        }
+        let c = opts.chunker;
+        if !(c.min < c.avg && c.avg < c.max && c.min >= 64 * 1024 && c.max <= 16 * 1024 * 1024) {
+            return Err(RepoError::Invalid(format!("invalid chunker parameters {c:?}")));
+        }
+        if Self::exists(storage.as_ref()).await? {
+            return Err(RepoError::AlreadyExists { location: storage.location() });
+        }
+        let config = RepoConfig {
+            version: FORMAT_VERSION,
+            id: random_hex(16),
+            created: Utc::now(),
+            encrypted: opts.passphrase.is_some(),
+            compression_level: opts.compression_level,
+            chunker: opts.chunker,
+            pack_size: opts.pack_size.clamp(1 << 20, 1 << 30),
+        };
+        let (sealer, key_id) = match &opts.passphrase {
+            Some(p) => {
+                let master = MasterKey::generate();
+                let id = write_key(storage.as_ref(), &master, p, opts.kdf).await?;
+                (Sealer::Encrypted(Box::new(master)), Some(id))
+            }
+            None => (Sealer::Plain, None),
+        };
+        let body = serde_json::to_vec_pretty(&config).expect("config serializes");
+        match storage.put_if_absent("config", Bytes::from(body)).await {
+            Ok(()) => {}
+            Err(e) if e.kind == SErr::AlreadyExists => {
+                return Err(RepoError::AlreadyExists { location: storage.location() })
+            }
+            Err(e) => return Err(e.into()),
+        }
+        Ok(Repository {
+            inner: Arc::new(RepoInner {
+                storage,
+                config,
+                sealer,
+                key_id,
+                index: RwLock::new(Index::default()),
+                index_files: RwLock::new(Vec::new()),
+            }),
+        })
+    }
+
+    /// Opens a repository and loads its index. Reads only: a wrong passphrase writes nothing.
+    pub async fn open(storage: Arc<dyn Storage>, passphrase: Option<&str>) -> Result<Repository> {
+        let location = storage.location();
+        let raw = match storage.get("config").await {
+            Ok(b) => b,
+            Err(e) if e.kind == SErr::NotFound => {
+                return Err(RepoError::NotARepository {
+                    location,
+                    reason: "there is no `config` object".into(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let config: RepoConfig =
+            serde_json::from_slice(&raw).map_err(|e| RepoError::NotARepository {
+                location: location.clone(),
+                reason: format!("its `config` object is unreadable ({e})"),
+            })?;
+        if config.version != FORMAT_VERSION {
+            return Err(RepoError::Invalid(format!(
+                "repository at {location} has format version {}, this pgkeep reads version {FORMAT_VERSION}\nHINT: use a pgkeep release that supports it",
+                config.version
+            )));
+        }
+        let (sealer, key_id) = if config.encrypted {
+            let p = passphrase.ok_or(RepoError::PassphraseRequired { location: location.clone() })?;
+            let (master, id) = find_key(storage.as_ref(), p).await?;
+            (Sealer::Encrypted(Box::new(master)), Some(id))
+        } else {
+            (Sealer::Plain, None)
+        };
+        let repo = Repository {
+            inner: Arc::new(RepoInner {
+                storage,
+                config,
+                sealer,
+                key_id,
+                index: RwLock::new(Index::default()),
+                index_files: RwLock::new(Vec::new()),
+            }),
+        };
+        repo.reload_index().await?;
+        Ok(repo)
+    }
+
+    /// Reads every index file again (to see what other processes added).
+    pub async fn reload_index(&self) -> Result<()> {
+        let names: Vec<String> =
+            self.inner.storage.list("index/").await?.into_iter().map(|m| m.key).collect();
+        let files: Vec<(String, IndexFile)> = stream::iter(names)
+            .map(|key| async move {
+                let f = self.read_index_file(&key).await?;
+                Ok::<_, RepoError>((key, f))
+            })
+            .buffer_unordered(8)
+            .try_collect()
+            .await?;
+        let mut index = Index::default();
+        let mut keys = Vec::with_capacity(files.len());
+        for (k, f) in &files {
+            index.add_file(f);
+            keys.push(k.clone());
+        }
+        *self.inner.index.write().unwrap() = index;
+        *self.inner.index_files.write().unwrap() = keys;
+        Ok(())
+    }
+
+    pub(crate) async fn read_index_file(&self, key: &str) -> Result<IndexFile> {
+        let raw = self.inner.storage.get(key).await?;
+        let plain = self
+            .inner
+            .sealer
+            .open_meta(INDEX_AAD, &raw)
+            .ok_or_else(|| RepoError::integrity(key, "index file failed authentication"))?;
+        let json = zstd::bulk::decompress(&plain, 1 << 30)
+            .map_err(|e| RepoError::integrity(key, format!("index file does not decompress: {e}")))?;
+        serde_json::from_slice(&json)
+            .map_err(|e| RepoError::integrity(key, format!("index file does not parse: {e}")))
+    }
+
+    /// Writes an index file and adds it to the in-memory index.
+    pub(crate) async fn write_index_file(&self, file: IndexFile) -> Result<String> {
+        let json = serde_json::to_vec(&file).expect("index serializes");
+        let z = zstd::bulk::compress(&json, 3)
+            .map_err(|e| RepoError::Invalid(format!("zstd failed: {e}")))?;
+        let sealed = self.inner.sealer.seal_meta(INDEX_AAD, &z);
+        let key = format!("index/{}", hex::encode(blake3::hash(&sealed).as_bytes()));
+        self.inner.storage.put(&key, Bytes::from(sealed)).await?;
+        self.inner.index.write().unwrap().add_file(&file);
+        self.inner.index_files.write().unwrap().push(key.clone());
+        Ok(key)
+    }
+
+    /// The repository's configuration.
+    pub fn config(&self) -> &RepoConfig {
+        &self.inner.config
+    }
+
+    /// The storage it lives on.
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.inner.storage
+    }
+
+    /// The sealer (plain or encrypted) of this repository.
+    pub fn sealer(&self) -> &Sealer {
+        &self.inner.sealer
+    }
+
+    /// True when the blob is in the index.
+    pub fn has_blob(&self, id: &Id) -> bool {
+        self.inner.index.read().unwrap().contains(id)
+    }
+
+    /// Seals and stores a metadata object under `key` if absent (the WAL archive and manifests
+    /// use it). `aad` must be the same when reading.
+    pub async fn put_sealed_if_absent(&self, key: &str, aad: &[u8], plain: &[u8]) -> Result<()> {
+        let z = zstd::bulk::compress(plain, self.inner.config.compression_level)
+            .map_err(|e| RepoError::Invalid(format!("zstd failed: {e}")))?;
+        let sealed = self.inner.sealer.seal_meta(aad, &z);
+        self.inner.storage.put_if_absent(key, Bytes::from(sealed)).await?;
+        Ok(())
+    }
+
+    /// Reads and verifies an object written by [`Repository::put_sealed_if_absent`].
+    pub async fn get_sealed(&self, key: &str, aad: &[u8]) -> Result<Vec<u8>> {
+        let raw = match self.inner.storage.get(key).await {
+            Ok(r) => r,
+            Err(e) if e.kind == SErr::NotFound => {
+                return Err(RepoError::NotFound { what: format!("object {key}") })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let z = self
+            .inner
+            .sealer
+            .open_meta(aad, &raw)
+            .ok_or_else(|| RepoError::integrity(key, "failed authentication (altered or truncated)"))?;
+        zstd::stream::decode_all(&z[..])
+            .map_err(|e| RepoError::integrity(key, format!("does not decompress: {e}")))
+    }
+
+    /// Stores a manifest: the commit point of a backup or dump.
+    ///
+    /// Refuses (before writing) when the body references a blob that is not indexed, so a
+    /// manifest only ever references committed data (write order: packs, index, manifest).
+    pub async fn save_manifest<T: Serialize>(&self, cluster: &str, id: &str, body: &T) -> Result<()> {
+        check_segment("cluster name", cluster)?;
+        check_segment("backup id", id)?;
+        let value = serde_json::to_value(body).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        let mut refs = Vec::new();
+        collect_stream_refs(&value, &mut refs);
+        {
+            let index = self.inner.index.read().unwrap();
+            for r in &refs {
+                if let Some(b) = r.blobs.iter().find(|b| !index.contains(&b.id)) {
+                    return Err(RepoError::Invalid(format!(
+                        "manifest {cluster}/{id} references blob {} that is not indexed (finish the writer before saving the manifest)",
+                        b.id
+                    )));
+                }
+            }
+        }
+        let key = ManifestKey { cluster: cluster.into(), id: id.into() }.key();
+        let json = serde_json::to_vec(&value).expect("json");
+        match self.put_sealed_if_absent(&key, key.as_bytes(), &json).await {
+            Err(RepoError::Storage(e)) if e.kind == SErr::AlreadyExists => Err(RepoError::Invalid(
+                format!("manifest {cluster}/{id} already exists; manifests are never overwritten"),
+            )),
+            other => other,
+        }
+    }
+
+    /// Loads and verifies a manifest.
+    pub async fn load_manifest(&self, cluster: &str, id: &str) -> Result<serde_json::Value> {
+        check_segment("cluster name", cluster)?;
+        check_segment("backup id", id)?;
+        let key = ManifestKey { cluster: cluster.into(), id: id.into() }.key();
+        let plain = match self.get_sealed(&key, key.as_bytes()).await {
+            Err(RepoError::NotFound { .. }) => {
+                return Err(RepoError::NotFound { what: format!("backup {id} of cluster {cluster}") })
+            }
+            other => other?,
+        };
+        serde_json::from_slice(&plain)
+            .map_err(|e| RepoError::integrity(&key, format!("manifest does not parse: {e}")))
+    }
+
+    /// Lists manifests, sorted by cluster then id.
+    pub async fn list_manifests(&self, cluster: Option<&str>) -> Result<Vec<ManifestKey>> {
+        let prefix = match cluster {
+            Some(c) => {
+                check_segment("cluster name", c)?;
+                format!("backups/{c}/")
+            }
+            None => "backups/".to_string(),
+        };
+        let mut out: Vec<ManifestKey> = self
+            .inner
+            .storage
+            .list(&prefix)
+            .await?
+            .into_iter()
+            .filter_map(|m| {
+                let rest = m.key.strip_prefix("backups/")?;
+                let (c, id) = rest.split_once('/')?;
+                (!id.contains('/') && !id.starts_with('.'))
+                    .then(|| ManifestKey { cluster: c.into(), id: id.into() })
+            })
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Deletes a manifest (needs the caller to hold an exclusive lock).
+    pub async fn delete_manifest(&self, cluster: &str, id: &str) -> Result<()> {
+        let key = ManifestKey { cluster: cluster.into(), id: id.into() }.key();
+        self.inner.storage.delete(&key).await?;
+        Ok(())
+    }
+
+    /// Every stream referenced by a manifest body.
+    pub fn stream_refs(body: &serde_json::Value) -> Vec<StreamRef> {
+        let mut v = Vec::new();
+        collect_stream_refs(body, &mut v);
+        v
+    }
+
+    /// Figures for `repo info`.
+    pub async fn info(&self) -> Result<RepoInfo> {
+        let s = &self.inner.storage;
+        let (keys, locks, manifests) =
+            tokio::try_join!(s.list("keys/"), s.list("locks/"), s.list("backups/"))?;
+        let index = self.inner.index.read().unwrap();
+        let c = &self.inner.config;
+        Ok(RepoInfo {
+            id: c.id.clone(),
+            version: c.version,
+            encrypted: c.encrypted,
+            location: s.location(),
+            compression_level: c.compression_level,
+            chunker: c.chunker,
+            packs: index.packs().len(),
+            pack_bytes: index.packs().iter().map(|p| p.1).sum(),
+            blobs: index.blob_count(),
+            blob_raw_bytes: index.iter().map(|(_, l)| l.raw_length as u64).sum(),
+            index_files: self.inner.index_files.read().unwrap().len(),
+            keys: keys.len(),
+            locks: locks.len(),
+            manifests: manifests.len(),
+        })
+    }
+
+    /// Adds a passphrase: the master key wrapped again. Data is not rewritten.
+    pub async fn add_key(&self, new_passphrase: &str) -> Result<KeyInfo> {
+        let Sealer::Encrypted(master) = &self.inner.sealer else {
+            return Err(RepoError::Invalid(
+                "this repository is not encrypted; it has no keys to add".into(),
+            ));
+        };
+        let id = write_key(self.inner.storage.as_ref(), master, new_passphrase, KdfParams::default())
+            .await?;
+        Ok(self.list_keys().await?.into_iter().find(|k| k.id == id).expect("just written"))
+    }
+
+    /// Lists keys.
+    pub async fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        let mut out = Vec::new();
+        for m in self.inner.storage.list("keys/").await? {
+            let id = m.key.trim_start_matches("keys/").to_string();
+            let raw = self.inner.storage.get(&m.key).await?;
+            let kf: KeyFile = serde_json::from_slice(&raw)
+                .map_err(|e| RepoError::integrity(&m.key, format!("key file does not parse: {e}")))?;
+            let current = self.inner.key_id.as_deref() == Some(id.as_str());
+            out.push(KeyInfo { id, created: kf.created, host: kf.host, current });
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created));
+        Ok(out)
+    }
+
+    /// Removes a key by id or unique prefix. Refuses the key in use and the last key.
+    pub async fn remove_key(&self, id_or_prefix: &str) -> Result<KeyInfo> {
+        let keys = self.list_keys().await?;
+        let matches: Vec<&KeyInfo> = keys.iter().filter(|k| k.id.starts_with(id_or_prefix)).collect();
+        let k = match matches.as_slice() {
+            [k] => *k,
+            [] => return Err(RepoError::NotFound { what: format!("key {id_or_prefix}") }),
+            _ => {
+                return Err(RepoError::Invalid(format!(
+                    "key prefix {id_or_prefix} is ambiguous ({} keys match)",
+                    matches.len()
+                )))
+            }
+        };
+        if k.current {
+            return Err(RepoError::Invalid(format!(
+                "key {} is the one in use; open the repository with another passphrase to remove it",
+                k.id
+            )));
+        }
+        if keys.len() == 1 {
+            return Err(RepoError::Invalid("refusing to remove the last key".into()));
+        }
+        self.inner.storage.delete(&format!("keys/{}", k.id)).await?;
+        Ok(k.clone())
+    }
+
+    /// Id of the key used to open the repository.
+    pub fn key_id(&self) -> Option<&str> {
+        self.inner.key_id.as_deref()
+    }
+}
+
+async fn write_key(
+    storage: &dyn Storage,
+    master: &MasterKey,
+    passphrase: &str,
+    kdf: KdfParams,
+) -> Result<String> {
+    let mut salt = [0u8; 16];
+    rand::rng().fill_bytes(&mut salt);
+    let kek = derive_kek(passphrase, &salt, kdf).map_err(RepoError::Invalid)?;
+    let kf = KeyFile {
+        version: FORMAT_VERSION,
+        created: Utc::now(),
+        host: crate::lock::hostname(),
+        kdf: "argon2id".into(),
+        kdf_params: kdf,
+        salt: hex::encode(salt),
+        wrapped: hex::encode(wrap_master(&kek, master)),
+    };
+    let id = random_hex(16);
+    let body = serde_json::to_vec_pretty(&kf).expect("key file serializes");
+    storage.put_if_absent(&format!("keys/{id}"), Bytes::from(body)).await?;
+    Ok(id)
+}
+
+async fn find_key(storage: &dyn Storage, passphrase: &str) -> Result<(MasterKey, String)> {
+    let keys = storage.list("keys/").await?;
+    if keys.is_empty() {
+        return Err(RepoError::integrity(
+            storage.location(),
+            "the repository is encrypted but has no key files",
+        ));
+    }
+    for m in keys {
+        let raw = storage.get(&m.key).await?;
+        let Ok(kf) = serde_json::from_slice::<KeyFile>(&raw) else {
+            tracing::warn!(key = %m.key, "skipping unreadable key file");
+            continue;
+        };
+        let Ok(salt) = hex::decode(&kf.salt) else { continue };
+        let Ok(wrapped) = hex::decode(&kf.wrapped) else { continue };
+        let kek = derive_kek(passphrase, &salt, kf.kdf_params).map_err(RepoError::Invalid)?;
+        if let Some(master) = unwrap_master(&kek, &wrapped) {
+            return Ok((master, m.key.trim_start_matches("keys/").to_string()));
+        }
+    }
+    Err(RepoError::WrongPassphrase { location: storage.location() })
+}

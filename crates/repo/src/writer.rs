@@ -1,0 +1,360 @@
+//! The ingest pipeline.
+//!
+//! ```text
+//! caller threads: read -> FastCDC chunk -> id (BLAKE3) -> dedup check --+
+//!                                                                        v  bounded channel
+//! worker threads (N):            zstd compress -> seal (AES-GCM) -------+
+//!                                                                        v  bounded channel
+//! packer thread:                 append to pack; full pack -> upload task (at most U at once)
+//! upload tasks (tokio):          put pack -> remember (pack, blobs) -> index file every K packs
+//! ```
+//! Every channel is bounded, so memory stays flat whatever the input size: roughly
+//! (2N chunks + 2N sealed blobs) x chunk size + (U + 1) x pack size.
+//!
+//! Write order (invariant 2): a pack is uploaded completely before any index file names it,
+//! and [`BlobWriter::finish`] returns only after every pack and index file is stored, so a
+//! manifest saved afterwards references only committed blobs.
+
+use std::collections::HashSet;
+use std::io::Read;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use crossbeam_channel::{bounded, Receiver, Sender};
+use serde::Serialize;
+
+use crate::error::{RepoError, Result};
+use crate::format::{BlobRef, IndexFile, IndexPack, StreamRef, FORMAT_VERSION};
+use crate::id::BlobId;
+use crate::pack::{encode_blob, pack_key, PackWriter};
+use crate::repository::Repository;
+
+/// Tuning of one writer.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// Compression/encryption threads; 0 means one per core.
+    pub threads: usize,
+    /// Pack uploads in flight at once.
+    pub uploads: usize,
+    /// Write an index file after this many packs (bounds what a crash leaves unindexed).
+    pub index_every_packs: usize,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions { threads: 0, uploads: 4, index_every_packs: 32 }
+    }
+}
+
+/// What a writer did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct WriteStats {
+    /// Bytes given to the writer.
+    pub bytes_in: u64,
+    /// Plaintext bytes of blobs that were new to the repository.
+    pub bytes_new: u64,
+    /// New blobs stored.
+    pub blobs_new: u64,
+    /// Blobs that were already stored (deduplicated).
+    pub blobs_dedup: u64,
+    /// Packs uploaded.
+    pub packs: u64,
+    /// Bytes uploaded in packs (compressed, sealed, with headers).
+    pub stored_bytes: u64,
+    /// Index files written.
+    pub index_files: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    bytes_in: AtomicU64,
+    bytes_new: AtomicU64,
+    blobs_new: AtomicU64,
+    blobs_dedup: AtomicU64,
+    packs: AtomicU64,
+    stored_bytes: AtomicU64,
+    index_files: AtomicU64,
+}
+
+struct Job {
+    id: BlobId,
+    data: Vec<u8>,
+}
+
+struct Sealed {
+    id: BlobId,
+    bytes: Vec<u8>,
+    raw_len: u32,
+}
+
+struct Shared {
+    repo: Repository,
+    opts: WriterOptions,
+    work_tx: Mutex<Option<Sender<Job>>>,
+    threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    uploads: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    seen: Mutex<HashSet<BlobId>>,
+    pending_index: Mutex<Vec<IndexPack>>,
+    error: Mutex<Option<RepoError>>,
+    failed: AtomicBool,
+    counters: Counters,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Shared {
+    fn fail(&self, e: RepoError) {
+        let mut slot = self.error.lock().unwrap();
+        if slot.is_none() {
+            *slot = Some(e);
+        }
+        self.failed.store(true, Ordering::SeqCst);
+    }
+
+    fn take_error(&self) -> Option<RepoError> {
+        self.error.lock().unwrap().take()
+    }
+}
+
+/// Stores byte streams as deduplicated blobs. Cheap to clone; clones share one pipeline,
+/// so several threads can ingest files at once.
+#[derive(Clone)]
+pub struct BlobWriter {
+    shared: Arc<Shared>,
+}
+
+impl Repository {
+    /// Starts an ingest pipeline. Must be called inside a tokio runtime.
+    pub fn writer(&self, opts: WriterOptions) -> BlobWriter {
+        BlobWriter::new(self.clone(), opts)
+    }
+}
+
+impl BlobWriter {
+    fn new(repo: Repository, mut opts: WriterOptions) -> Self {
+        if opts.threads == 0 {
+            opts.threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        }
+        opts.uploads = opts.uploads.max(1);
+        opts.index_every_packs = opts.index_every_packs.max(1);
+        let (work_tx, work_rx) = bounded::<Job>(opts.threads * 2);
+        let (sealed_tx, sealed_rx) = bounded::<Sealed>(opts.threads * 2);
+        let shared = Arc::new(Shared {
+            repo,
+            opts: opts.clone(),
+            work_tx: Mutex::new(Some(work_tx)),
+            threads: Mutex::new(Vec::new()),
+            uploads: Mutex::new(Vec::new()),
+            seen: Mutex::new(HashSet::new()),
+            pending_index: Mutex::new(Vec::new()),
+            error: Mutex::new(None),
+            failed: AtomicBool::new(false),
+            counters: Counters::default(),
+            runtime: tokio::runtime::Handle::current(),
+        });
+        let mut threads = Vec::new();
+        for n in 0..opts.threads {
+            let (rx, tx, sh) = (work_rx.clone(), sealed_tx.clone(), shared.clone());
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("pgkeep-seal-{n}"))
+                    .spawn(move || seal_worker(sh, rx, tx))
+                    .expect("spawn worker"),
+            );
+        }
+        drop(sealed_tx);
+        let sh = shared.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("pgkeep-packer".into())
+                .spawn(move || packer(sh, sealed_rx))
+                .expect("spawn packer"),
+        );
+        *shared.threads.lock().unwrap() = threads;
+        BlobWriter { shared }
+    }
+
+    /// Reads `reader` to its end and stores it. BLOCKING: call from a plain thread or
+    /// `spawn_blocking`, never from an async task.
+    pub fn ingest_reader<R: Read>(&self, reader: &mut R) -> Result<StreamRef> {
+        let sh = &self.shared;
+        let tx = sh
+            .work_tx
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or_else(|| RepoError::Invalid("writer already finished".into()))?;
+        let c = sh.repo.config().chunker;
+        let sealer = sh.repo.sealer().clone();
+        let chunker = fastcdc::v2020::StreamCDC::new(reader, c.min, c.avg, c.max);
+        let mut out = StreamRef::default();
+        for chunk in chunker {
+            if sh.failed.load(Ordering::Relaxed) {
+                break;
+            }
+            let chunk = chunk.map_err(|e| match e {
+                fastcdc::v2020::Error::IoError(io) => {
+                    RepoError::Invalid(format!("reading the input failed: {io}"))
+                }
+                other => RepoError::Invalid(format!("chunking failed: {other}")),
+            })?;
+            let data = chunk.data;
+            let id = sealer.blob_id(&data);
+            let len = data.len() as u32;
+            out.size += len as u64;
+            out.blobs.push(BlobRef { id, len });
+            sh.counters.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+            let new = !sh.repo.has_blob(&id) && sh.seen.lock().unwrap().insert(id);
+            if new {
+                sh.counters.blobs_new.fetch_add(1, Ordering::Relaxed);
+                sh.counters.bytes_new.fetch_add(len as u64, Ordering::Relaxed);
+                if tx.send(Job { id, data }).is_err() {
+                    break;
+                }
+            } else {
+                sh.counters.blobs_dedup.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if sh.failed.load(Ordering::SeqCst) {
+            let e = sh.error.lock().unwrap().as_ref().map(|e| e.to_string());
+            return Err(RepoError::Invalid(format!(
+                "storing data failed: {}",
+                e.unwrap_or_else(|| "see the first error".into())
+            )));
+        }
+        Ok(out)
+    }
+
+    /// Stores a byte slice. BLOCKING, like [`BlobWriter::ingest_reader`].
+    pub fn ingest_bytes(&self, data: &[u8]) -> Result<StreamRef> {
+        self.ingest_reader(&mut std::io::Cursor::new(data))
+    }
+
+    /// Figures so far (for progress display).
+    pub fn progress(&self) -> WriteStats {
+        let c = &self.shared.counters;
+        WriteStats {
+            bytes_in: c.bytes_in.load(Ordering::Relaxed),
+            bytes_new: c.bytes_new.load(Ordering::Relaxed),
+            blobs_new: c.blobs_new.load(Ordering::Relaxed),
+            blobs_dedup: c.blobs_dedup.load(Ordering::Relaxed),
+            packs: c.packs.load(Ordering::Relaxed),
+            stored_bytes: c.stored_bytes.load(Ordering::Relaxed),
+            index_files: c.index_files.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Flushes the last pack, waits for every upload and writes the remaining index.
+    /// After it returns `Ok`, every blob of every stream ingested is committed.
+    pub async fn finish(self) -> Result<WriteStats> {
+        let sh = self.shared.clone();
+        drop(self);
+        sh.work_tx.lock().unwrap().take();
+        let threads = std::mem::take(&mut *sh.threads.lock().unwrap());
+        tokio::task::spawn_blocking(move || {
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .await
+        .map_err(|e| RepoError::Invalid(format!("writer thread panicked: {e}")))?;
+        let uploads = std::mem::take(&mut *sh.uploads.lock().unwrap());
+        for u in uploads {
+            if let Err(e) = u.await {
+                sh.fail(RepoError::Invalid(format!("upload task failed: {e}")));
+            }
+        }
+        if let Some(e) = sh.take_error() {
+            return Err(e);
+        }
+        flush_index(&sh, 0).await?;
+        Ok(BlobWriter { shared: sh }.progress())
+    }
+}
+
+fn seal_worker(sh: Arc<Shared>, rx: Receiver<Job>, tx: Sender<Sealed>) {
+    let sealer = sh.repo.sealer().clone();
+    let mut compressor = match zstd::bulk::Compressor::new(sh.repo.config().compression_level) {
+        Ok(c) => c,
+        Err(e) => return sh.fail(RepoError::Invalid(format!("zstd init failed: {e}"))),
+    };
+    for job in rx {
+        if sh.failed.load(Ordering::Relaxed) {
+            continue; // drain so senders never block
+        }
+        let mut out = Vec::with_capacity(job.data.len() / 2 + 64);
+        match encode_blob(&sealer, &mut compressor, &job.id, &job.data, &mut out) {
+            Ok(()) => {
+                let s = Sealed { id: job.id, bytes: out, raw_len: job.data.len() as u32 };
+                if tx.send(s).is_err() {
+                    return;
+                }
+            }
+            Err(e) => sh.fail(e),
+        }
+    }
+}
+
+fn packer(sh: Arc<Shared>, rx: Receiver<Sealed>) {
+    let target = sh.repo.config().pack_size as usize;
+    // Tokens bound the uploads in flight; the packer blocks here when they are all busy.
+    let (token_tx, token_rx) = bounded::<()>(sh.opts.uploads);
+    for _ in 0..sh.opts.uploads {
+        token_tx.send(()).unwrap();
+    }
+    let mut pack = PackWriter::with_capacity(target + 4 * 1024 * 1024);
+    for s in rx {
+        if sh.failed.load(Ordering::Relaxed) {
+            continue;
+        }
+        pack.add(s.id, &s.bytes, s.raw_len);
+        if pack.len() >= target {
+            let full = std::mem::replace(&mut pack, PackWriter::with_capacity(target + 4 * 1024 * 1024));
+            upload(&sh, full, &token_rx, &token_tx);
+        }
+    }
+    if !pack.is_empty() && !sh.failed.load(Ordering::Relaxed) {
+        upload(&sh, pack, &token_rx, &token_tx);
+    }
+}
+
+fn upload(sh: &Arc<Shared>, pack: PackWriter, tokens: &Receiver<()>, give_back: &Sender<()>) {
+    let sealer = sh.repo.sealer().clone();
+    let (id, bytes, blobs) = pack.finish(&sealer);
+    if tokens.recv().is_err() {
+        return;
+    }
+    let size = bytes.len() as u64;
+    let (sh2, give_back) = (sh.clone(), give_back.clone());
+    let task = sh.runtime.spawn(async move {
+        let key = pack_key(&id);
+        match sh2.repo.storage().put(&key, Bytes::from(bytes)).await {
+            Ok(()) => {
+                sh2.counters.packs.fetch_add(1, Ordering::Relaxed);
+                sh2.counters.stored_bytes.fetch_add(size, Ordering::Relaxed);
+                sh2.pending_index.lock().unwrap().push(IndexPack { id, size, blobs });
+                if let Err(e) = flush_index(&sh2, sh2.opts.index_every_packs).await {
+                    sh2.fail(e);
+                }
+            }
+            Err(e) => sh2.fail(RepoError::Storage(e)),
+        }
+        let _ = give_back.send(());
+    });
+    sh.uploads.lock().unwrap().push(task);
+}
+
+/// Writes an index file for the uploaded packs when at least `min_packs` are waiting
+/// (0: whenever any are).
+async fn flush_index(sh: &Arc<Shared>, min_packs: usize) -> Result<()> {
+    let packs = {
+        let mut p = sh.pending_index.lock().unwrap();
+        if p.is_empty() || p.len() < min_packs {
+            return Ok(());
+        }
+        std::mem::take(&mut *p)
+    };
+    sh.repo.write_index_file(IndexFile { version: FORMAT_VERSION, packs }).await?;
+    sh.counters.index_files.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
