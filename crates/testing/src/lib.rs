@@ -1,0 +1,3 @@
+//! pgkeep-testing
+pub mod cluster;
+pub use cluster::{Cluster, ClusterBuilder, StopMode};
