@@ -1,0 +1,1008 @@
+//! `pgkeep restore <ID|latest> --target-dir DIR [--delta] [--force] [--tablespace-map OLD=NEW]`.
+//!
+//! Order of work, chosen so that an interrupted restore can never be started by mistake:
+//! 1. every check (manifest, target, tablespace locations) before anything is written;
+//! 2. the marker `pgkeep.restore-incomplete` is written first, and any `backup_label`,
+//!    `tablespace_map` and `global/pg_control` already in the target are removed: without
+//!    pg_control PostgreSQL refuses to start the directory;
+//! 3. directories, tablespace symlinks, then files in parallel (`--delta`: only the chunks
+//!    whose content differs are rewritten, entries absent from the backup are deleted);
+//! 4. the WAL stored with the backup into `pg_wal`;
+//! 5. last: `global/pg_control`, `tablespace_map`, `backup_label`, a file system sync, and
+//!    only then the marker's removal.
+//!
+//! Ownership is the caller's business: files are created by the running user (the CLI or a
+//! test chowns the directory to the server's user afterwards).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::stream::{self, StreamExt};
+use pgkeep_repo::{BlobRef, Repository, StreamRef};
+use serde::{Deserialize, Serialize};
+
+use crate::context::Report;
+use crate::error::{Error, ErrorKind, Result};
+use crate::manifest::{self, BackupManifest, EntryKind, FileEntry};
+use crate::progress::{human_bytes, Phase, Progress};
+
+/// Name of the marker file of a restore in progress (in the target directory).
+pub const INCOMPLETE_MARKER: &str = "pgkeep.restore-incomplete";
+
+/// Written last, in this order, so their presence means "the restore completed".
+const PG_CONTROL: &str = "global/pg_control";
+
+/// A tablespace relocation: the tablespace that was at `old` is restored to `new`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TablespaceMapping {
+    /// Location at backup time.
+    pub old: String,
+    /// Location to restore to (absolute).
+    pub new: String,
+}
+
+impl std::str::FromStr for TablespaceMapping {
+    type Err = Error;
+
+    /// Parses `OLD=NEW` (both absolute paths).
+    fn from_str(s: &str) -> Result<Self> {
+        let (old, new) = s.split_once('=').ok_or_else(|| {
+            Error::usage_hint(
+                format!("--tablespace-map {s:?}: expected OLD=NEW"),
+                "e.g. --tablespace-map /srv/ts1=/restore/ts1",
+            )
+        })?;
+        for p in [old, new] {
+            if !p.starts_with('/') {
+                return Err(Error::usage(format!(
+                    "--tablespace-map {s:?}: {p:?} is not an absolute path"
+                )));
+            }
+        }
+        Ok(TablespaceMapping {
+            old: old.trim_end_matches('/').to_string(),
+            new: new.trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+/// Options of `restore`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RestoreOptions {
+    /// Cluster name in the repository.
+    pub cluster: String,
+    /// Backup id, or `latest` (the newest physical backup).
+    pub id: String,
+    /// Directory to restore into; created (0700) when absent.
+    pub target_dir: PathBuf,
+    /// Restore over an existing directory, rewriting only what differs and deleting what the
+    /// backup does not have.
+    pub delta: bool,
+    /// Empty the target directory (and tablespace locations) first.
+    pub force: bool,
+    /// Tablespace relocations.
+    pub tablespace_map: Vec<TablespaceMapping>,
+    /// Files restored (or compared) at once; 0 = one per core, at least 4.
+    pub threads: usize,
+}
+
+/// What `restore` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    /// The cluster.
+    pub cluster: String,
+    /// The backup restored.
+    pub id: String,
+    /// Where.
+    pub target_dir: String,
+    /// `fresh`, `delta` or `force`.
+    pub mode: String,
+    /// Files written (wholly or partly).
+    pub files_written: u64,
+    /// Bytes written.
+    pub bytes_written: u64,
+    /// Files found identical (delta).
+    pub files_unchanged: u64,
+    /// Bytes found identical (delta).
+    pub bytes_unchanged: u64,
+    /// Entries deleted because the backup does not have them (delta).
+    pub entries_removed: u64,
+    /// WAL files written to pg_wal.
+    pub wal_files: u64,
+    /// Tablespaces as restored: oid and location.
+    pub tablespaces: Vec<manifest::TablespaceEntry>,
+    /// The backup's stop LSN (the restored cluster is consistent from there).
+    pub stop_lsn: String,
+    /// Seconds.
+    pub duration_secs: f64,
+}
+
+impl fmt::Display for RestoreReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "restored backup {} of cluster {} into {} ({}) in {:.1} s",
+            self.id, self.cluster, self.target_dir, self.mode, self.duration_secs
+        )?;
+        writeln!(
+            f,
+            "{} files written ({}), {} unchanged ({}), {} removed, {} WAL files",
+            self.files_written,
+            human_bytes(self.bytes_written),
+            self.files_unchanged,
+            human_bytes(self.bytes_unchanged),
+            self.entries_removed,
+            self.wal_files
+        )?;
+        for t in &self.tablespaces {
+            writeln!(f, "tablespace {} at {}", t.oid, t.location)?;
+        }
+        writeln!(
+            f,
+            "start PostgreSQL on it (owned by its server user); it is consistent once WAL up to {} is replayed",
+            self.stop_lsn
+        )
+    }
+}
+
+impl Report for RestoreReport {}
+
+fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
+    Error::io(format!("{what} {}", path.display()), e)
+}
+
+/// Restores a physical backup into `opts.target_dir`; see the module documentation.
+/// Refuses (exit 2, before writing anything) a non-empty target without `--delta`/`--force`,
+/// and always a directory holding `postmaster.pid`.
+pub async fn restore(
+    repo: &Repository,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    let started = Instant::now();
+    if opts.delta && opts.force {
+        return Err(Error::usage("--delta and --force exclude each other"));
+    }
+    let id = if opts.id.is_empty() {
+        "latest"
+    } else {
+        opts.id.as_str()
+    };
+    let m = manifest::load_physical(repo, &opts.cluster, id).await?;
+    let target = absolute(&opts.target_dir)?;
+
+    // Tablespace locations after relocation.
+    let mut ts_locations: BTreeMap<u32, PathBuf> = BTreeMap::new();
+    for map in &opts.tablespace_map {
+        if !m
+            .tablespaces
+            .iter()
+            .any(|t| t.location.trim_end_matches('/') == map.old)
+        {
+            let known: Vec<&str> = m.tablespaces.iter().map(|t| t.location.as_str()).collect();
+            return Err(Error::usage_hint(
+                format!(
+                    "--tablespace-map: backup {} has no tablespace at {}",
+                    m.id, map.old
+                ),
+                format!(
+                    "its tablespaces are at: {}",
+                    if known.is_empty() {
+                        "(none)".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
+    for t in &m.tablespaces {
+        let old = t.location.trim_end_matches('/');
+        let loc = opts
+            .tablespace_map
+            .iter()
+            .find(|map| map.old == old)
+            .map(|map| PathBuf::from(&map.new))
+            .unwrap_or_else(|| PathBuf::from(&t.location));
+        if loc.starts_with(&target) {
+            return Err(Error::usage_hint(
+                format!(
+                    "tablespace {} would be restored to {}, inside the target directory",
+                    t.oid,
+                    loc.display()
+                ),
+                "relocate it with --tablespace-map OLD=NEW outside the data directory",
+            ));
+        }
+        ts_locations.insert(t.oid, loc);
+    }
+
+    // Checks before any write.
+    check_target(&target, "target directory", opts, true)?;
+    for loc in ts_locations.values() {
+        check_target(loc, "tablespace location", opts, false)?;
+    }
+    let mode = if opts.delta {
+        "delta"
+    } else if opts.force {
+        "force"
+    } else {
+        "fresh"
+    };
+
+    // From here on, the target is ours.
+    create_private_dir(&target)?;
+    let marker = target.join(INCOMPLETE_MARKER);
+    write_file_synced(
+        &marker,
+        format!(
+            "pgkeep restore of backup {} (cluster {}) started at {} has not completed.\n\
+             Do not start PostgreSQL on this directory; run the restore again with --delta or --force.\n",
+            m.id,
+            m.cluster,
+            chrono::Utc::now().to_rfc3339()
+        )
+        .as_bytes(),
+        0o600,
+    )?;
+    for name in ["backup_label", "tablespace_map", PG_CONTROL] {
+        remove_if_exists(&target.join(name))?;
+    }
+    if opts.force {
+        empty_dir(&target, &[INCOMPLETE_MARKER])?;
+        for loc in ts_locations.values() {
+            if loc.exists() {
+                empty_dir(loc, &[])?;
+            }
+        }
+    }
+
+    let threads = if opts.threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .max(4)
+    } else {
+        opts.threads
+    };
+
+    let mut report = RestoreReport {
+        cluster: m.cluster.clone(),
+        id: m.id.clone(),
+        target_dir: target.display().to_string(),
+        mode: mode.into(),
+        files_written: 0,
+        bytes_written: 0,
+        files_unchanged: 0,
+        bytes_unchanged: 0,
+        entries_removed: 0,
+        wal_files: 0,
+        tablespaces: ts_locations
+            .iter()
+            .map(|(oid, loc)| manifest::TablespaceEntry {
+                oid: *oid,
+                location: loc.display().to_string(),
+            })
+            .collect(),
+        stop_lsn: m.stop_lsn.clone(),
+        duration_secs: 0.0,
+    };
+
+    let m = Arc::new(m);
+    let ts_locations = Arc::new(ts_locations);
+
+    // Delta: what is there already, and what of it differs.
+    let mut plan: Vec<WriteJob> = Vec::new();
+    if opts.delta {
+        let (local, removed) = {
+            let (t, m2, ts) = (target.clone(), m.clone(), ts_locations.clone());
+            tokio::task::spawn_blocking(move || delta_prepare(&t, &m2, &ts))
+                .await
+                .map_err(|e| Error::new(ErrorKind::Failure, format!("delta task failed: {e}")))??
+        };
+        report.entries_removed = removed;
+        prepare_tree(&target, &m, &ts_locations)?;
+        plan = delta_compare(&target, &m, local, repo, threads, progress).await?;
+        for f in m.files.iter().filter(|f| f.kind == EntryKind::File) {
+            if !plan.iter().any(|j| j.path == f.path) {
+                report.files_unchanged += 1;
+                report.bytes_unchanged += f.size;
+            }
+        }
+    } else {
+        prepare_tree(&target, &m, &ts_locations)?;
+        for (i, f) in m.files.iter().enumerate() {
+            if f.kind == EntryKind::File {
+                plan.push(WriteJob {
+                    index: i,
+                    path: f.path.clone(),
+                    ranges: None,
+                });
+            }
+        }
+    }
+
+    // Files, pg_control held back.
+    let (last, plan): (Vec<WriteJob>, Vec<WriteJob>) =
+        plan.into_iter().partition(|j| j.path == PG_CONTROL);
+    let total_bytes: u64 = plan.iter().map(|j| j.bytes(&m)).sum();
+    progress.begin(Phase::Restore, total_bytes, plan.len() as u64);
+    let results: Vec<Result<u64>> = stream::iter(plan.iter())
+        .map(|job| write_job(repo, &target, &m, job, progress))
+        .buffer_unordered(threads)
+        .collect()
+        .await;
+    progress.end();
+    for r in results {
+        report.bytes_written += r?;
+        report.files_written += 1;
+    }
+    // Unchanged files in delta mode keep their content; bring modes and times in line.
+    if opts.delta {
+        for f in m.files.iter().filter(|f| f.kind == EntryKind::File) {
+            let p = target.join(&f.path);
+            set_mode_and_mtime(&p, f)?;
+        }
+    }
+
+    // WAL into pg_wal.
+    let wal_dir = target.join("pg_wal");
+    create_private_dir(&wal_dir)?;
+    create_private_dir(&wal_dir.join("archive_status"))?;
+    for w in &m.wal {
+        let p = wal_dir.join(&w.name);
+        let mut out = create_truncated(&p, 0o600)?;
+        repo.read_stream(&w.stream, &mut out).await?;
+        out.sync_all().map_err(|e| io_err("syncing", &p, e))?;
+        report.wal_files += 1;
+    }
+
+    // Directory modes (after their contents were written) and times.
+    for f in m.files.iter().filter(|f| f.kind == EntryKind::Dir) {
+        let p = target.join(&f.path);
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode & 0o7777))
+            .map_err(|e| io_err("setting the mode of", &p, e))?;
+    }
+
+    // The completing files, then the sync, then the marker's removal.
+    for job in &last {
+        report.bytes_written += write_job(repo, &target, &m, job, progress).await?;
+        report.files_written += 1;
+    }
+    if let Some(map) = &m.tablespace_map {
+        let _ = map; // The stored map names the old locations; write the relocated one.
+        let mut text = String::new();
+        for (oid, loc) in ts_locations.iter() {
+            text.push_str(&format!(
+                "{oid} {}\n",
+                escape_map_path(&loc.display().to_string())
+            ));
+        }
+        write_file_synced(&target.join("tablespace_map"), text.as_bytes(), 0o600)?;
+    }
+    write_file_synced(
+        &target.join("backup_label"),
+        m.backup_label.as_bytes(),
+        0o600,
+    )?;
+    sync_fs(&target)?;
+    for loc in ts_locations.values() {
+        sync_fs(loc)?;
+    }
+    std::fs::remove_file(&marker).map_err(|e| io_err("removing", &marker, e))?;
+    sync_dir(&target)?;
+
+    report.duration_secs = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// `tablespace_map` escapes newlines, carriage returns and backslashes with a backslash.
+fn escape_map_path(p: &str) -> String {
+    let mut s = String::with_capacity(p.len());
+    for c in p.chars() {
+        if matches!(c, '\n' | '\r' | '\\') {
+            s.push('\\');
+        }
+        s.push(c);
+    }
+    s
+}
+
+fn absolute(p: &Path) -> Result<PathBuf> {
+    if p.is_absolute() {
+        Ok(p.to_path_buf())
+    } else {
+        let cwd =
+            std::env::current_dir().map_err(|e| Error::io("reading the current directory", e))?;
+        Ok(cwd.join(p))
+    }
+}
+
+/// Refuses a target that PostgreSQL runs on, a non-empty one without --delta/--force, and one
+/// this user cannot write.
+fn check_target(dir: &Path, what: &str, opts: &RestoreOptions, is_data_dir: bool) -> Result<()> {
+    let meta = match std::fs::symlink_metadata(dir) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_err("reading", dir, e)),
+    };
+    if !meta.is_dir() {
+        return Err(Error::usage(format!(
+            "{what} {} exists and is not a directory",
+            dir.display()
+        )));
+    }
+    if is_data_dir && dir.join("postmaster.pid").exists() {
+        return Err(Error::usage_hint(
+            format!("{what} {} holds postmaster.pid: a PostgreSQL server may be running on it", dir.display()),
+            "stop that server first; if none runs, remove postmaster.pid and use --delta or --force",
+        ));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 && meta.uid() != euid {
+        return Err(Error::usage(format!(
+            "{what} {} is owned by uid {}, not by this user (uid {euid})",
+            dir.display(),
+            meta.uid()
+        )));
+    }
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| Error::usage(format!("{what} {} has a NUL byte", dir.display())))?;
+    // SAFETY: access(2) with a valid C string.
+    if unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::W_OK | libc::X_OK) } != 0 {
+        return Err(Error::usage(format!(
+            "{what} {} is not readable, writable and searchable by this user",
+            dir.display()
+        )));
+    }
+    let non_empty = std::fs::read_dir(dir)
+        .map_err(|e| io_err("reading", dir, e))?
+        .next()
+        .is_some();
+    if non_empty && !opts.delta && !opts.force {
+        let incomplete = dir.join(INCOMPLETE_MARKER).exists();
+        return Err(Error::usage_hint(
+            format!(
+                "{what} {} is not empty{}",
+                dir.display(),
+                if incomplete { " (it holds an incomplete restore)" } else { "" }
+            ),
+            "use --delta to restore over it (rewrites only what differs, deletes what the backup does not have), or --force to empty it first",
+        ));
+    }
+    Ok(())
+}
+
+/// Creates `dir` (and missing parents) and makes `dir` itself 0700.
+fn create_private_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| io_err("creating", dir, e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| io_err("setting the mode of", dir, e))
+}
+
+fn remove_if_exists(p: &Path) -> Result<()> {
+    match std::fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("removing", p, e)),
+    }
+}
+
+/// Removes everything inside `dir` except the names in `keep`; symlinks are removed, never
+/// followed.
+fn empty_dir(dir: &Path, keep: &[&str]) -> Result<()> {
+    for e in std::fs::read_dir(dir).map_err(|e| io_err("reading", dir, e))? {
+        let e = e.map_err(|e| io_err("reading", dir, e))?;
+        if keep.iter().any(|k| e.file_name() == *k) {
+            continue;
+        }
+        let p = e.path();
+        let ft = e.file_type().map_err(|e| io_err("reading", &p, e))?;
+        if ft.is_dir() {
+            std::fs::remove_dir_all(&p).map_err(|e| io_err("removing", &p, e))?;
+        } else {
+            std::fs::remove_file(&p).map_err(|e| io_err("removing", &p, e))?;
+        }
+    }
+    Ok(())
+}
+
+fn create_truncated(p: &Path, mode: u32) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(p)
+        .map_err(|e| io_err("creating", p, e))
+}
+
+fn write_file_synced(p: &Path, data: &[u8], mode: u32) -> Result<()> {
+    let mut f = create_truncated(p, mode)?;
+    f.write_all(data).map_err(|e| io_err("writing", p, e))?;
+    f.sync_all().map_err(|e| io_err("syncing", p, e))
+}
+
+fn sync_dir(p: &Path) -> Result<()> {
+    File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| io_err("syncing", p, e))
+}
+
+/// One `syncfs(2)` for the file system holding `p`: cheaper than a sync per file.
+fn sync_fs(p: &Path) -> Result<()> {
+    let f = File::open(p).map_err(|e| io_err("opening", p, e))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: syncfs on an open descriptor.
+    if unsafe { libc::syncfs(f.as_raw_fd()) } != 0 {
+        return Err(io_err(
+            "syncing the file system of",
+            p,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+fn mtime_of(f: &FileEntry) -> SystemTime {
+    if f.mtime >= 0 {
+        SystemTime::UNIX_EPOCH + Duration::new(f.mtime as u64, f.mtime_nsec)
+    } else {
+        SystemTime::UNIX_EPOCH
+    }
+}
+
+fn set_mode_and_mtime(p: &Path, f: &FileEntry) -> Result<()> {
+    let file = OpenOptions::new()
+        .write(true)
+        .open(p)
+        .map_err(|e| io_err("opening", p, e))?;
+    file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
+        .map_err(|e| io_err("setting the mode of", p, e))?;
+    file.set_modified(mtime_of(f))
+        .map_err(|e| io_err("setting the time of", p, e))
+}
+
+/// Directories and symlinks of the backup (parents first: the manifest is sorted by path),
+/// tablespace links pointing to their (relocated) locations.
+fn prepare_tree(target: &Path, m: &BackupManifest, ts: &BTreeMap<u32, PathBuf>) -> Result<()> {
+    for loc in ts.values() {
+        create_private_dir(loc)?;
+    }
+    for f in &m.files {
+        let p = target.join(&f.path);
+        match f.kind {
+            EntryKind::Dir => match std::fs::symlink_metadata(&p) {
+                Ok(meta) if meta.is_dir() => {}
+                Ok(_) => {
+                    std::fs::remove_file(&p).map_err(|e| io_err("removing", &p, e))?;
+                    std::fs::create_dir(&p).map_err(|e| io_err("creating", &p, e))?;
+                }
+                Err(_) => std::fs::create_dir(&p).map_err(|e| io_err("creating", &p, e))?,
+            },
+            EntryKind::Symlink => {
+                let want = tablespace_oid(&f.path)
+                    .and_then(|oid| ts.get(&oid).cloned())
+                    .or_else(|| f.target.as_ref().map(PathBuf::from))
+                    .ok_or_else(|| {
+                        Error::new(
+                            ErrorKind::Integrity,
+                            format!("symlink {} has no target in the manifest", f.path),
+                        )
+                    })?;
+                match std::fs::symlink_metadata(&p) {
+                    Ok(meta) if meta.file_type().is_symlink() => {
+                        if std::fs::read_link(&p).ok().as_deref() == Some(want.as_path()) {
+                            continue;
+                        }
+                        std::fs::remove_file(&p).map_err(|e| io_err("removing", &p, e))?;
+                    }
+                    Ok(meta) if meta.is_dir() => {
+                        std::fs::remove_dir_all(&p).map_err(|e| io_err("removing", &p, e))?
+                    }
+                    Ok(_) => std::fs::remove_file(&p).map_err(|e| io_err("removing", &p, e))?,
+                    Err(_) => {}
+                }
+                std::os::unix::fs::symlink(&want, &p)
+                    .map_err(|e| io_err("creating symlink", &p, e))?;
+            }
+            EntryKind::File => {
+                // A directory where the backup has a file goes (delta over a different tree).
+                if let Ok(meta) = std::fs::symlink_metadata(&p) {
+                    if meta.is_dir() {
+                        std::fs::remove_dir_all(&p).map_err(|e| io_err("removing", &p, e))?;
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `pg_tblspc/<oid>` → oid.
+fn tablespace_oid(path: &str) -> Option<u32> {
+    let rest = path.strip_prefix("pg_tblspc/")?;
+    if rest.contains('/') {
+        return None;
+    }
+    rest.parse().ok()
+}
+
+/// A file to write: all of it, or only some byte ranges (delta).
+struct WriteJob {
+    index: usize,
+    path: String,
+    /// `None`: write the whole stream (truncating). `Some`: runs of blobs `[from, to)` to write
+    /// in place, then set the length.
+    ranges: Option<Vec<(usize, usize)>>,
+}
+
+impl WriteJob {
+    fn bytes(&self, m: &BackupManifest) -> u64 {
+        let f = &m.files[self.index];
+        match (&self.ranges, &f.stream) {
+            (None, _) => f.size,
+            (Some(r), Some(s)) => r
+                .iter()
+                .map(|(a, b)| s.blobs[*a..*b].iter().map(|x| x.len as u64).sum::<u64>())
+                .sum(),
+            (Some(_), None) => 0,
+        }
+    }
+}
+
+/// Writes with `pwrite` from an offset onwards, reporting progress.
+struct OffsetWriter<'a> {
+    file: &'a File,
+    offset: u64,
+    progress: &'a dyn Progress,
+    path: &'a Path,
+}
+
+impl Write for OffsetWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.file
+            .write_all_at(buf, self.offset)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?;
+        self.offset += buf.len() as u64;
+        self.progress.advance(buf.len() as u64, 0);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+async fn write_job(
+    repo: &Repository,
+    target: &Path,
+    m: &BackupManifest,
+    job: &WriteJob,
+    progress: &dyn Progress,
+) -> Result<u64> {
+    let f = &m.files[job.index];
+    let p = target.join(&f.path);
+    let empty = StreamRef::default();
+    let stream = f.stream.as_ref().unwrap_or(&empty);
+    let mut written = 0u64;
+    let file = match &job.ranges {
+        None => {
+            let file = create_truncated(&p, 0o600)?;
+            let mut w = OffsetWriter {
+                file: &file,
+                offset: 0,
+                progress,
+                path: &p,
+            };
+            written += repo
+                .read_stream(stream, &mut w)
+                .await
+                .map_err(|e| with_file(e, &f.path))?;
+            file
+        }
+        Some(ranges) => {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&p)
+                .map_err(|e| io_err("opening", &p, e))?;
+            let offsets = blob_offsets(&stream.blobs);
+            for &(a, b) in ranges {
+                let sub = StreamRef {
+                    size: stream.blobs[a..b].iter().map(|x| x.len as u64).sum(),
+                    blobs: stream.blobs[a..b].to_vec(),
+                };
+                let mut w = OffsetWriter {
+                    file: &file,
+                    offset: offsets[a],
+                    progress,
+                    path: &p,
+                };
+                written += repo
+                    .read_stream(&sub, &mut w)
+                    .await
+                    .map_err(|e| with_file(e, &f.path))?;
+            }
+            file.set_len(stream.size)
+                .map_err(|e| io_err("truncating", &p, e))?;
+            file
+        }
+    };
+    file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
+        .map_err(|e| io_err("setting the mode of", &p, e))?;
+    file.set_modified(mtime_of(f))
+        .map_err(|e| io_err("setting the time of", &p, e))?;
+    progress.advance(0, 1);
+    Ok(written)
+}
+
+/// A repository error while restoring a file, with the file named (which relation file a
+/// damaged chunk hits matters to the user).
+fn with_file(e: pgkeep_repo::RepoError, path: &str) -> Error {
+    let kind: ErrorKind = match &e {
+        pgkeep_repo::RepoError::Storage(s) => s.kind.into(),
+        other => other.kind().into(),
+    };
+    Error::new(kind, format!("restoring {path}: {e}"))
+}
+
+fn blob_offsets(blobs: &[BlobRef]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(blobs.len() + 1);
+    let mut o = 0u64;
+    for b in blobs {
+        out.push(o);
+        o += b.len as u64;
+    }
+    out.push(o);
+    out
+}
+
+/// What the target holds: relative path → (is regular file, size).
+type Inventory = HashMap<String, (bool, u64)>;
+
+/// Walks the target (and the tablespace locations the backup will use, under
+/// `pg_tblspc/<oid>`), deletes what the backup does not have, and returns what is left.
+fn delta_prepare(
+    target: &Path,
+    m: &BackupManifest,
+    ts: &BTreeMap<u32, PathBuf>,
+) -> Result<(Inventory, u64)> {
+    let wanted: BTreeMap<&str, EntryKind> =
+        m.files.iter().map(|f| (f.path.as_str(), f.kind)).collect();
+    let mut found: Vec<(String, PathBuf, std::fs::FileType, u64)> = Vec::new();
+    walk_local(target, "", &mut found, ts)?;
+    for (oid, loc) in ts {
+        if loc.is_dir() {
+            walk_local(loc, &format!("pg_tblspc/{oid}"), &mut found, ts)?;
+        }
+    }
+    let mut inventory = Inventory::new();
+    let mut removed = 0u64;
+    let mut dirs_to_remove: BTreeSet<PathBuf> = BTreeSet::new();
+    for (rel, abs, ft, size) in found {
+        if rel == INCOMPLETE_MARKER {
+            continue;
+        }
+        let keep = match wanted.get(rel.as_str()) {
+            Some(EntryKind::File) => ft.is_file(),
+            Some(EntryKind::Dir) => ft.is_dir(),
+            Some(EntryKind::Symlink) => ft.is_symlink(),
+            None => false,
+        };
+        if keep || (wanted.contains_key(rel.as_str()) && ft.is_dir()) {
+            // Kept, or a directory where the backup has something else: prepare_tree fixes it.
+            if ft.is_file() {
+                inventory.insert(rel, (true, size));
+            }
+            continue;
+        }
+        if ft.is_dir() {
+            dirs_to_remove.insert(abs);
+        } else {
+            std::fs::remove_file(&abs).map_err(|e| io_err("removing", &abs, e))?;
+            removed += 1;
+        }
+    }
+    // Deepest first.
+    for d in dirs_to_remove.iter().rev() {
+        match std::fs::remove_dir_all(d) {
+            Ok(()) => removed += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("removing", d, e)),
+        }
+    }
+    Ok((inventory, removed))
+}
+
+/// Lists `dir` recursively into `out` as (relative path, absolute path, type, size). Symlinks
+/// are never followed; the tablespace locations are walked separately by the caller.
+fn walk_local(
+    dir: &Path,
+    rel: &str,
+    out: &mut Vec<(String, PathBuf, std::fs::FileType, u64)>,
+    ts: &BTreeMap<u32, PathBuf>,
+) -> Result<()> {
+    for e in std::fs::read_dir(dir).map_err(|e| io_err("reading", dir, e))? {
+        let e = e.map_err(|e| io_err("reading", dir, e))?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        let r = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        let p = e.path();
+        let meta = std::fs::symlink_metadata(&p).map_err(|e| io_err("reading", &p, e))?;
+        let ft = meta.file_type();
+        out.push((r.clone(), p.clone(), ft, meta.len()));
+        if ft.is_dir() {
+            walk_local(&p, &r, out, ts)?;
+        }
+    }
+    Ok(())
+}
+
+/// Compares the files present in the target with the backup, chunk by chunk (the blob id of
+/// each local chunk against the manifest's), on `threads` threads. Returns the writes needed.
+async fn delta_compare(
+    target: &Path,
+    m: &Arc<BackupManifest>,
+    local: Inventory,
+    repo: &Repository,
+    threads: usize,
+    progress: &dyn Progress,
+) -> Result<Vec<WriteJob>> {
+    let mut to_compare: Vec<usize> = Vec::new();
+    let mut jobs: Vec<WriteJob> = Vec::new();
+    for (i, f) in m.files.iter().enumerate() {
+        if f.kind != EntryKind::File {
+            continue;
+        }
+        match local.get(&f.path) {
+            Some((true, _)) => to_compare.push(i),
+            _ => jobs.push(WriteJob {
+                index: i,
+                path: f.path.clone(),
+                ranges: None,
+            }),
+        }
+    }
+    let total: u64 = to_compare
+        .iter()
+        .map(|&i| local.get(&m.files[i].path).map(|x| x.1).unwrap_or(0))
+        .sum();
+    progress.begin(Phase::Compare, total, to_compare.len() as u64);
+    let sealer = repo.sealer().clone();
+    let (m2, target) = (m.clone(), target.to_path_buf());
+    let results: Vec<Result<Option<WriteJob>>> =
+        crate::progress::blocking_with_progress(progress, move |counter| {
+            let next = AtomicUsize::new(0);
+            let results = Mutex::new(Vec::new());
+            std::thread::scope(|s| {
+                for _ in 0..threads.max(1) {
+                    s.spawn(|| loop {
+                        let k = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&i) = to_compare.get(k) else { break };
+                        let f = &m2.files[i];
+                        let r = compare_file(&target.join(&f.path), f, &sealer, &*counter).map(
+                            |ranges| {
+                                ranges.map(|r| WriteJob {
+                                    index: i,
+                                    path: f.path.clone(),
+                                    ranges: Some(r),
+                                })
+                            },
+                        );
+                        counter.advance(0, 1);
+                        results.lock().unwrap().push(r);
+                    });
+                }
+            });
+            results.into_inner().unwrap()
+        })
+        .await;
+    progress.end();
+    for r in results {
+        if let Some(j) = r? {
+            jobs.push(j);
+        }
+    }
+    Ok(jobs)
+}
+
+/// `None` when the local file equals the backup's; otherwise the runs of blobs that differ
+/// (chunks beyond the local file's end differ by definition).
+fn compare_file(
+    p: &Path,
+    f: &FileEntry,
+    sealer: &pgkeep_repo::crypto::Sealer,
+    progress: &dyn Progress,
+) -> Result<Option<Vec<(usize, usize)>>> {
+    let empty = StreamRef::default();
+    let stream = f.stream.as_ref().unwrap_or(&empty);
+    let mut file = File::open(p).map_err(|e| io_err("opening", p, e))?;
+    let local_len = file.metadata().map_err(|e| io_err("reading", p, e))?.len();
+    let mut differs: Vec<bool> = Vec::with_capacity(stream.blobs.len());
+    let mut buf = Vec::new();
+    let mut eof = false;
+    for b in &stream.blobs {
+        if eof {
+            differs.push(true);
+            continue;
+        }
+        buf.resize(b.len as usize, 0);
+        match file.read_exact(&mut buf) {
+            Ok(()) => {
+                progress.advance(b.len as u64, 0);
+                differs.push(sealer.blob_id(&buf) != b.id);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                eof = true;
+                differs.push(true);
+            }
+            Err(e) => return Err(io_err("reading", p, e)),
+        }
+    }
+    if !differs.iter().any(|d| *d) && local_len == stream.size {
+        return Ok(None);
+    }
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < differs.len() {
+        if differs[i] {
+            let start = i;
+            while i < differs.len() && differs[i] {
+                i += 1;
+            }
+            runs.push((start, i));
+        } else {
+            i += 1;
+        }
+    }
+    Ok(Some(runs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tablespace_mappings_parse() {
+        let m: TablespaceMapping = "/a/b/=/c".parse().unwrap();
+        assert_eq!(
+            m,
+            TablespaceMapping {
+                old: "/a/b".into(),
+                new: "/c".into()
+            }
+        );
+        assert_eq!(
+            "a=/c".parse::<TablespaceMapping>().unwrap_err().exit_code(),
+            2
+        );
+        assert_eq!(
+            "/a".parse::<TablespaceMapping>().unwrap_err().exit_code(),
+            2
+        );
+    }
+
+    #[test]
+    fn map_paths_are_escaped() {
+        assert_eq!(escape_map_path("/a b/c"), "/a b/c");
+        assert_eq!(escape_map_path("/a\\b\nc"), "/a\\\\b\\\nc");
+    }
+
+    #[test]
+    fn tablespace_links_are_recognised() {
+        assert_eq!(tablespace_oid("pg_tblspc/16400"), Some(16400));
+        assert_eq!(tablespace_oid("pg_tblspc/16400/PG_15"), None);
+        assert_eq!(tablespace_oid("base/1"), None);
+    }
+}

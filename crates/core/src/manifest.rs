@@ -1,0 +1,363 @@
+//! The manifest of a physical backup: the commit point that makes a backup exist.
+//!
+//! A manifest is stored by [`Repository::save_manifest`] under `backups/<cluster>/<id>` once
+//! every blob it references is committed (write order: packs, index, manifest). It is JSON,
+//! sealed like all metadata, and versioned by [`MANIFEST_FORMAT`]. It never holds a secret:
+//! no connection string, no password, only what PostgreSQL and the file system told us.
+//!
+//! Every manifest kind (physical backups here, logical dumps elsewhere) shares the header
+//! fields read by [`ManifestHeader`] (`format`, `kind`, `id`, `cluster`, `label`,
+//! `start_time`, `stop_time`), so `list` can show all kinds without knowing them all.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use pgkeep_repo::{ManifestKey, Repository, StreamRef};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, Result};
+
+/// Version of the physical manifest layout. Readers refuse newer versions.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// `kind` of a physical backup manifest.
+pub const KIND_PHYSICAL: &str = "physical";
+
+/// Format of backup ids: a UTC timestamp to the second, e.g. `20261122T143107Z`.
+pub const ID_FORMAT: &str = "%Y%m%dT%H%M%SZ";
+
+/// The fields every manifest kind has; unknown fields are ignored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestHeader {
+    /// Layout version of this kind.
+    pub format: u32,
+    /// `physical`, or another kind (e.g. a logical dump).
+    pub kind: String,
+    /// Backup id (the manifest's key).
+    pub id: String,
+    /// Cluster name.
+    pub cluster: String,
+    /// User label.
+    #[serde(default)]
+    pub label: Option<String>,
+    /// When the backup started.
+    #[serde(default)]
+    pub start_time: Option<DateTime<Utc>>,
+    /// When the backup ended.
+    #[serde(default)]
+    pub stop_time: Option<DateTime<Utc>>,
+    /// PostgreSQL system identifier, as decimal text (when the kind records one).
+    #[serde(default)]
+    pub system_identifier: Option<String>,
+    /// PostgreSQL major version (when the kind records one).
+    #[serde(default)]
+    pub pg_major: Option<u32>,
+}
+
+/// What a manifest entry is on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntryKind {
+    /// A regular file; has a stream.
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link; has a target.
+    Symlink,
+}
+
+/// One file system entry of the data directory or a tablespace.
+///
+/// `path` is relative to the data directory with `/` separators; tablespace contents appear
+/// under `pg_tblspc/<oid>/...` (through the tablespace's symlink).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Relative path.
+    pub path: String,
+    /// File, directory or symlink.
+    pub kind: EntryKind,
+    /// Bytes stored (for files: the stream's size, which is what was read).
+    #[serde(default)]
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Modification time seen before reading, seconds since the epoch.
+    pub mtime: i64,
+    /// Nanoseconds part of the modification time.
+    #[serde(default)]
+    pub mtime_nsec: u32,
+    /// Symlink target, as read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    /// The content, for files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamRef>,
+}
+
+/// One tablespace: `pg_tblspc/<oid>` links to `location`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TablespaceEntry {
+    /// The tablespace OID (the symlink's name).
+    pub oid: u32,
+    /// The directory the symlink pointed to at backup time.
+    pub location: String,
+}
+
+/// One WAL file (segment or timeline history) stored with the backup.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WalEntry {
+    /// File name in pg_wal, e.g. `000000010000000000000003`.
+    pub name: String,
+    /// Its content.
+    pub stream: StreamRef,
+}
+
+/// A data page whose checksum failed while it was read (read twice, failed twice).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageFailure {
+    /// Relative path of the relation segment file.
+    pub path: String,
+    /// Block number inside the file (0-based).
+    pub block: u32,
+    /// Absolute block number in the relation (`segment * RELSEG_SIZE + block`).
+    pub rel_block: u32,
+    /// What was wrong, e.g. `checksum 0x1234 stored, 0x5678 computed`.
+    pub reason: String,
+}
+
+/// Totals of one backup.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BackupTotals {
+    /// Bytes of all files (the size a restore writes, WAL excluded).
+    pub logical_bytes: u64,
+    /// Regular files.
+    pub files: u64,
+    /// Directories and symlinks.
+    pub other_entries: u64,
+    /// Files not read because they were unchanged since the previous backup.
+    pub files_skipped_unchanged: u64,
+    /// Their bytes.
+    pub bytes_skipped_unchanged: u64,
+    /// Bytes actually read from the data directory.
+    pub bytes_read: u64,
+    /// WAL files stored with the backup and their bytes.
+    pub wal_files: u64,
+    /// Bytes of WAL stored with the backup.
+    pub wal_bytes: u64,
+    /// Plaintext bytes that were new to the repository.
+    pub new_bytes: u64,
+    /// Bytes uploaded (compressed and sealed, with pack headers).
+    pub stored_bytes: u64,
+}
+
+/// The manifest of a physical backup (`kind = "physical"`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BackupManifest {
+    /// [`MANIFEST_FORMAT`].
+    pub format: u32,
+    /// [`KIND_PHYSICAL`].
+    pub kind: String,
+    /// Backup id, see [`ID_FORMAT`].
+    pub id: String,
+    /// Cluster name in the repository.
+    pub cluster: String,
+    /// How it was taken: `local` (read from the data directory).
+    pub method: String,
+    /// User label.
+    pub label: Option<String>,
+    /// Host that took the backup.
+    pub host: String,
+    /// pgkeep version that wrote this manifest.
+    pub tool_version: String,
+    /// `pg_control`'s system identifier, decimal text (u64 does not survive every JSON reader).
+    pub system_identifier: String,
+    /// `server_version_num`, e.g. 150004.
+    pub pg_version_num: u32,
+    /// Major version, e.g. 15.
+    pub pg_major: u32,
+    /// Timeline of the backup's start.
+    pub timeline: u32,
+    /// WAL segment size of the cluster.
+    pub wal_segment_size: u32,
+    /// Whether the cluster has data page checksums.
+    pub data_checksums: bool,
+    /// Start LSN (PostgreSQL text form `X/X`).
+    pub start_lsn: String,
+    /// Stop LSN.
+    pub stop_lsn: String,
+    /// Wall-clock time just before `pg_backup_start` (the timestamp-safety reference of the
+    /// next backup's unchanged-file check).
+    pub start_time: DateTime<Utc>,
+    /// Wall-clock time after `pg_backup_stop`.
+    pub stop_time: DateTime<Utc>,
+    /// Seconds from start to the manifest save.
+    pub duration_secs: f64,
+    /// The `backup_label` returned by `pg_backup_stop`.
+    pub backup_label: String,
+    /// The `tablespace_map` returned by `pg_backup_stop` (none without tablespaces).
+    pub tablespace_map: Option<String>,
+    /// Tablespaces.
+    pub tablespaces: Vec<TablespaceEntry>,
+    /// Files, directories and symlinks, sorted by path.
+    pub files: Vec<FileEntry>,
+    /// WAL from the start to the stop segment (and the timeline history file when > 1).
+    pub wal: Vec<WalEntry>,
+    /// Totals.
+    pub totals: BackupTotals,
+    /// Data pages whose checksum failed.
+    pub page_checksum_failures: Vec<PageFailure>,
+}
+
+impl BackupManifest {
+    /// Parses a manifest body, refusing other kinds and newer formats.
+    pub fn from_value(value: serde_json::Value) -> Result<Self> {
+        let header: ManifestHeader = serde_json::from_value(value.clone()).map_err(|e| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("manifest does not parse: {e}"),
+            )
+        })?;
+        if header.kind != KIND_PHYSICAL {
+            return Err(Error::usage(format!(
+                "{} of cluster {} is a {} backup, not a physical one",
+                header.id, header.cluster, header.kind
+            )));
+        }
+        if header.format > MANIFEST_FORMAT {
+            return Err(Error::with_hint(
+                ErrorKind::Failure,
+                format!(
+                    "backup {} has manifest format {}, this pgkeep reads up to {MANIFEST_FORMAT}",
+                    header.id, header.format
+                ),
+                "upgrade pgkeep",
+            ));
+        }
+        serde_json::from_value(value).map_err(|e| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("manifest of backup {} does not parse: {e}", header.id),
+            )
+        })
+    }
+
+    /// Files by path.
+    pub fn files_by_path(&self) -> BTreeMap<&str, &FileEntry> {
+        self.files.iter().map(|f| (f.path.as_str(), f)).collect()
+    }
+}
+
+/// A new backup id for `now`.
+pub fn new_id(now: DateTime<Utc>) -> String {
+    now.format(ID_FORMAT).to_string()
+}
+
+/// Whether `id` has the shape of a backup id (so ids of unknown shape never steer choices).
+pub fn is_backup_id(id: &str) -> bool {
+    chrono::NaiveDateTime::parse_from_str(id, ID_FORMAT).is_ok()
+}
+
+/// Every manifest key of `cluster`, sorted by id (oldest first).
+pub async fn list_ids(repo: &Repository, cluster: &str) -> Result<Vec<String>> {
+    let mut ids: Vec<String> = repo
+        .list_manifests(Some(cluster))
+        .await?
+        .into_iter()
+        .filter(|k: &ManifestKey| k.cluster == cluster)
+        .map(|k| k.id)
+        .collect();
+    ids.sort();
+    Ok(ids)
+}
+
+/// Loads the headers of every manifest of `cluster`, oldest first.
+pub async fn load_headers(
+    repo: &Repository,
+    cluster: &str,
+) -> Result<Vec<(ManifestHeader, serde_json::Value)>> {
+    let ids = list_ids(repo, cluster).await?;
+    let loads = ids.iter().map(|id| repo.load_manifest(cluster, id));
+    let values = futures::future::try_join_all(loads).await?;
+    let mut out = Vec::with_capacity(values.len());
+    for (id, v) in ids.iter().zip(values) {
+        let h: ManifestHeader = serde_json::from_value(v.clone()).map_err(|e| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("manifest {cluster}/{id} does not parse: {e}"),
+            )
+        })?;
+        out.push((h, v));
+    }
+    Ok(out)
+}
+
+/// The newest physical backup of `cluster`, if any.
+pub async fn latest_physical(repo: &Repository, cluster: &str) -> Result<Option<BackupManifest>> {
+    let ids = list_ids(repo, cluster).await?;
+    for id in ids.iter().rev() {
+        let v = repo.load_manifest(cluster, id).await?;
+        if v.get("kind").and_then(|k| k.as_str()) == Some(KIND_PHYSICAL) {
+            return Ok(Some(BackupManifest::from_value(v)?));
+        }
+    }
+    Ok(None)
+}
+
+/// Loads the physical backup `id_or_latest` (`latest` = the newest physical backup).
+pub async fn load_physical(
+    repo: &Repository,
+    cluster: &str,
+    id_or_latest: &str,
+) -> Result<BackupManifest> {
+    if id_or_latest == "latest" {
+        return latest_physical(repo, cluster).await?.ok_or_else(|| {
+            Error::with_hint(
+                ErrorKind::Failure,
+                format!("cluster {cluster} has no physical backup in this repository"),
+                "take one with `pgkeep backup`, or check --cluster",
+            )
+        });
+    }
+    let v = repo
+        .load_manifest(cluster, id_or_latest)
+        .await
+        .map_err(|e| {
+            if e.kind() == pgkeep_repo::ErrorKind::NotFound {
+                Error::with_hint(
+                    ErrorKind::Failure,
+                    format!("backup {id_or_latest} of cluster {cluster} not found"),
+                    "`pgkeep list` shows the backups",
+                )
+            } else {
+                e.into()
+            }
+        })?;
+    BackupManifest::from_value(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_utc_timestamps_that_sort() {
+        let t = DateTime::parse_from_rfc3339("2026-11-22T14:31:07.9+01:00").unwrap();
+        let id = new_id(t.with_timezone(&Utc));
+        assert_eq!(id, "20261122T133107Z");
+        assert!(is_backup_id(&id));
+        assert!(!is_backup_id("latest"));
+        assert!(!is_backup_id("20261122T133107"));
+        assert!("20261122T133107Z" < "20261122T133108Z");
+    }
+
+    #[test]
+    fn other_kinds_and_newer_formats_are_refused() {
+        let v = serde_json::json!({"format": 1, "kind": "logical", "id": "x", "cluster": "main"});
+        let e = BackupManifest::from_value(v).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("logical"), "{e}");
+        let v = serde_json::json!({"format": 99, "kind": "physical", "id": "x", "cluster": "main"});
+        let e = BackupManifest::from_value(v).unwrap_err();
+        assert!(e.to_string().contains("upgrade pgkeep"), "{e}");
+    }
+}
