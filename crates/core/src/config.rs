@@ -1,0 +1,1316 @@
+//! Configuration: one TOML file, `PGKEEP_*` environment variables and command-line flags.
+//!
+//! Precedence, per setting: flags > environment > file > built-in defaults. The file is the
+//! one given by `--config FILE`, else `PGKEEP_CONFIG`, else `/etc/pgkeep/pgkeep.toml` when it
+//! exists, else none. Everything is checked at load time, before any repository or cluster is
+//! touched: unknown keys and bad values fail with exit 2 and `FILE:LINE:COLUMN: key: what`.
+//! docs/config.md documents the schema and the variable for every key.
+//!
+//! ```toml
+//! [options]
+//! threads = 4
+//! log_level = "info"
+//!
+//! [[repository]]
+//! name = "main"
+//! url = "s3://backups/pgkeep"
+//! endpoint = "http://127.0.0.1:8333"
+//! region = "us-east-1"
+//! force_path_style = true
+//! allow_http = true
+//! compression_level = 3
+//!
+//! [[cluster]]
+//! name = "main"
+//! pgdata = "/var/lib/postgresql/15/main"
+//! pg = "host=/var/run/postgresql user=postgres"
+//! repository = "main"
+//! ```
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+
+use crate::error::{Error, Result};
+use crate::secrets::{check_conninfo, check_repo_url, group_other_bits, is_secret_name};
+
+/// Where the configuration file is looked for when neither `--config` nor `PGKEEP_CONFIG`
+/// names one.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/pgkeep/pgkeep.toml";
+/// Default cluster name (`--cluster`).
+pub const DEFAULT_CLUSTER: &str = "main";
+/// Default zstd level of a new repository.
+pub const DEFAULT_COMPRESSION_LEVEL: i32 = 3;
+/// Default log level.
+pub const DEFAULT_LOG_LEVEL: &str = "warn";
+/// Accepted log levels, quietest first.
+pub const LOG_LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+/// Accepted compression levels (zstd).
+pub const COMPRESSION_LEVELS: std::ops::RangeInclusive<i32> = 1..=22;
+/// Accepted thread counts.
+pub const THREADS: std::ops::RangeInclusive<usize> = 1..=256;
+
+/// A snapshot of environment variables, so resolution is a pure function (and tests never
+/// touch the process environment).
+#[derive(Debug, Clone, Default)]
+pub struct Env(BTreeMap<String, String>);
+
+impl Env {
+    /// Every variable of this process whose name starts with `PGKEEP_` (values that are not
+    /// UTF-8 are dropped).
+    pub fn from_process() -> Self {
+        Env(std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .filter(|(k, _)| k.starts_with("PGKEEP_"))
+            .collect())
+    }
+
+    /// An environment made of the given pairs.
+    pub fn from_pairs<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Self {
+        Env(pairs
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect())
+    }
+
+    /// The value of `name`, if set.
+    pub fn get(&self, name: &str) -> Option<String> {
+        self.0.get(name).cloned()
+    }
+
+    /// The value of `name`, if set and not empty (an empty variable counts as unset).
+    fn non_empty(&self, name: &str) -> Option<String> {
+        self.get(name).filter(|v| !v.is_empty())
+    }
+}
+
+/// Names of the environment variables, one per setting (see docs/config.md).
+pub mod env {
+    /// Configuration file path.
+    pub const CONFIG: &str = "PGKEEP_CONFIG";
+    /// `repository.url` of the selected repository (also `--repo`).
+    pub const REPO: &str = "PGKEEP_REPO";
+    /// Which `[[repository]]` to use, by name (overrides `cluster.repository`).
+    pub const REPOSITORY: &str = "PGKEEP_REPOSITORY";
+    /// `repository.endpoint`.
+    pub const REPO_ENDPOINT: &str = "PGKEEP_REPO_ENDPOINT";
+    /// `repository.region`.
+    pub const REPO_REGION: &str = "PGKEEP_REPO_REGION";
+    /// `repository.force_path_style`.
+    pub const REPO_FORCE_PATH_STYLE: &str = "PGKEEP_REPO_FORCE_PATH_STYLE";
+    /// `repository.allow_http`.
+    pub const REPO_ALLOW_HTTP: &str = "PGKEEP_REPO_ALLOW_HTTP";
+    /// `repository.azure_use_emulator`.
+    pub const REPO_AZURE_USE_EMULATOR: &str = "PGKEEP_REPO_AZURE_USE_EMULATOR";
+    /// `repository.azure_account`.
+    pub const REPO_AZURE_ACCOUNT: &str = "PGKEEP_REPO_AZURE_ACCOUNT";
+    /// `repository.retry_max_attempts`.
+    pub const REPO_RETRY_MAX_ATTEMPTS: &str = "PGKEEP_REPO_RETRY_MAX_ATTEMPTS";
+    /// `repository.retry_base_delay_ms`.
+    pub const REPO_RETRY_BASE_DELAY_MS: &str = "PGKEEP_REPO_RETRY_BASE_DELAY_MS";
+    /// `repository.request_timeout_secs`.
+    pub const REPO_REQUEST_TIMEOUT_SECS: &str = "PGKEEP_REPO_REQUEST_TIMEOUT_SECS";
+    /// `repository.compression_level` (also `repo init --compression-level`).
+    pub const COMPRESSION_LEVEL: &str = "PGKEEP_COMPRESSION_LEVEL";
+    /// `repository.passphrase_file` (same variable as the secrets module reads).
+    pub const PASSPHRASE_FILE: &str = "PGKEEP_PASSPHRASE_FILE";
+    /// Selected cluster name (also `--cluster`).
+    pub const CLUSTER: &str = "PGKEEP_CLUSTER";
+    /// `cluster.pgdata` of the selected cluster (also `--pgdata`).
+    pub const PGDATA: &str = "PGKEEP_PGDATA";
+    /// `cluster.pg` of the selected cluster (also `--pg`).
+    pub const PG: &str = "PGKEEP_PG";
+    /// `options.threads`.
+    pub const THREADS: &str = "PGKEEP_THREADS";
+    /// `options.log_level` (also `-v` / `-q`).
+    pub const LOG: &str = "PGKEEP_LOG";
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file, as written. Spanned fields keep their position for messages about values.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFile {
+    #[serde(default)]
+    options: RawOptions,
+    #[serde(default)]
+    repository: Vec<RawRepository>,
+    #[serde(default)]
+    cluster: Vec<RawCluster>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOptions {
+    threads: Option<Spanned<i64>>,
+    log_level: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRepository {
+    name: Spanned<String>,
+    url: Spanned<String>,
+    endpoint: Option<Spanned<String>>,
+    region: Option<String>,
+    force_path_style: Option<bool>,
+    allow_http: Option<bool>,
+    azure_use_emulator: Option<bool>,
+    azure_account: Option<String>,
+    retry_max_attempts: Option<Spanned<i64>>,
+    retry_base_delay_ms: Option<Spanned<i64>>,
+    request_timeout_secs: Option<Spanned<i64>>,
+    compression_level: Option<Spanned<i64>>,
+    passphrase_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: Spanned<String>,
+    pgdata: Option<PathBuf>,
+    pg: Option<Spanned<String>>,
+    repository: Option<Spanned<String>>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// The file, validated.
+
+/// A validated configuration file.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConfigFile {
+    /// Where it was read from.
+    pub path: PathBuf,
+    /// `[options]`.
+    pub options: FileOptions,
+    /// `[[repository]]` entries, names unique.
+    pub repositories: Vec<RepositoryConfig>,
+    /// `[[cluster]]` entries, names unique, each referencing a defined repository (if any).
+    pub clusters: Vec<ClusterConfig>,
+}
+
+/// `[options]` of the file.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct FileOptions {
+    /// Worker threads for ingest and restore.
+    pub threads: Option<usize>,
+    /// One of [`LOG_LEVELS`].
+    pub log_level: Option<String>,
+}
+
+/// Storage settings of a repository, passed to the storage layer as
+/// `pgkeep_storage::StorageOptions` (same names; `None` = the storage layer's default).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageSettings {
+    /// Custom endpoint (S3-compatible servers, Azurite, GCS-compatible), `http(s)://`.
+    pub endpoint: Option<String>,
+    /// Region (S3).
+    pub region: Option<String>,
+    /// Path-style addressing (S3-compatible servers); `None` = object_store's default.
+    pub force_path_style: Option<bool>,
+    /// Allow plain-HTTP endpoints.
+    pub allow_http: bool,
+    /// Azure: talk to the Azurite emulator.
+    pub azure_use_emulator: bool,
+    /// Azure storage account name (not a secret).
+    pub azure_account: Option<String>,
+    /// Attempts per operation for temporary failures, the first included.
+    pub retry_max_attempts: Option<u32>,
+    /// Base of the exponential backoff, milliseconds.
+    pub retry_base_delay_ms: Option<u64>,
+    /// Timeout of one HTTP request, seconds.
+    pub request_timeout_secs: Option<u64>,
+}
+
+/// One `[[repository]]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepositoryConfig {
+    /// Unique name, referenced by `cluster.repository` and `PGKEEP_REPOSITORY`.
+    pub name: String,
+    /// A path, `file://`, `s3://`, `az://` or `gs://` URL, without credentials.
+    pub url: String,
+    /// Storage settings.
+    pub storage: StorageSettings,
+    /// zstd level used by `repo init` (1..=22).
+    pub compression_level: Option<i32>,
+    /// A file whose first line is the passphrase.
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// One `[[cluster]]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterConfig {
+    /// Unique name (a repository path segment).
+    pub name: String,
+    /// The data directory.
+    pub pgdata: Option<PathBuf>,
+    /// libpq connection string without password.
+    pub pg: Option<String>,
+    /// Name of the repository this cluster is backed up to.
+    pub repository: Option<String>,
+}
+
+/// Line and column (1-based) of byte `offset` in `text`.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before[line_start..].chars().count() + 1;
+    (line, column)
+}
+
+struct Source<'a> {
+    file: &'a str,
+    text: &'a str,
+}
+
+impl Source<'_> {
+    fn error(&self, span: Range<usize>, message: impl Into<String>) -> Error {
+        let (line, column) = line_col(self.text, span.start);
+        Error::Config {
+            file: self.file.to_string(),
+            line,
+            column,
+            message: message.into(),
+            hint: None,
+        }
+    }
+
+    /// Converts a toml error: position from its span; the key named when toml's message does
+    /// not already name it (type errors name only the expected type).
+    fn toml_error(&self, e: &toml::de::Error) -> Error {
+        let msg = e.message().trim_end().to_string();
+        let Some(span) = e.span() else {
+            return Error::Config {
+                file: self.file.to_string(),
+                line: 1,
+                column: 1,
+                message: msg,
+                hint: None,
+            };
+        };
+        let names_key = ["unknown field", "missing field", "duplicate key"]
+            .iter()
+            .any(|p| msg.starts_with(p));
+        let message = match (names_key, self.key_at(span.start)) {
+            (false, Some(key)) => format!("{key}: {msg}"),
+            (true, _) => match self.table_at(span.start, msg.starts_with("missing field")) {
+                Some(table) => format!("{msg} in [{table}]"),
+                None => msg,
+            },
+            (false, None) => msg,
+        };
+        self.error(span, message)
+    }
+
+    /// The dotted key whose value is at `offset`: the enclosing table header plus the text
+    /// before `=` on that line.
+    fn key_at(&self, offset: usize) -> Option<String> {
+        let line_start = self.text[..offset].rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let line = &self.text[line_start..offset];
+        let eq = line.find('=')?;
+        let key = line[..eq].trim().trim_matches(|c| c == '"' || c == '\'');
+        if key.is_empty() {
+            return None;
+        }
+        Some(match self.table_at(offset, false) {
+            Some(table) => format!("{table}.{key}"),
+            None => key.to_string(),
+        })
+    }
+
+    /// The name of the table header (`[options]`, `[[repository]]`) that `offset` is in:
+    /// the last header line above the line of `offset`, or, with `own_line`, that line too
+    /// (a "missing field" error points at the header of the incomplete table).
+    fn table_at(&self, offset: usize, own_line: bool) -> Option<String> {
+        let end = if own_line {
+            self.text[offset..]
+                .find('\n')
+                .map(|i| offset + i)
+                .unwrap_or(self.text.len())
+        } else {
+            self.text[..offset].rfind('\n').unwrap_or(0)
+        };
+        self.text[..end].lines().rev().find_map(|l| {
+            let l = l.trim();
+            if l.starts_with('[') {
+                Some(l.trim_matches(|c| c == '[' || c == ']').trim().to_string())
+            } else {
+                None
+            }
+        })
+    }
+}
+
+/// Where secret-looking keys are in a parsed document (dotted paths).
+fn secret_keys(table: &toml::Table, prefix: &str, out: &mut Vec<String>) {
+    for (k, v) in table {
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
+        if is_secret_name(k) {
+            out.push(path.clone());
+        }
+        match v {
+            toml::Value::Table(t) => secret_keys(t, &path, out),
+            toml::Value::Array(items) => {
+                for item in items {
+                    if let toml::Value::Table(t) = item {
+                        secret_keys(t, &path, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Checks a repository or cluster name: it becomes a path segment in the repository.
+pub fn check_name(what: &str, name: &str) -> std::result::Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name != "."
+        && name != ".."
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid {what} {name:?}: use 1 to 64 letters, digits, '-', '_' or '.'"
+        ))
+    }
+}
+
+/// Checks a repository location: a non-empty path, or a URL with scheme file, s3, az or gs
+/// and, for object stores, a bucket/container.
+pub fn check_url(url: &str) -> std::result::Result<(), String> {
+    if url.trim().is_empty() {
+        return Err("the repository location is empty".into());
+    }
+    let Some(i) = url.find("://") else {
+        return Ok(());
+    };
+    let scheme = &url[..i];
+    let rest = &url[i + 3..];
+    match scheme {
+        "file" => {
+            if rest.starts_with('/') {
+                Ok(())
+            } else {
+                Err(format!(
+                    "file URL must hold an absolute path (file:///...), got {url:?}"
+                ))
+            }
+        }
+        "s3" | "az" | "azure" | "gs" => {
+            let bucket = rest.split(['/', '?']).next().unwrap_or("");
+            if bucket.is_empty() || bucket.contains('@') {
+                Err(format!("{scheme}:// URL has no bucket or container name"))
+            } else {
+                Ok(())
+            }
+        }
+        other => Err(format!(
+            "unsupported URL scheme {other:?}: use a path, file://, s3://, az:// or gs://"
+        )),
+    }
+}
+
+fn check_endpoint(endpoint: &str) -> std::result::Result<(), String> {
+    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        Ok(())
+    } else {
+        Err("endpoint must start with http:// or https://".into())
+    }
+}
+
+fn check_compression(level: i64) -> std::result::Result<i32, String> {
+    if (*COMPRESSION_LEVELS.start() as i64..=*COMPRESSION_LEVELS.end() as i64).contains(&level) {
+        Ok(level as i32)
+    } else {
+        Err(format!("{level} is out of range 1..=22"))
+    }
+}
+
+fn check_threads(n: i64) -> std::result::Result<usize, String> {
+    if (*THREADS.start() as i64..=*THREADS.end() as i64).contains(&n) {
+        Ok(n as usize)
+    } else {
+        Err(format!("{n} is out of range 1..=256"))
+    }
+}
+
+fn check_log_level(level: &str) -> std::result::Result<String, String> {
+    let l = level.to_ascii_lowercase();
+    if LOG_LEVELS.contains(&l.as_str()) {
+        Ok(l)
+    } else {
+        Err(format!(
+            "{level:?} is not one of off, error, warn, info, debug, trace"
+        ))
+    }
+}
+
+impl ConfigFile {
+    /// Reads and validates the file at `path`. Fails with exit 2 when it cannot be read, does
+    /// not parse, has an unknown key or a bad value, or holds secrets while being accessible
+    /// by group or others.
+    pub fn load(path: &Path) -> Result<ConfigFile> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::usage(format!("cannot read config file {}: {e}", path.display()))
+        })?;
+        Self::parse(&text, path, group_other_bits(path))
+    }
+
+    /// Validates `text` as the content of `path`, whose permission bits for group and
+    /// others are `group_other_bits` (`mode & 0o077`).
+    pub fn parse(text: &str, path: &Path, group_other_bits: u32) -> Result<ConfigFile> {
+        let file = path.display().to_string();
+        let src = Source { file: &file, text };
+
+        // Syntax first, then secrets (before the schema: a secret under an unknown key is
+        // still a secret on disk), then the schema.
+        let doc: toml::Table = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+        let mut secrets = Vec::new();
+        secret_keys(&doc, "", &mut secrets);
+        if !secrets.is_empty() && group_other_bits != 0 {
+            return Err(Error::usage_hint(
+                format!(
+                    "config file {file} holds secrets ({}) and is accessible by group or others (mode bits {group_other_bits:03o})",
+                    secrets.join(", ")
+                ),
+                format!("run `chmod 600 {file}`"),
+            ));
+        }
+        let raw: RawFile = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
+        Self::validate(raw, &src, path)
+    }
+
+    fn validate(raw: RawFile, src: &Source<'_>, path: &Path) -> Result<ConfigFile> {
+        let mut cfg = ConfigFile {
+            path: path.to_path_buf(),
+            ..Default::default()
+        };
+        if let Some(t) = raw.options.threads {
+            let n = check_threads(*t.get_ref())
+                .map_err(|m| src.error(t.span(), format!("options.threads: {m}")))?;
+            cfg.options.threads = Some(n);
+        }
+        if let Some(l) = raw.options.log_level {
+            let level = check_log_level(l.get_ref())
+                .map_err(|m| src.error(l.span(), format!("options.log_level: {m}")))?;
+            cfg.options.log_level = Some(level);
+        }
+
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+        for r in raw.repository {
+            let name = r.name.get_ref().clone();
+            check_name("repository name", &name)
+                .map_err(|m| src.error(r.name.span(), format!("repository.name: {m}")))?;
+            if let Some(first) = seen.get(&name) {
+                return Err(src.error(
+                    r.name.span(),
+                    format!("repository.name: duplicate repository name {name:?} (first defined at line {first})"),
+                ));
+            }
+            seen.insert(name.clone(), line_col(src.text, r.name.span().start).0);
+            let url = r.url.get_ref().clone();
+            check_repo_url(&url, "repository.url").map_err(|e| at(src, r.url.span(), e))?;
+            check_url(&url).map_err(|m| src.error(r.url.span(), format!("repository.url: {m}")))?;
+            if let Some(ep) = &r.endpoint {
+                check_endpoint(ep.get_ref())
+                    .map_err(|m| src.error(ep.span(), format!("repository.endpoint: {m}")))?;
+                check_repo_url(ep.get_ref(), "repository.endpoint")
+                    .map_err(|e| at(src, ep.span(), e))?;
+            }
+            let compression_level = match &r.compression_level {
+                Some(l) => Some(check_compression(*l.get_ref()).map_err(|m| {
+                    src.error(l.span(), format!("repository.compression_level: {m}"))
+                })?),
+                None => None,
+            };
+            let positive = |v: &Option<Spanned<i64>>, key: &str, max: i64| match v {
+                Some(v) if !(1..=max).contains(v.get_ref()) => Err(src.error(
+                    v.span(),
+                    format!(
+                        "repository.{key}: {} is out of range 1..={max}",
+                        v.get_ref()
+                    ),
+                )),
+                Some(v) => Ok(Some(*v.get_ref())),
+                None => Ok(None),
+            };
+            let retry_max_attempts =
+                positive(&r.retry_max_attempts, "retry_max_attempts", 100)?.map(|v| v as u32);
+            let retry_base_delay_ms =
+                positive(&r.retry_base_delay_ms, "retry_base_delay_ms", 60_000)?.map(|v| v as u64);
+            let request_timeout_secs =
+                positive(&r.request_timeout_secs, "request_timeout_secs", 86_400)?
+                    .map(|v| v as u64);
+            cfg.repositories.push(RepositoryConfig {
+                name,
+                url,
+                storage: StorageSettings {
+                    endpoint: r.endpoint.map(Spanned::into_inner),
+                    region: r.region,
+                    force_path_style: r.force_path_style,
+                    allow_http: r.allow_http.unwrap_or(false),
+                    azure_use_emulator: r.azure_use_emulator.unwrap_or(false),
+                    azure_account: r.azure_account,
+                    retry_max_attempts,
+                    retry_base_delay_ms,
+                    request_timeout_secs,
+                },
+                compression_level,
+                passphrase_file: r.passphrase_file,
+            });
+        }
+
+        let mut seen_clusters: BTreeMap<String, usize> = BTreeMap::new();
+        for c in raw.cluster {
+            let name = c.name.get_ref().clone();
+            check_name("cluster name", &name)
+                .map_err(|m| src.error(c.name.span(), format!("cluster.name: {m}")))?;
+            if let Some(first) = seen_clusters.get(&name) {
+                return Err(src.error(
+                    c.name.span(),
+                    format!("cluster.name: duplicate cluster name {name:?} (first defined at line {first})"),
+                ));
+            }
+            seen_clusters.insert(name.clone(), line_col(src.text, c.name.span().start).0);
+            if let Some(pg) = &c.pg {
+                check_conninfo(pg.get_ref(), "cluster.pg").map_err(|e| at(src, pg.span(), e))?;
+            }
+            if let Some(r) = &c.repository {
+                if !seen.contains_key(r.get_ref()) {
+                    let known: Vec<&str> = seen.keys().map(String::as_str).collect();
+                    return Err(src.error(
+                        r.span(),
+                        format!(
+                            "cluster.repository: unknown repository {:?} (defined: {})",
+                            r.get_ref(),
+                            if known.is_empty() {
+                                "none".to_string()
+                            } else {
+                                known.join(", ")
+                            }
+                        ),
+                    ));
+                }
+            }
+            cfg.clusters.push(ClusterConfig {
+                name,
+                pgdata: c.pgdata,
+                pg: c.pg.map(Spanned::into_inner),
+                repository: c.repository.map(Spanned::into_inner),
+            });
+        }
+        Ok(cfg)
+    }
+
+    /// The repository named `name`.
+    pub fn repository(&self, name: &str) -> Option<&RepositoryConfig> {
+        self.repositories.iter().find(|r| r.name == name)
+    }
+
+    /// The cluster named `name`.
+    pub fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+}
+
+/// Puts a position on an error produced by a shared check (secrets refusals).
+fn at(src: &Source<'_>, span: Range<usize>, e: Error) -> Error {
+    match e {
+        Error::Usage { message, hint } => {
+            let (line, column) = line_col(src.text, span.start);
+            Error::Config {
+                file: src.file.to_string(),
+                line,
+                column,
+                message,
+                hint,
+            }
+        }
+        other => other,
+    }
+}
+
+/// Which configuration file to read: `--config`, else `PGKEEP_CONFIG`, else the default path
+/// when it exists. The flag's or variable's file must exist.
+pub fn config_path(flag: Option<&Path>, env: &Env) -> Result<Option<PathBuf>> {
+    config_path_with_default(flag, env, Path::new(DEFAULT_CONFIG_PATH))
+}
+
+fn config_path_with_default(
+    flag: Option<&Path>,
+    env: &Env,
+    default: &Path,
+) -> Result<Option<PathBuf>> {
+    let (path, what) = match (flag, env.non_empty(env::CONFIG)) {
+        (Some(p), _) => (p.to_path_buf(), "--config"),
+        (None, Some(p)) => (PathBuf::from(p), env::CONFIG),
+        (None, None) => {
+            return Ok(default.exists().then(|| default.to_path_buf()));
+        }
+    };
+    if !path.is_file() {
+        return Err(Error::usage(format!(
+            "{what}: config file {} does not exist or is not a file",
+            path.display()
+        )));
+    }
+    Ok(Some(path))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Effective settings.
+
+/// Values given on the command line (the highest precedence). `None` = not given.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--config FILE`.
+    pub config: Option<PathBuf>,
+    /// `--repo URL`.
+    pub repo: Option<String>,
+    /// `--cluster NAME`.
+    pub cluster: Option<String>,
+    /// `--pgdata DIR`.
+    pub pgdata: Option<PathBuf>,
+    /// `--pg CONNINFO`.
+    pub pg: Option<String>,
+    /// `repo init --compression-level N`.
+    pub compression_level: Option<i32>,
+    /// Log level from `-v` / `-q`.
+    pub log_level: Option<String>,
+}
+
+/// The repository to use, after precedence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RepositorySettings {
+    /// Name of the `[[repository]]` it came from, if any.
+    pub name: Option<String>,
+    /// Location: a path or a URL without credentials.
+    pub url: String,
+    /// Storage settings.
+    pub storage: StorageSettings,
+    /// zstd level for `repo init`.
+    pub compression_level: i32,
+    /// Passphrase file from the config file (the variables take precedence, see secrets).
+    pub passphrase_file: Option<PathBuf>,
+}
+
+/// The cluster to work on, after precedence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ClusterSettings {
+    /// Its name (default `main`).
+    pub name: String,
+    /// Its data directory, if known.
+    pub pgdata: Option<PathBuf>,
+    /// Its connection string (no password), if known.
+    pub pg: Option<String>,
+}
+
+/// Every setting of one run, after precedence (flags > environment > file > defaults).
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    /// The configuration file read, if any.
+    pub config_file: Option<PathBuf>,
+    /// The repository, when one is configured by any source.
+    pub repository: Option<RepositorySettings>,
+    /// The cluster.
+    pub cluster: ClusterSettings,
+    /// Worker threads.
+    pub threads: usize,
+    /// Log level, one of [`LOG_LEVELS`].
+    pub log_level: String,
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(8)
+}
+
+fn env_parse<T>(
+    env: &Env,
+    name: &str,
+    check: impl Fn(&str) -> std::result::Result<T, String>,
+) -> Result<Option<T>> {
+    match env.non_empty(name) {
+        Some(v) => check(&v)
+            .map(Some)
+            .map_err(|m| Error::usage(format!("{name}: {m}"))),
+        None => Ok(None),
+    }
+}
+
+fn parse_bool(v: &str) -> std::result::Result<bool, String> {
+    match v.to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" => Ok(false),
+        _ => Err(format!(
+            "{v:?} is not a boolean (true/false, yes/no, on/off, 1/0)"
+        )),
+    }
+}
+
+fn parse_int(v: &str) -> std::result::Result<i64, String> {
+    v.trim()
+        .parse::<i64>()
+        .map_err(|_| format!("{v:?} is not an integer"))
+}
+
+impl Settings {
+    /// Finds and reads the configuration file, then resolves every setting. Nothing outside
+    /// the file is read or touched.
+    pub fn load(flags: &Overrides, env: &Env) -> Result<Settings> {
+        let file = match config_path(flags.config.as_deref(), env)? {
+            Some(p) => Some(ConfigFile::load(&p)?),
+            None => None,
+        };
+        Self::resolve(file.as_ref(), env, flags)
+    }
+
+    /// Resolves every setting from an already validated file, the environment and the flags.
+    ///
+    /// The repository is chosen by `PGKEEP_REPOSITORY`, else the cluster's `repository`,
+    /// else the only `[[repository]]` of the file; `--repo` / `PGKEEP_REPO` replace its URL
+    /// (or stand alone). The cluster is `--cluster`, else `PGKEEP_CLUSTER`, else `main`.
+    pub fn resolve(file: Option<&ConfigFile>, env: &Env, flags: &Overrides) -> Result<Settings> {
+        let file_name = file
+            .map(|f| f.path.display().to_string())
+            .unwrap_or_default();
+
+        // Cluster.
+        let (cluster_name, cluster_src) = match (&flags.cluster, env.non_empty(env::CLUSTER)) {
+            (Some(c), _) => (c.clone(), "--cluster"),
+            (None, Some(c)) => (c, env::CLUSTER),
+            (None, None) => (DEFAULT_CLUSTER.to_string(), "--cluster"),
+        };
+        check_name("cluster name", &cluster_name)
+            .map_err(|m| Error::usage(format!("{cluster_src}: {m}")))?;
+        let file_cluster = file.and_then(|f| f.cluster(&cluster_name));
+
+        // Which configured repository.
+        let file_repo = match env.non_empty(env::REPOSITORY) {
+            Some(name) => match file.and_then(|f| f.repository(&name)) {
+                Some(r) => Some(r),
+                None => {
+                    return Err(Error::usage(if file.is_some() {
+                        format!(
+                            "{}: no repository named {name:?} in {file_name}",
+                            env::REPOSITORY
+                        )
+                    } else {
+                        format!(
+                            "{}: no repository named {name:?}: no config file",
+                            env::REPOSITORY
+                        )
+                    }))
+                }
+            },
+            None => match (file_cluster.and_then(|c| c.repository.as_deref()), file) {
+                (Some(name), Some(f)) => f.repository(name),
+                (None, Some(f)) if f.repositories.len() == 1 => f.repositories.first(),
+                _ => None,
+            },
+        };
+
+        // Location.
+        let url = match (&flags.repo, env.non_empty(env::REPO)) {
+            (Some(u), _) => Some((u.clone(), "--repo")),
+            (None, Some(u)) => Some((u, env::REPO)),
+            (None, None) => file_repo.map(|r| (r.url.clone(), "repository.url")),
+        };
+        let repository = match url {
+            None => None,
+            Some((url, src)) => {
+                check_repo_url(&url, src)?;
+                check_url(&url).map_err(|m| Error::usage(format!("{src}: {m}")))?;
+                let mut storage = file_repo.map(|r| r.storage.clone()).unwrap_or_default();
+                if let Some(ep) = env.non_empty(env::REPO_ENDPOINT) {
+                    check_endpoint(&ep)
+                        .map_err(|m| Error::usage(format!("{}: {m}", env::REPO_ENDPOINT)))?;
+                    check_repo_url(&ep, env::REPO_ENDPOINT)?;
+                    storage.endpoint = Some(ep);
+                }
+                if let Some(region) = env.non_empty(env::REPO_REGION) {
+                    storage.region = Some(region);
+                }
+                if let Some(b) = env_parse(env, env::REPO_FORCE_PATH_STYLE, parse_bool)? {
+                    storage.force_path_style = Some(b);
+                }
+                if let Some(b) = env_parse(env, env::REPO_ALLOW_HTTP, parse_bool)? {
+                    storage.allow_http = b;
+                }
+                if let Some(b) = env_parse(env, env::REPO_AZURE_USE_EMULATOR, parse_bool)? {
+                    storage.azure_use_emulator = b;
+                }
+                if let Some(a) = env.non_empty(env::REPO_AZURE_ACCOUNT) {
+                    storage.azure_account = Some(a);
+                }
+                let range = |max: i64| {
+                    move |v: &str| {
+                        let n = parse_int(v)?;
+                        if (1..=max).contains(&n) {
+                            Ok(n)
+                        } else {
+                            Err(format!("{n} is out of range 1..={max}"))
+                        }
+                    }
+                };
+                if let Some(n) = env_parse(env, env::REPO_RETRY_MAX_ATTEMPTS, range(100))? {
+                    storage.retry_max_attempts = Some(n as u32);
+                }
+                if let Some(n) = env_parse(env, env::REPO_RETRY_BASE_DELAY_MS, range(60_000))? {
+                    storage.retry_base_delay_ms = Some(n as u64);
+                }
+                if let Some(n) = env_parse(env, env::REPO_REQUEST_TIMEOUT_SECS, range(86_400))? {
+                    storage.request_timeout_secs = Some(n as u64);
+                }
+                let compression_level = match flags.compression_level {
+                    Some(l) => check_compression(l as i64)
+                        .map_err(|m| Error::usage(format!("--compression-level: {m}")))?,
+                    None => match env_parse(env, env::COMPRESSION_LEVEL, |v| {
+                        check_compression(parse_int(v)?)
+                    })? {
+                        Some(l) => l,
+                        None => file_repo
+                            .and_then(|r| r.compression_level)
+                            .unwrap_or(DEFAULT_COMPRESSION_LEVEL),
+                    },
+                };
+                Some(RepositorySettings {
+                    name: file_repo.map(|r| r.name.clone()),
+                    url,
+                    storage,
+                    compression_level,
+                    passphrase_file: file_repo.and_then(|r| r.passphrase_file.clone()),
+                })
+            }
+        };
+
+        // Cluster details.
+        let pgdata = flags
+            .pgdata
+            .clone()
+            .or_else(|| env.non_empty(env::PGDATA).map(PathBuf::from))
+            .or_else(|| file_cluster.and_then(|c| c.pgdata.clone()));
+        let pg = match (&flags.pg, env.non_empty(env::PG)) {
+            (Some(pg), _) => Some((pg.clone(), "--pg")),
+            (None, Some(pg)) => Some((pg, env::PG)),
+            (None, None) => file_cluster
+                .and_then(|c| c.pg.clone())
+                .map(|pg| (pg, "cluster.pg")),
+        };
+        if let Some((pg, src)) = &pg {
+            check_conninfo(pg, src)?;
+        }
+
+        let threads = match env_parse(env, env::THREADS, |v| check_threads(parse_int(v)?))? {
+            Some(n) => n,
+            None => file
+                .and_then(|f| f.options.threads)
+                .unwrap_or_else(default_threads),
+        };
+        let log_level = match &flags.log_level {
+            Some(l) => check_log_level(l).map_err(|m| Error::usage(format!("log level: {m}")))?,
+            None => match env_parse(env, env::LOG, check_log_level)? {
+                Some(l) => l,
+                None => file
+                    .and_then(|f| f.options.log_level.clone())
+                    .unwrap_or_else(|| DEFAULT_LOG_LEVEL.to_string()),
+            },
+        };
+
+        Ok(Settings {
+            config_file: file.map(|f| f.path.clone()),
+            repository,
+            cluster: ClusterSettings {
+                name: cluster_name,
+                pgdata,
+                pg: pg.map(|(pg, _)| pg),
+            },
+            threads,
+            log_level,
+        })
+    }
+
+    /// The repository, or a usage error (exit 2) saying how to give one.
+    pub fn require_repository(&self) -> Result<&RepositorySettings> {
+        self.repository.as_ref().ok_or_else(|| {
+            Error::usage_hint(
+                "no repository given",
+                "use --repo URL, set PGKEEP_REPO, or add a [[repository]] to the config file (see docs/config.md)",
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[options]
+threads = 4
+log_level = "INFO"
+
+[[repository]]
+name = "main"
+url = "/var/lib/pgkeep"
+compression_level = 5
+
+[[repository]]
+name = "offsite"
+url = "s3://backups/pgkeep"
+endpoint = "http://127.0.0.1:8333"
+region = "us-east-1"
+force_path_style = true
+allow_http = true
+
+[[cluster]]
+name = "main"
+pgdata = "/var/lib/postgresql/15/main"
+pg = "host=/var/run/postgresql user=postgres"
+repository = "main"
+
+[[cluster]]
+name = "reports"
+repository = "offsite"
+"#;
+
+    fn parse(text: &str) -> Result<ConfigFile> {
+        ConfigFile::parse(text, Path::new("/etc/pgkeep/pgkeep.toml"), 0)
+    }
+
+    #[test]
+    fn good_file_parses() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.options.threads, Some(4));
+        assert_eq!(c.options.log_level.as_deref(), Some("info"));
+        assert_eq!(c.repositories.len(), 2);
+        assert_eq!(c.repositories[0].compression_level, Some(5));
+        assert_eq!(
+            c.repositories[1].storage,
+            StorageSettings {
+                endpoint: Some("http://127.0.0.1:8333".into()),
+                region: Some("us-east-1".into()),
+                force_path_style: Some(true),
+                allow_http: true,
+                ..Default::default()
+            }
+        );
+        assert_eq!(c.clusters[1].repository.as_deref(), Some("offsite"));
+        assert!(parse("").unwrap().repositories.is_empty());
+    }
+
+    /// Every rejection, with its exact message (file:line:column: key: what).
+    #[test]
+    fn bad_files_are_rejected_with_exact_messages() {
+        let f = "/etc/pgkeep/pgkeep.toml";
+        let table: Vec<(&str, String)> = vec![
+            (
+                "[options]\nthreds = 4\n",
+                format!("{f}:2:1: unknown field `threds`, expected `threads` or `log_level` in [options]"),
+            ),
+            (
+                "[[repository]]\nname = \"a\"\nurl = \"/x\"\ncompresion_level = 3\n",
+                format!("{f}:4:1: unknown field `compresion_level`, expected one of `name`, `url`, `endpoint`, `region`, `force_path_style`, `allow_http`, `azure_use_emulator`, `azure_account`, `retry_max_attempts`, `retry_base_delay_ms`, `request_timeout_secs`, `compression_level`, `passphrase_file` in [repository]"),
+            ),
+            (
+                "[general]\nx = 1\n",
+                format!("{f}:1:2: unknown field `general`, expected one of `options`, `repository`, `cluster`"),
+            ),
+            (
+                "[options]\nthreads = \"four\"\n",
+                format!("{f}:2:11: options.threads: invalid type: string \"four\", expected i64"),
+            ),
+            ("[options]\nthreads = 0\n", format!("{f}:2:11: options.threads: 0 is out of range 1..=256")),
+            (
+                "[options]\nlog_level = \"loud\"\n",
+                format!("{f}:2:13: options.log_level: \"loud\" is not one of off, error, warn, info, debug, trace"),
+            ),
+            (
+                "[[repository]]\nname = \"a\"\nurl = \"/x\"\ncompression_level = 23\n",
+                format!("{f}:4:21: repository.compression_level: 23 is out of range 1..=22"),
+            ),
+            (
+                "[[repository]]\nname = \"a\"\nurl = \"/x\"\ncompression_level = 0\n",
+                format!("{f}:4:21: repository.compression_level: 0 is out of range 1..=22"),
+            ),
+            (
+                "[[repository]]\nname = \"a\"\nurl = \"ftp://host/x\"\n",
+                format!("{f}:3:7: repository.url: unsupported URL scheme \"ftp\": use a path, file://, s3://, az:// or gs://"),
+            ),
+            (
+                "[[repository]]\nname = \"a\"\nurl = \"s3:///x\"\n",
+                format!("{f}:3:7: repository.url: s3:// URL has no bucket or container name"),
+            ),
+            (
+                "[[repository]]\nname = \"a\"\nurl = \"file://relative\"\n",
+                format!("{f}:3:7: repository.url: file URL must hold an absolute path (file:///...), got \"file://relative\""),
+            ),
+            (
+                "[[repository]]\nname = \"a\"\nurl = \"\"\n",
+                format!("{f}:3:7: repository.url: the repository location is empty"),
+            ),
+            (
+                "[[repository]]\nname = \"a\"\n",
+                format!("{f}:1:1: missing field `url` in [repository]"),
+            ),
+            (
+                "[[repository]]\nname = \"a\"\nurl = \"/x\"\n[[repository]]\nname = \"a\"\nurl = \"/y\"\n",
+                format!("{f}:5:8: repository.name: duplicate repository name \"a\" (first defined at line 2)"),
+            ),
+            (
+                "[[repository]]\nname = \"a b\"\nurl = \"/x\"\n",
+                format!("{f}:2:8: repository.name: invalid repository name \"a b\": use 1 to 64 letters, digits, '-', '_' or '.'"),
+            ),
+            (
+                "[[repository]]\nname = \"a\"\nurl = \"/x\"\nendpoint = \"127.0.0.1:8333\"\n",
+                format!("{f}:4:12: repository.endpoint: endpoint must start with http:// or https://"),
+            ),
+            (
+                "[[repository]]\nname = \"a\"\nurl = \"s3://KEY:SECRETX@bucket/p\"\n",
+                format!("{f}:3:7: repository.url: the repository URL holds credentials, which is refused (they would show in the process list, logs or files)\nHINT: remove them and use the AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE) or an instance role"),
+            ),
+            (
+                "[[repository]]\nname = \"a\"\nurl = \"/x\"\n[[cluster]]\nname = \"main\"\nrepository = \"b\"\n",
+                format!("{f}:6:14: cluster.repository: unknown repository \"b\" (defined: a)"),
+            ),
+            (
+                "[[cluster]]\nname = \"main\"\n[[cluster]]\nname = \"main\"\n",
+                format!("{f}:4:8: cluster.name: duplicate cluster name \"main\" (first defined at line 2)"),
+            ),
+            (
+                "[[cluster]]\nname = \"main\"\npg = \"host=db password=SECRETX\"\n",
+                format!("{f}:3:6: cluster.pg: the connection string holds a password, which is refused (it would show in the process list, logs or files)\nHINT: remove it and give the password through PGPASSWORD or ~/.pgpass (or PGPASSFILE)"),
+            ),
+            (
+                "[options\n",
+                format!("{f}:1:9: unclosed table, expected `]`"),
+            ),
+        ];
+        for (text, expected) in table {
+            let e = parse(text).expect_err(text);
+            assert_eq!(e.to_string(), expected, "for {text:?}");
+            assert_eq!(e.exit_code(), 2, "{text}");
+            assert!(!e.to_string().contains("SECRETX"));
+        }
+    }
+
+    #[test]
+    fn secrets_need_a_private_file() {
+        let text = "[[repository]]\nname = \"a\"\nurl = \"/x\"\nwebhook_token = \"SECRETX\"\n";
+        let e = ConfigFile::parse(text, Path::new("/etc/p.toml"), 0o044).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "config file /etc/p.toml holds secrets (repository.webhook_token) and is accessible by group or others (mode bits 044)\n\
+             HINT: run `chmod 600 /etc/p.toml`"
+        );
+        assert_eq!(e.exit_code(), 2);
+        // Private: the secret check passes and the schema check names the unknown key.
+        let e = ConfigFile::parse(text, Path::new("/etc/p.toml"), 0).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/etc/p.toml:4:1: unknown field `webhook_token`"),
+            "{e}"
+        );
+        // A file *naming* where a secret is, is not a secret.
+        let text =
+            "[[repository]]\nname = \"a\"\nurl = \"/x\"\npassphrase_file = \"/etc/pgkeep/pass\"\n";
+        assert!(ConfigFile::parse(text, Path::new("/etc/p.toml"), 0o044).is_ok());
+    }
+
+    #[test]
+    fn load_reads_modes_from_disk() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("pgkeep.toml");
+        std::fs::write(&p, "[options]\npassword = \"x\"\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = ConfigFile::load(&p).unwrap_err();
+        assert!(
+            e.to_string().contains("holds secrets (options.password)"),
+            "{e}"
+        );
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = ConfigFile::load(&p).unwrap_err();
+        assert!(e.to_string().contains("unknown field `password`"), "{e}");
+        let e = ConfigFile::load(&dir.path().join("missing.toml")).unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+    }
+
+    #[test]
+    fn config_path_precedence() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.toml");
+        let b = dir.path().join("b.toml");
+        let d = dir.path().join("default.toml");
+        std::fs::write(&a, "").unwrap();
+        std::fs::write(&b, "").unwrap();
+        let env_b = Env::from_pairs([(env::CONFIG, b.to_str().unwrap())]);
+        assert_eq!(
+            config_path_with_default(Some(&a), &env_b, &d).unwrap(),
+            Some(a.clone())
+        );
+        assert_eq!(
+            config_path_with_default(None, &env_b, &d).unwrap(),
+            Some(b.clone())
+        );
+        assert_eq!(
+            config_path_with_default(None, &Env::default(), &d).unwrap(),
+            None
+        );
+        std::fs::write(&d, "").unwrap();
+        assert_eq!(
+            config_path_with_default(None, &Env::default(), &d).unwrap(),
+            Some(d.clone())
+        );
+        let missing = dir.path().join("missing.toml");
+        let e = config_path_with_default(Some(&missing), &Env::default(), &d).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "--config: config file {} does not exist or is not a file",
+                missing.display()
+            )
+        );
+    }
+
+    #[test]
+    fn precedence_flags_env_file_defaults() {
+        let file = parse(GOOD).unwrap();
+        // File only: cluster main -> repository main.
+        let s = Settings::resolve(Some(&file), &Env::default(), &Overrides::default()).unwrap();
+        let r = s.repository.as_ref().unwrap();
+        assert_eq!(r.name.as_deref(), Some("main"));
+        assert_eq!(r.url, "/var/lib/pgkeep");
+        assert_eq!(r.compression_level, 5);
+        assert_eq!(s.cluster.name, "main");
+        assert_eq!(
+            s.cluster.pgdata.as_deref(),
+            Some(Path::new("/var/lib/postgresql/15/main"))
+        );
+        assert_eq!(s.threads, 4);
+        assert_eq!(s.log_level, "info");
+
+        // Environment beats the file.
+        let env = Env::from_pairs([
+            (env::CLUSTER, "reports"),
+            (env::COMPRESSION_LEVEL, "9"),
+            (env::THREADS, "2"),
+            (env::LOG, "debug"),
+            (env::REPO_REGION, "eu-west-1"),
+            (env::PG, "host=other"),
+        ]);
+        let s = Settings::resolve(Some(&file), &env, &Overrides::default()).unwrap();
+        let r = s.repository.as_ref().unwrap();
+        assert_eq!(r.name.as_deref(), Some("offsite"));
+        assert_eq!(r.url, "s3://backups/pgkeep");
+        assert_eq!(r.compression_level, 9);
+        assert_eq!(r.storage.region.as_deref(), Some("eu-west-1"));
+        assert_eq!(r.storage.force_path_style, Some(true));
+        assert_eq!(s.cluster.name, "reports");
+        assert_eq!(s.cluster.pg.as_deref(), Some("host=other"));
+        assert_eq!((s.threads, s.log_level.as_str()), (2, "debug"));
+
+        // Flags beat the environment.
+        let flags = Overrides {
+            repo: Some("/tmp/r".into()),
+            cluster: Some("main".into()),
+            compression_level: Some(1),
+            log_level: Some("error".into()),
+            pg: Some("host=flag".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(Some(&file), &env, &flags).unwrap();
+        let r = s.repository.as_ref().unwrap();
+        assert_eq!((r.url.as_str(), r.compression_level), ("/tmp/r", 1));
+        assert_eq!(s.cluster.name, "main");
+        assert_eq!(s.cluster.pg.as_deref(), Some("host=flag"));
+        assert_eq!(s.log_level, "error");
+
+        // PGKEEP_REPOSITORY picks a configured repository by name.
+        let env = Env::from_pairs([(env::REPOSITORY, "offsite")]);
+        let s = Settings::resolve(Some(&file), &env, &Overrides::default()).unwrap();
+        assert_eq!(s.repository.unwrap().url, "s3://backups/pgkeep");
+
+        // Defaults.
+        let s = Settings::resolve(None, &Env::default(), &Overrides::default()).unwrap();
+        assert!(s.repository.is_none());
+        assert_eq!(s.cluster.name, "main");
+        assert_eq!(s.log_level, "warn");
+        assert!(s.threads >= 1);
+        assert_eq!(s.require_repository().unwrap_err().exit_code(), 2);
+        let s = Settings::resolve(
+            None,
+            &Env::from_pairs([(env::REPO, "/r")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            s.repository.unwrap().compression_level,
+            DEFAULT_COMPRESSION_LEVEL
+        );
+    }
+
+    #[test]
+    fn bad_environment_values_are_rejected() {
+        let file = parse(GOOD).unwrap();
+        let table: Vec<(Vec<(&str, &str)>, &str)> = vec![
+            (vec![(env::COMPRESSION_LEVEL, "30")], "PGKEEP_COMPRESSION_LEVEL: 30 is out of range 1..=22"),
+            (vec![(env::COMPRESSION_LEVEL, "x")], "PGKEEP_COMPRESSION_LEVEL: \"x\" is not an integer"),
+            (vec![(env::THREADS, "0")], "PGKEEP_THREADS: 0 is out of range 1..=256"),
+            (vec![(env::LOG, "chatty")], "PGKEEP_LOG: \"chatty\" is not one of off, error, warn, info, debug, trace"),
+            (vec![(env::REPO_ALLOW_HTTP, "maybe")], "PGKEEP_REPO_ALLOW_HTTP: \"maybe\" is not a boolean (true/false, yes/no, on/off, 1/0)"),
+            (vec![(env::REPO, "ftp://x/y")], "PGKEEP_REPO: unsupported URL scheme \"ftp\": use a path, file://, s3://, az:// or gs://"),
+            (vec![(env::CLUSTER, "../etc")], "PGKEEP_CLUSTER: invalid cluster name \"../etc\": use 1 to 64 letters, digits, '-', '_' or '.'"),
+            (vec![(env::REPOSITORY, "nope")], "PGKEEP_REPOSITORY: no repository named \"nope\" in /etc/pgkeep/pgkeep.toml"),
+            (vec![(env::REPO_ENDPOINT, "localhost:9000")], "PGKEEP_REPO_ENDPOINT: endpoint must start with http:// or https://"),
+        ];
+        for (pairs, expected) in table {
+            let e = Settings::resolve(Some(&file), &Env::from_pairs(pairs), &Overrides::default())
+                .unwrap_err();
+            assert_eq!(e.to_string(), expected);
+            assert_eq!(e.exit_code(), 2);
+        }
+        let e = Settings::resolve(
+            None,
+            &Env::from_pairs([(env::PG, "password=SECRETX")]),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("PGKEEP_PG: the connection string holds a password"));
+        let flags = Overrides {
+            repo: Some("s3://K:SECRETX@b/p".into()),
+            ..Default::default()
+        };
+        let e = Settings::resolve(None, &Env::default(), &flags).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("--repo: the repository URL holds credentials"));
+        assert!(!e.to_string().contains("SECRETX"));
+    }
+
+    #[test]
+    fn line_col_counts_chars() {
+        assert_eq!(line_col("abc", 0), (1, 1));
+        assert_eq!(line_col("a\nbc", 3), (2, 2));
+        assert_eq!(line_col("é\nx", 1 + 2), (2, 1));
+    }
+}

@@ -1,0 +1,127 @@
+//! What every command receives: the resolved settings and the passphrase sources, with the
+//! shared steps of opening storage and the repository.
+
+use std::fmt;
+use std::sync::Arc;
+
+use pgkeep_repo::{ErrorKind as RepoErrorKind, Repository};
+use pgkeep_storage::{Storage, StorageOptions};
+use serde::Serialize;
+
+use crate::config::{Env, Overrides, RepositorySettings, Settings};
+use crate::error::{Error, ErrorKind, Result};
+use crate::secrets::Passphrases;
+
+/// The context of one run.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// Every setting, after precedence.
+    pub settings: Settings,
+    /// Where passphrases come from.
+    pub passphrases: Passphrases,
+}
+
+impl Context {
+    /// A context from parts (tests, embedding).
+    pub fn new(settings: Settings, passphrases: Passphrases) -> Self {
+        Context {
+            settings,
+            passphrases,
+        }
+    }
+
+    /// Loads the configuration file, resolves the settings and the passphrase sources from
+    /// `env` and `flags`. Touches nothing but the files it reads.
+    pub fn load(flags: &Overrides, env: &Env) -> Result<Self> {
+        let settings = Settings::load(flags, env)?;
+        let passphrase_file = settings
+            .repository
+            .as_ref()
+            .and_then(|r| r.passphrase_file.clone());
+        let passphrases = Passphrases::from_env(env, passphrase_file.as_deref())?;
+        Ok(Context {
+            settings,
+            passphrases,
+        })
+    }
+
+    /// The repository settings, or a usage error (exit 2) saying how to give them.
+    pub fn repository(&self) -> Result<&RepositorySettings> {
+        self.settings.require_repository()
+    }
+
+    /// The storage options of the repository, for `pgkeep_storage::open_storage`.
+    pub fn storage_options(&self) -> Result<StorageOptions> {
+        let s = &self.repository()?.storage;
+        let mut o = StorageOptions {
+            endpoint: s.endpoint.clone(),
+            region: s.region.clone(),
+            force_path_style: s.force_path_style,
+            allow_http: s.allow_http,
+            azure_use_emulator: s.azure_use_emulator,
+            azure_account: s.azure_account.clone(),
+            ..StorageOptions::default()
+        };
+        if let Some(n) = s.retry_max_attempts {
+            o.retry_max_attempts = n;
+        }
+        if let Some(n) = s.retry_base_delay_ms {
+            o.retry_base_delay_ms = n;
+        }
+        if let Some(n) = s.request_timeout_secs {
+            o.request_timeout_secs = n;
+        }
+        Ok(o)
+    }
+
+    /// Opens the repository's storage (with retries for temporary errors).
+    pub fn open_storage(&self) -> Result<Arc<dyn Storage>> {
+        let url = &self.repository()?.url;
+        Ok(pgkeep_storage::open_storage(url, &self.storage_options()?)?)
+    }
+
+    /// Opens the repository. The passphrase given by the environment or a file is used as
+    /// is; otherwise the repository is opened without one and, only if it turns out to be
+    /// encrypted, the user is prompted on a terminal. Reads only: a wrong passphrase fails
+    /// with exit 12 and writes nothing.
+    pub async fn open_repository(&self) -> Result<Repository> {
+        let storage = self.open_storage()?;
+        if self.passphrases.is_given() {
+            let p = self.passphrases.current()?;
+            return Ok(Repository::open(storage, p.as_ref().map(|s| s.expose())).await?);
+        }
+        match Repository::open(storage.clone(), None).await {
+            Err(e)
+                if e.kind() == RepoErrorKind::PassphraseRequired
+                    && self.passphrases.has_source() =>
+            {
+                let p = self.passphrases.current()?;
+                Ok(Repository::open(storage, p.as_ref().map(|s| s.expose())).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+}
+
+/// What a command returns: JSON for `--json`, `Display` for humans, and what the run's exit
+/// code is once the report is printed.
+pub trait Report: Serialize + fmt::Display {
+    /// An error to report after printing (e.g. `repo check` found damage: exit 13).
+    fn failure(&self) -> Option<Error> {
+        None
+    }
+
+    /// True when the command completed with warnings worth exit code 3.
+    fn has_warnings(&self) -> bool {
+        false
+    }
+
+    /// The exit code: the failure's, else 3 with warnings, else 0.
+    fn exit_code(&self) -> i32 {
+        match self.failure() {
+            Some(e) => e.exit_code(),
+            None if self.has_warnings() => ErrorKind::Warnings.exit_code(),
+            None => crate::error::EXIT_OK,
+        }
+    }
+}
