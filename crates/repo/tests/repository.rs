@@ -137,55 +137,6 @@ async fn a_flipped_byte_in_a_pack_is_detected_and_named() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_truncated_pack_is_detected() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, s, pack) = one_pack_repo(dir.path()).await;
-    let path = dir.path().join(&pack);
-    let bytes = std::fs::read(&path).unwrap();
-    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
-    let report = repo.check(CheckOptions::default()).await.unwrap();
-    assert!(report.problems.iter().any(|p| p.message.contains("truncated")), "{report:?}");
-    let err = read_back(&repo, &s).await.unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_missing_pack_is_detected_and_named() {
-    let dir = tempfile::tempdir().unwrap();
-    let (repo, s, pack) = one_pack_repo(dir.path()).await;
-    std::fs::remove_file(dir.path().join(&pack)).unwrap();
-    let report = repo.check(CheckOptions::default()).await.unwrap();
-    assert!(report.problems.iter().any(|p| p.object == pack && p.message.contains("missing")), "{report:?}");
-    assert_eq!(report.damaged_manifests, vec!["main/b1".to_string()]);
-    let err = read_back(&repo, &s).await.unwrap_err();
-    assert!(matches!(err.kind(), ErrorKind::Integrity | ErrorKind::Storage), "{err}");
-    assert!(err.to_string().contains(pack.rsplit('/').next().unwrap()), "{err}");
-}
-
-fn listing(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    for e in walk(dir) {
-        out.push((e.display().to_string(), std::fs::read(&e).unwrap_or_default()));
-    }
-    out.sort();
-    out
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(dir).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_dir() {
-            v.push(p.clone());
-            v.extend(walk(&p));
-        } else {
-            v.push(p);
-        }
-    }
-    v
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_passphrase_is_refused_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let repo = encrypted_repo(dir.path(), "right").await;
@@ -282,4 +233,25 @@ async fn files_are_0600_and_directories_0700_under_umask_000() {
         assert_eq!(mode, want, "{} has mode {mode:o}", p.display());
     }
     l.release().await.unwrap();
+}
+fn listing(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for e in walk(dir) {
+        out.push((e.display().to_string(), std::fs::read(&e).unwrap_or_default()));
+    }
+    out.sort();
+    out
+}
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            v.push(p.clone());
+            v.extend(walk(&p));
+        } else {
+            v.push(p);
+        }
+    }
+    v
 }
