@@ -1,0 +1,479 @@
+//! The `pgkeep` command line: parse, call pgkeep-core, print text or JSON, exit with the
+//! code of the registry in `pgkeep_core::error`. No logic of its own.
+//!
+//! Spellings are a contract (ARCHITECTURE.md, "Command line").
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use pgkeep_core::commands::repo::{
+    self, RepoCheckOptions, RepoInitOptions, RepoKeyRemoveOptions, RepoUnlockOptions,
+};
+use pgkeep_core::config::{Env, Overrides};
+use pgkeep_core::error::ErrorReport;
+use pgkeep_core::{Context, Error, ErrorKind, Report};
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{reload, EnvFilter};
+
+/// PostgreSQL backup and recovery: physical backups, WAL archiving and point-in-time
+/// recovery, logical dumps, into a deduplicated, compressed, optionally encrypted repository.
+///
+/// Exit codes: 0 ok, 1 failure, 2 usage or config, 3 done with warnings, 10 no or invalid
+/// repository, 11 lock held, 12 wrong passphrase or key, 13 integrity error, 14 WAL conflict,
+/// 15 cluster mismatch, 16 recovery target unreachable, 130 interrupted.
+#[derive(Debug, Parser)]
+#[command(name = "pgkeep", version, max_term_width = 100)]
+struct Cli {
+    #[command(flatten)]
+    global: Global,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Args)]
+struct Global {
+    /// Configuration file [default: PGKEEP_CONFIG, else /etc/pgkeep/pgkeep.toml if present].
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Repository: a directory, file:///path, s3://bucket/prefix, az://container/prefix or
+    /// gs://bucket/prefix, without credentials [env: PGKEEP_REPO].
+    #[arg(long, global = true, value_name = "URL")]
+    repo: Option<String>,
+    /// Cluster name [env: PGKEEP_CLUSTER] [default: main].
+    #[arg(long, global = true, value_name = "NAME")]
+    cluster: Option<String>,
+    /// Print one JSON document on stdout instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    /// More log output on stderr (-v info, -vv debug, -vvv trace) [env: PGKEEP_LOG].
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "quiet")]
+    verbose: u8,
+    /// Only errors on stderr.
+    #[arg(short, long, global = true)]
+    quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, inspect, check and unlock the repository; manage its keys.
+    Repo {
+        #[command(subcommand)]
+        command: RepoCommand,
+    },
+    /// Take a physical base backup of the cluster.
+    Backup(BackupArgs),
+    /// List backups and dumps of the cluster, newest last.
+    List,
+    /// Show one backup or dump.
+    Info {
+        /// Backup or dump id, or `latest`.
+        #[arg(value_name = "ID|latest")]
+        id: String,
+    },
+    /// Restore a physical backup into a directory, optionally to a point in time.
+    Restore(RestoreArgs),
+    /// Archive one WAL segment or history file (archive_command = 'pgkeep archive-push %p').
+    ArchivePush {
+        /// Path of the WAL file (%p).
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+    },
+    /// Fetch one WAL file (restore_command = 'pgkeep archive-get %f %p').
+    ArchiveGet {
+        /// WAL file name (%f).
+        #[arg(value_name = "WALNAME")]
+        walname: String,
+        /// Where to write it (%p).
+        #[arg(value_name = "DEST")]
+        dest: PathBuf,
+    },
+    /// Take a logical dump of one database, or of all of them.
+    Dump(DumpArgs),
+    /// Restore a logical dump into a database.
+    RestoreDump(RestoreDumpArgs),
+    /// Write a logical dump out as a pg_dump file.
+    ExportDump(ExportDumpArgs),
+    /// Verify that backups can be restored.
+    Verify {
+        /// Also read and verify every byte.
+        #[arg(long)]
+        read_data: bool,
+    },
+    /// Remove backups and WAL beyond the retention policy.
+    Expire {
+        /// Show what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Check the cluster's archiving and the repository end to end.
+    Check,
+    /// Show the state of backups and archiving.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum RepoCommand {
+    /// Create a repository. Encrypted by default: the passphrase comes from
+    /// PGKEEP_PASSPHRASE, PGKEEP_PASSPHRASE_FILE or a prompt (asked twice); use
+    /// --no-encryption for a plain repository. Fails (exit 1) when one already exists there.
+    Init(RepoInitOptions),
+    /// Show figures about the repository.
+    Info,
+    /// Check the repository's structure (and with --read-data every byte). Exit 13 on damage.
+    Check(RepoCheckOptions),
+    /// Remove stale locks (dead holders on this host, or not refreshed for 30 minutes).
+    Unlock(RepoUnlockOptions),
+    /// Add, list or remove passphrases (keys) of an encrypted repository.
+    Key {
+        #[command(subcommand)]
+        command: KeyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCommand {
+    /// Add a passphrase: PGKEEP_NEW_PASSPHRASE, PGKEEP_NEW_PASSPHRASE_FILE or a prompt (twice).
+    Add,
+    /// List the keys.
+    List,
+    /// Remove a key (not the one in use, not the last one).
+    Remove(RepoKeyRemoveOptions),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BackupMethod {
+    /// Read the data directory directly (on the database host).
+    Local,
+    /// Stream `pg_basebackup -Ft -X none -D -` (from any host).
+    Basebackup,
+}
+
+#[derive(Debug, Args)]
+struct BackupArgs {
+    /// Data directory [env: PGKEEP_PGDATA].
+    #[arg(long, value_name = "DIR")]
+    pgdata: Option<PathBuf>,
+    /// libpq connection string, without password (use PGPASSWORD or ~/.pgpass) [env: PGKEEP_PG].
+    #[arg(long, value_name = "CONNINFO")]
+    pg: Option<String>,
+    /// Free text stored with the backup.
+    #[arg(long, value_name = "TEXT")]
+    label: Option<String>,
+    /// Read every file, even those unchanged since the previous backup.
+    #[arg(long)]
+    full_read: bool,
+    /// How to read the cluster.
+    #[arg(long, value_enum, default_value = "local")]
+    method: BackupMethod,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TargetAction {
+    Promote,
+    Pause,
+    Shutdown,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("target").multiple(false).args(
+    ["target_time", "target_lsn", "target_xid", "target_name", "target_immediate"]
+)))]
+struct RestoreArgs {
+    /// Backup id, or `latest` (the newest physical backup).
+    #[arg(value_name = "ID|latest")]
+    id: String,
+    /// Directory to restore into (created 0700 when missing).
+    #[arg(long, value_name = "DIR")]
+    target_dir: PathBuf,
+    /// Restore over an existing data directory, rewriting only what differs.
+    #[arg(long)]
+    delta: bool,
+    /// Restore into a non-empty directory.
+    #[arg(long)]
+    force: bool,
+    /// Recover up to this time (timestamptz text or RFC 3339).
+    #[arg(long, value_name = "T")]
+    target_time: Option<String>,
+    /// Recover up to this LSN.
+    #[arg(long, value_name = "L")]
+    target_lsn: Option<String>,
+    /// Recover up to this transaction id.
+    #[arg(long, value_name = "X")]
+    target_xid: Option<String>,
+    /// Recover up to this named restore point.
+    #[arg(long, value_name = "N")]
+    target_name: Option<String>,
+    /// Stop as soon as the backup is consistent.
+    #[arg(long)]
+    target_immediate: bool,
+    /// What the server does when the target is reached.
+    #[arg(long, value_enum)]
+    target_action: Option<TargetAction>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("what").required(true).args(["db", "all"])))]
+struct DumpArgs {
+    /// libpq connection string, without password [env: PGKEEP_PG].
+    #[arg(long, value_name = "CONNINFO")]
+    pg: Option<String>,
+    /// Database to dump.
+    #[arg(long, value_name = "NAME")]
+    db: Option<String>,
+    /// Every database, and the globals (roles, tablespaces).
+    #[arg(long)]
+    all: bool,
+    /// Free text stored with the dump.
+    #[arg(long, value_name = "TEXT")]
+    label: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct RestoreDumpArgs {
+    /// Dump id, or `latest` (the newest dump).
+    #[arg(value_name = "ID|latest")]
+    id: String,
+    /// libpq connection string, without password [env: PGKEEP_PG].
+    #[arg(long, value_name = "CONNINFO")]
+    pg: Option<String>,
+    /// Database to restore into.
+    #[arg(long, value_name = "NAME")]
+    target_db: String,
+    /// Create the target database.
+    #[arg(long)]
+    create: bool,
+    /// Drop objects before recreating them.
+    #[arg(long)]
+    clean: bool,
+    /// Parallel pg_restore jobs.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=256))]
+    jobs: Option<u32>,
+    /// Show what would be done, change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Restore into a database that already holds objects.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DumpFormat {
+    Custom,
+    Plain,
+}
+
+#[derive(Debug, Args)]
+struct ExportDumpArgs {
+    /// Dump id, or `latest` (the newest dump).
+    #[arg(value_name = "ID|latest")]
+    id: String,
+    /// File to write.
+    #[arg(long, value_name = "FILE")]
+    output: PathBuf,
+    /// pg_dump custom format (for pg_restore) or plain SQL.
+    #[arg(long, value_enum, default_value = "custom")]
+    format: DumpFormat,
+}
+
+impl Cli {
+    /// The flags that override settings, the subcommand's included.
+    fn overrides(&self) -> Overrides {
+        let g = &self.global;
+        let (pgdata, pg) = match &self.command {
+            Command::Backup(b) => (b.pgdata.clone(), b.pg.clone()),
+            Command::Dump(d) => (None, d.pg.clone()),
+            Command::RestoreDump(r) => (None, r.pg.clone()),
+            _ => (None, None),
+        };
+        let log_level = if g.quiet {
+            Some("error")
+        } else {
+            match g.verbose {
+                0 => None,
+                1 => Some("info"),
+                2 => Some("debug"),
+                _ => Some("trace"),
+            }
+        };
+        Overrides {
+            config: g.config.clone(),
+            repo: g.repo.clone(),
+            cluster: g.cluster.clone(),
+            pgdata,
+            pg,
+            compression_level: None,
+            log_level: log_level.map(str::to_string),
+        }
+    }
+
+    /// The command as typed, for messages.
+    fn command_name(&self) -> &'static str {
+        match &self.command {
+            Command::Repo { .. } => "repo",
+            Command::Backup(_) => "backup",
+            Command::List => "list",
+            Command::Info { .. } => "info",
+            Command::Restore(_) => "restore",
+            Command::ArchivePush { .. } => "archive-push",
+            Command::ArchiveGet { .. } => "archive-get",
+            Command::Dump(_) => "dump",
+            Command::RestoreDump(_) => "restore-dump",
+            Command::ExportDump(_) => "export-dump",
+            Command::Verify { .. } => "verify",
+            Command::Expire { .. } => "expire",
+            Command::Check => "check",
+            Command::Status => "status",
+        }
+    }
+}
+
+/// Prints a report (text or JSON on stdout) and returns the exit code it calls for,
+/// reporting its failure (if any) on stderr.
+fn emit<R: Report>(json: bool, report: &R) -> i32 {
+    let mut out = std::io::stdout().lock();
+    let printed = if json {
+        serde_json::to_string_pretty(report)
+            .map_err(std::io::Error::other)
+            .and_then(|s| writeln!(out, "{s}"))
+    } else {
+        write!(out, "{report}")
+    };
+    let _ = out.flush();
+    if let Err(e) = printed {
+        // A closed stdout (e.g. `| head`) is not worth a panic; say it and fail.
+        eprintln!("pgkeep: error: cannot write the output: {e}");
+        return ErrorKind::Failure.exit_code();
+    }
+    if let Some(e) = report.failure() {
+        eprint!(
+            "{}",
+            ErrorReport::from_anyhow(&anyhow::Error::from(e)).render()
+        );
+    }
+    report.exit_code()
+}
+
+async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
+    let json = cli.global.json;
+    match &cli.command {
+        Command::Repo { command } => match command {
+            RepoCommand::Init(o) => Ok(emit(json, &repo::repo_init(ctx, o).await?)),
+            RepoCommand::Info => Ok(emit(json, &repo::repo_info(ctx).await?)),
+            RepoCommand::Check(o) => Ok(emit(json, &repo::repo_check(ctx, o).await?)),
+            RepoCommand::Unlock(o) => Ok(emit(json, &repo::repo_unlock(ctx, o).await?)),
+            RepoCommand::Key { command } => match command {
+                KeyCommand::Add => Ok(emit(json, &repo::repo_key_add(ctx).await?)),
+                KeyCommand::List => Ok(emit(json, &repo::repo_key_list(ctx).await?)),
+                KeyCommand::Remove(o) => Ok(emit(json, &repo::repo_key_remove(ctx, o).await?)),
+            },
+        },
+        // Parsed, validated (settings, secrets), not wired yet: other engineers are building
+        // these in pgkeep-core.
+        _ => Err(Error::NotImplemented {
+            command: cli.command_name().to_string(),
+        }),
+    }
+}
+
+/// Prints an error on stderr (and as the JSON document with `--json`); returns its code.
+fn fail(json: bool, err: Error) -> i32 {
+    let report = ErrorReport::from_anyhow(&anyhow::Error::from(err));
+    if json {
+        let doc = serde_json::json!({ "error": report });
+        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+    }
+    eprint!("{}", report.render());
+    report.exit_code
+}
+
+/// A writer for log lines that masks credentials, as a last line of defence.
+struct RedactingStderr;
+
+impl Write for RedactingStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = pgkeep_core::secrets::redact(&String::from_utf8_lossy(buf));
+        std::io::stderr().lock().write_all(text.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// The log filter for a level: pgkeep's crates at `level`, other crates no chattier than
+/// `warn` (their debug output may quote requests; ours is written to be safe).
+fn filter(level: &str) -> EnvFilter {
+    let others = match level {
+        "off" | "error" => level,
+        _ => "warn",
+    };
+    let spec = format!(
+        "{others},pgkeep={level},pgkeep_core={level},pgkeep_repo={level},pgkeep_storage={level},pgkeep_pg={level}"
+    );
+    EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("warn"))
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let json = cli.global.json;
+    let env = Env::from_process();
+    let flags = cli.overrides();
+
+    // Logging starts before the configuration is read (it may warn) at the level the flags
+    // or PGKEEP_LOG give, and is switched to the configured level once known.
+    let early = flags
+        .log_level
+        .clone()
+        .or_else(|| env.get(pgkeep_core::config::env::LOG))
+        .unwrap_or_else(|| pgkeep_core::config::DEFAULT_LOG_LEVEL.to_string());
+    let (layer, handle) = reload::Layer::new(filter(&early.to_ascii_lowercase()));
+    tracing_subscriber::registry()
+        .with(layer)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(|| RedactingStderr)
+                .with_target(false)
+                .with_ansi(false),
+        )
+        .init();
+
+    let ctx = match Context::load(&flags, &env) {
+        Ok(ctx) => ctx,
+        Err(e) => std::process::exit(fail(json, e)),
+    };
+    let _ = handle.reload(filter(&ctx.settings.log_level));
+
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(ctx.settings.threads.max(2))
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => std::process::exit(fail(json, Error::io("starting the async runtime", e))),
+    };
+    let code = runtime.block_on(async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .map_err(|e| Error::io("installing the SIGTERM handler", e));
+        let terminated = async {
+            match term.as_mut() {
+                Ok(t) => {
+                    t.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            r = run(&cli, &ctx) => match r {
+                Ok(code) => code,
+                Err(e) => fail(json, e),
+            },
+            _ = tokio::signal::ctrl_c() => fail(json, Error::new(ErrorKind::Interrupted, "interrupted")),
+            _ = terminated => fail(json, Error::new(ErrorKind::Interrupted, "terminated")),
+        }
+    });
+    // Let lock releases spawned by drops run before the runtime goes away.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    std::process::exit(code);
+}

@@ -1,0 +1,117 @@
+//! Helpers for the CLI tests: run the real `pgkeep` binary in a clean environment.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// A scratch directory with an empty config file, and the repository path inside it.
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // An explicit (empty) config file, so /etc/pgkeep/pgkeep.toml of the machine never
+        // leaks into a test.
+        std::fs::write(dir.path().join("empty.toml"), "").unwrap();
+        Sandbox { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// The local repository location used by most tests.
+    pub fn repo(&self) -> PathBuf {
+        self.dir.path().join("repo")
+    }
+
+    /// `pgkeep ARGS` with only PATH, HOME, PGKEEP_CONFIG (the empty file) and `envs` set.
+    pub fn run(&self, args: &[&str], envs: &[(&str, &str)]) -> Run {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgkeep"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HOME", self.path())
+            .env("PGKEEP_CONFIG", self.path().join("empty.toml"))
+            .current_dir(self.path())
+            .args(args);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        Run(cmd.output().unwrap())
+    }
+
+    /// `pgkeep --repo <sandbox repo> ARGS`.
+    pub fn run_repo(&self, args: &[&str], envs: &[(&str, &str)]) -> Run {
+        let repo = self.repo();
+        let mut all = vec!["--repo", repo.to_str().unwrap()];
+        all.extend_from_slice(args);
+        self.run(&all, envs)
+    }
+}
+
+/// The outcome of one run.
+pub struct Run(pub Output);
+
+impl Run {
+    pub fn code(&self) -> i32 {
+        self.0.status.code().unwrap_or(-1)
+    }
+
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.0.stdout).into_owned()
+    }
+
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.0.stderr).into_owned()
+    }
+
+    /// Asserts the exit code, showing both streams when it differs.
+    pub fn expect(self, code: i32) -> Self {
+        assert_eq!(
+            self.code(),
+            code,
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout(),
+            self.stderr()
+        );
+        self
+    }
+
+    /// stdout parsed as one JSON document.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout())
+            .unwrap_or_else(|e| panic!("stdout is not one JSON document ({e}):\n{}", self.stdout()))
+    }
+}
+
+/// Every file under `root` with its bytes and modification time: a repository listing to
+/// compare before and after a command that must not write.
+pub fn listing(root: &Path) -> BTreeMap<PathBuf, (Vec<u8>, std::time::SystemTime)> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    (Vec::new(), m.modified().unwrap()),
+                );
+                stack.push(p);
+            } else {
+                let bytes = std::fs::read(&p).unwrap();
+                out.insert(
+                    p.strip_prefix(root).unwrap().to_path_buf(),
+                    (bytes, m.modified().unwrap()),
+                );
+            }
+        }
+    }
+    out
+}
