@@ -40,7 +40,7 @@ fn mix(sum: u32, value: u32) -> u32 {
 /// Panics if the page length is not a non-zero multiple of 128 bytes.
 pub fn pg_checksum_page(page: &[u8], blkno: u32) -> u16 {
     assert!(
-        !page.is_empty() && page.len() % (4 * N_SUMS) == 0,
+        !page.is_empty() && page.len().is_multiple_of(4 * N_SUMS),
         "page size {} is not a multiple of 128",
         page.len()
     );

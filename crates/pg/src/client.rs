@@ -53,7 +53,10 @@ fn is_uri(s: &str) -> bool {
 fn uri_has_port(s: &str) -> bool {
     let rest = s.trim().split_once("://").map(|x| x.1).unwrap_or("");
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let hosts = rest[..end].rsplit_once('@').map(|x| x.1).unwrap_or(&rest[..end]);
+    let hosts = rest[..end]
+        .rsplit_once('@')
+        .map(|x| x.1)
+        .unwrap_or(&rest[..end]);
     // An IPv6 literal is bracketed; a port follows the closing bracket.
     let has_host_port = hosts.split(',').any(|h| match h.rfind(']') {
         Some(i) => h[i..].contains(':'),

@@ -67,7 +67,8 @@ pub enum RecoveryMode {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RecoveryConfig {
     pub mode: RecoveryMode,
-    /// `restore_command` (e.g. `pgkeep archive-get %f %p`); `None` leaves it unset.
+    /// `restore_command` (e.g. `pgkeep archive-get %f %p`). Required in
+    /// [`RecoveryMode::Recovery`]: PostgreSQL refuses recovery.signal without one.
     pub restore_command: Option<String>,
     pub target: RecoveryTarget,
     /// `recovery_target_inclusive` (`None`: server default, true).
@@ -108,6 +109,15 @@ impl RecoveryConfig {
     /// The `name = 'value'` settings this configuration produces, in order.
     pub fn settings(&self) -> Result<Vec<(&'static str, String)>> {
         let mut v = Vec::new();
+        if self.mode == RecoveryMode::Recovery && self.restore_command.is_none() {
+            // PostgreSQL exits at start-up with "must specify restore_command when standby mode
+            // is not enabled"; fail here, where the message can say what to do.
+            return Err(PgError::parse(
+                "recovery configuration",
+                "recovery.signal",
+                "targeted recovery needs a restore_command (use one that fails, e.g. 'false', to replay only the WAL in pg_wal)",
+            ));
+        }
         if let Some(rc) = &self.restore_command {
             if rc.contains('\n') {
                 return Err(PgError::parse("restore_command", rc, "contains a newline"));
@@ -233,6 +243,7 @@ mod tests {
         );
         let standby = RecoveryConfig {
             mode: RecoveryMode::Standby,
+            restore_command: Some("false".into()),
             target: RecoveryTarget::Lsn(Lsn(0x3000028)),
             ..Default::default()
         };
@@ -243,8 +254,19 @@ mod tests {
     }
 
     #[test]
+    fn recovery_mode_needs_restore_command() {
+        assert!(RecoveryConfig::default().settings().is_err());
+        let standby = RecoveryConfig {
+            mode: RecoveryMode::Standby,
+            ..Default::default()
+        };
+        assert!(standby.settings().unwrap().is_empty());
+    }
+
+    #[test]
     fn rejects_line_breaks() {
         let cfg = RecoveryConfig {
+            restore_command: Some("false".into()),
             target: RecoveryTarget::Name("a\nrestore_command='rm -rf /'".into()),
             ..Default::default()
         };

@@ -44,7 +44,7 @@ impl TimelineHistory {
                     format!("line {}: {reason}", no + 1),
                 )
             };
-            let mut parts = line.splitn(3, |c: char| c == '\t' || c == ' ');
+            let mut parts = line.splitn(3, ['\t', ' ']);
             let tli: u32 = parts
                 .next()
                 .unwrap_or("")

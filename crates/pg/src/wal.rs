@@ -323,7 +323,7 @@ impl WalPageHeader {
         if !h.block_size.is_power_of_two() || !(1024..=65536).contains(&h.block_size) {
             return Err(bad(format!("implausible WAL block size {}", h.block_size)));
         }
-        if h.page_addr.0 % h.seg_size as u64 != 0 {
+        if !h.page_addr.0.is_multiple_of(h.seg_size as u64) {
             return Err(bad(format!(
                 "page address {} is not at a segment start",
                 h.page_addr

@@ -105,10 +105,14 @@ impl ClusterBuilder {
         let pgdata = root.join("data");
         prepare_private_dirs(&root)?;
         let mut cmd = pg_command("initdb");
-        cmd.arg("--no-sync")
-            .arg("-D")
-            .arg(&pgdata)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--locale=C"]);
+        cmd.arg("--no-sync").arg("-D").arg(&pgdata).args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
         if self.checksums {
             cmd.arg("--data-checksums");
         }
@@ -234,7 +238,10 @@ impl Cluster {
     /// The cluster's temporary directory (holds socket dir and log; the data directory too for
     /// clusters made by initdb). Tests may put scratch files here: it is removed on drop.
     pub fn dir(&self) -> &Path {
-        self.dir.as_ref().map(|d| d.path()).unwrap_or(Path::new("/"))
+        self.dir
+            .as_ref()
+            .map(|d| d.path())
+            .unwrap_or(Path::new("/"))
     }
 
     /// Whether the server was started by this helper and has not been stopped.
@@ -346,7 +353,11 @@ impl Cluster {
         self.child = Some(child);
         let deadline = Instant::now() + self.opts.start_timeout;
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
                 bail!(
                     "postgres on {} exited during start-up ({status}); log tail:\n{}",
@@ -453,14 +464,25 @@ impl Cluster {
         self.sql_db("postgres", query)
     }
 
-    /// Run SQL on the given database.
+    /// Run SQL on the given database. The text is fed to psql as a script, so several
+    /// statements run one by one (CREATE DATABASE and VACUUM work; no implicit transaction);
+    /// the first error stops it.
     pub fn sql_db(&self, db: &str, query: &str) -> Result<String> {
-        let out = self
+        use std::io::Write;
+        let mut child = self
             .client_command("psql")
-            .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-d", db, "-c", query])
-            .stdin(Stdio::null())
-            .output()
+            .args(["-XAtq", "-v", "ON_ERROR_STOP=1", "-d", db, "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .context("running psql")?;
+        let mut stdin = child.stdin.take().expect("piped stdin");
+        let script = format!("{query}\n");
+        // A writer thread: psql may fill its stdout pipe before reading all of a long script.
+        let writer = std::thread::spawn(move || stdin.write_all(script.as_bytes()));
+        let out = child.wait_with_output().context("running psql")?;
+        let _ = writer.join();
         if !out.status.success() {
             bail!(
                 "psql on port {} failed: {}\nquery: {query}",
@@ -671,7 +693,10 @@ fn allow_traversal(p: &Path) -> Result<()> {
         let meta = std::fs::metadata(dir)?;
         let mode = meta.permissions().mode();
         if mode & 0o001 == 0 {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode((mode & 0o7777) | 0o711))?;
+            std::fs::set_permissions(
+                dir,
+                std::fs::Permissions::from_mode((mode & 0o7777) | 0o711),
+            )?;
         }
         cur = dir.parent();
     }
