@@ -381,3 +381,35 @@ fn check_warns_about_a_group_readable_repository() {
         "{warnings:?}"
     );
 }
+
+#[test]
+fn secrets_never_reach_stdout_or_stderr_even_at_trace_level() {
+    let s = Sandbox::new();
+    let canary = ("PGKEEP_PASSPHRASE", "CANARY-old-7f3a");
+    let new = ("PGKEEP_NEW_PASSPHRASE", "CANARY-new-91bc");
+    let runs = [
+        s.run_repo(&["-vvv", "repo", "init"], &[canary]),
+        s.run_repo(&["-vvv", "--json", "repo", "info"], &[canary]),
+        s.run_repo(&["-vvv", "repo", "check", "--read-data"], &[canary]),
+        s.run_repo(&["-vvv", "--json", "repo", "key", "add"], &[canary, new]),
+        s.run_repo(&["-vvv", "repo", "key", "list"], &[new]),
+        s.run_repo(
+            &["-vvv", "repo", "info"],
+            &[("PGKEEP_PASSPHRASE", "CANARY-wrong-00")],
+        ),
+    ];
+    for (i, r) in runs.iter().enumerate() {
+        let all = format!("{}{}", r.stdout(), r.stderr());
+        assert!(!all.contains("CANARY"), "run {i} leaked a secret:\n{all}");
+    }
+    assert_eq!(runs[5].code(), 12);
+    // Nor does any repository object hold one in plain text.
+    for (path, (bytes, _)) in listing(&s.repo()) {
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !text.contains("CANARY"),
+            "{} holds a secret",
+            path.display()
+        );
+    }
+}

@@ -733,6 +733,8 @@ pub struct Settings {
     pub threads: usize,
     /// Log level, one of [`LOG_LEVELS`].
     pub log_level: String,
+    /// Names of the file's repositories (for the hint when none was selected).
+    pub configured_repositories: Vec<String>,
 }
 
 fn default_threads() -> usize {
@@ -944,16 +946,30 @@ impl Settings {
             },
             threads,
             log_level,
+            configured_repositories: file
+                .map(|f| f.repositories.iter().map(|r| r.name.clone()).collect())
+                .unwrap_or_default(),
         })
     }
 
     /// The repository, or a usage error (exit 2) saying how to give one.
     pub fn require_repository(&self) -> Result<&RepositorySettings> {
         self.repository.as_ref().ok_or_else(|| {
-            Error::usage_hint(
-                "no repository given",
-                "use --repo URL, set PGKEEP_REPO, or add a [[repository]] to the config file (see docs/config.md)",
-            )
+            if self.configured_repositories.len() > 1 {
+                Error::usage_hint(
+                    format!(
+                        "no repository selected for cluster {:?} among {}",
+                        self.cluster.name,
+                        self.configured_repositories.join(", ")
+                    ),
+                    "set the cluster's `repository` in the config file, or PGKEEP_REPOSITORY=NAME, or use --repo URL",
+                )
+            } else {
+                Error::usage_hint(
+                    "no repository given",
+                    "use --repo URL, set PGKEEP_REPO, or add a [[repository]] to the config file (see docs/config.md)",
+                )
+            }
         })
     }
 }
@@ -1247,6 +1263,20 @@ repository = "offsite"
         let env = Env::from_pairs([(env::REPOSITORY, "offsite")]);
         let s = Settings::resolve(Some(&file), &env, &Overrides::default()).unwrap();
         assert_eq!(s.repository.unwrap().url, "s3://backups/pgkeep");
+
+        // Two repositories and a cluster that names none: nothing is guessed.
+        let s = Settings::resolve(
+            Some(&file),
+            &Env::from_pairs([(env::CLUSTER, "other")]),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert!(s.repository.is_none());
+        assert_eq!(
+            s.require_repository().unwrap_err().to_string(),
+            "no repository selected for cluster \"other\" among main, offsite\n\
+             HINT: set the cluster's `repository` in the config file, or PGKEEP_REPOSITORY=NAME, or use --repo URL"
+        );
 
         // Defaults.
         let s = Settings::resolve(None, &Env::default(), &Overrides::default()).unwrap();

@@ -338,6 +338,17 @@ impl ErrorReport {
             last_text = Some(text.clone());
             for line in text.lines() {
                 let line = line.trim_end();
+                // Some layers put the hint on the same line: "what failed. HINT: what to do".
+                let (line, inline_hint) = match line.find(" HINT: ") {
+                    Some(i) => (line[..i].trim_end(), Some(&line[i + 7..])),
+                    None => (line, None),
+                };
+                if let Some(h) = inline_hint {
+                    let h = crate::secrets::redact(h);
+                    if !hints.contains(&h) {
+                        hints.push(h);
+                    }
+                }
                 if let Some(h) = line.strip_prefix("HINT: ") {
                     let h = crate::secrets::redact(h);
                     if !hints.contains(&h) {
@@ -559,6 +570,22 @@ mod tests {
             "pgkeep: error: opening the repository: wrong passphrase or no matching key for the repository at s3://bucket/prefix\n\
              HINT: check PGKEEP_PASSPHRASE / PGKEEP_PASSPHRASE_FILE\n"
         );
+    }
+
+    #[test]
+    fn error_report_splits_inline_hints() {
+        let e = anyhow::Error::from(Error::from(StorageError::new(
+            StorageErrorKind::Config,
+            None,
+            "unsupported repository URL scheme \"ftp\" in ftp://h/x. HINT: give a directory path",
+        )));
+        let r = ErrorReport::from_anyhow(&e);
+        assert_eq!(r.exit_code, 2);
+        assert_eq!(
+            r.message,
+            "unsupported repository URL scheme \"ftp\" in ftp://h/x."
+        );
+        assert_eq!(r.hints, vec!["give a directory path".to_string()]);
     }
 
     #[test]
