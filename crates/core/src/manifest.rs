@@ -108,7 +108,11 @@ pub struct TablespaceEntry {
 pub struct WalEntry {
     /// File name in pg_wal, e.g. `000000010000000000000003`.
     pub name: String,
-    /// Its content.
+    /// Size of the file to restore; bytes past the stream are zeros. The last segment of a
+    /// backup is stored only up to the WAL page holding the stop LSN: the rest of a recycled
+    /// segment is stale WAL, and zeros are where recovery sees the end of WAL.
+    pub size: u64,
+    /// Its content (a prefix of the file).
     pub stream: StreamRef,
 }
 

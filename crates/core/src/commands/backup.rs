@@ -446,13 +446,20 @@ async fn run(
     let wal_dir = pgdata.join("pg_wal");
     let wal_total: u64 = wal_names.len() as u64 * seg_size as u64;
     progress.begin(Phase::Wal, wal_total, wal_names.len() as u64);
+    // The last segment is only written up to the stop LSN; what follows in a recycled file is
+    // old WAL nobody needs. Only the part up to the end of the WAL page holding the stop LSN
+    // is stored; a restore fills the rest with zeros (what a fresh segment holds, and where
+    // recovery sees the end of WAL), so each backup does not add 16 MiB of stale WAL.
+    let last_segment = WalSegmentName::from_end_lsn(stop.lsn, start.timeline, seg_size).to_string();
+    let page = control.wal_block_size.max(1) as u64;
+    let keep_in_last = (stop.lsn.segment_offset(seg_size) as u64).div_ceil(page) * page;
     let wal_result = {
         let (w, dir, names) = (writer.clone(), wal_dir.clone(), wal_names.clone());
         crate::progress::blocking_with_progress(progress, move |counter| -> Result<Vec<WalEntry>> {
             let mut out = Vec::new();
             for name in names {
                 let p = dir.join(&name);
-                let mut f = File::open(&p).map_err(|e| {
+                let cant = |e: std::io::Error| {
                     Error::new(
                         ErrorKind::Failure,
                         format!(
@@ -460,10 +467,21 @@ async fn run(
                             p.display()
                         ),
                     )
-                })?;
-                let s = w.ingest_reader(&mut f)?;
+                };
+                let f = File::open(&p).map_err(cant)?;
+                let size = f.metadata().map_err(cant)?.len();
+                let s = if name == last_segment && keep_in_last > 0 {
+                    w.ingest_reader(&mut f.take(keep_in_last.min(size)))?
+                } else {
+                    let mut f = f;
+                    w.ingest_reader(&mut f)?
+                };
                 counter.advance(s.size, 1);
-                out.push(WalEntry { name, stream: s });
+                out.push(WalEntry {
+                    name,
+                    size,
+                    stream: s,
+                });
             }
             Ok(out)
         })

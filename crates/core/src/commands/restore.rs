@@ -300,6 +300,7 @@ pub async fn restore(
 
     // Delta: what is there already, and what of it differs.
     let mut plan: Vec<WriteJob> = Vec::new();
+    let mut unchanged: Vec<usize> = Vec::new();
     if opts.delta {
         let (local, removed) = {
             let (t, m2, ts) = (target.clone(), m.clone(), ts_locations.clone());
@@ -310,10 +311,12 @@ pub async fn restore(
         report.entries_removed = removed;
         prepare_tree(&target, &m, &ts_locations)?;
         plan = delta_compare(&target, &m, local, repo, threads, progress).await?;
-        for f in m.files.iter().filter(|f| f.kind == EntryKind::File) {
-            if !plan.iter().any(|j| j.path == f.path) {
+        let planned: BTreeSet<usize> = plan.iter().map(|j| j.index).collect();
+        for (i, f) in m.files.iter().enumerate() {
+            if f.kind == EntryKind::File && !planned.contains(&i) {
                 report.files_unchanged += 1;
                 report.bytes_unchanged += f.size;
+                unchanged.push(i);
             }
         }
     } else {
@@ -345,11 +348,9 @@ pub async fn restore(
         report.files_written += 1;
     }
     // Unchanged files in delta mode keep their content; bring modes and times in line.
-    if opts.delta {
-        for f in m.files.iter().filter(|f| f.kind == EntryKind::File) {
-            let p = target.join(&f.path);
-            set_mode_and_mtime(&p, f)?;
-        }
+    for &i in &unchanged {
+        let f = &m.files[i];
+        set_mode_and_mtime(&target.join(&f.path), f)?;
     }
 
     // WAL into pg_wal.
@@ -360,6 +361,10 @@ pub async fn restore(
         let p = wal_dir.join(&w.name);
         let mut out = create_truncated(&p, 0o600)?;
         repo.read_stream(&w.stream, &mut out).await?;
+        if w.size > w.stream.size {
+            out.set_len(w.size)
+                .map_err(|e| io_err("extending", &p, e))?;
+        }
         out.sync_all().map_err(|e| io_err("syncing", &p, e))?;
         report.wal_files += 1;
     }
