@@ -219,6 +219,21 @@ impl Repository {
 
     /// Opens a repository and loads its index. Reads only: a wrong passphrase writes nothing.
     pub async fn open(storage: Arc<dyn Storage>, passphrase: Option<&str>) -> Result<Repository> {
+        let repo = Self::open_metadata_only(storage, passphrase).await?;
+        repo.reload_index().await?;
+        Ok(repo)
+    }
+
+    /// Opens a repository without reading its index: the `config` object and, when encrypted,
+    /// the key files only. For commands whose start-up time matters and that touch only
+    /// one-object-per-file data ([`Repository::put_sealed_if_absent`] /
+    /// [`Repository::get_sealed`], e.g. WAL) or manifests. The in-memory index is empty:
+    /// `has_blob` answers false and `save_manifest` refuses blob references until
+    /// [`Repository::reload_index`] runs. Reads only, like [`Repository::open`].
+    pub async fn open_metadata_only(
+        storage: Arc<dyn Storage>,
+        passphrase: Option<&str>,
+    ) -> Result<Repository> {
         let location = storage.location();
         let raw = match storage.get("config").await {
             Ok(b) => b,
@@ -248,7 +263,7 @@ impl Repository {
         } else {
             (Sealer::Plain, None)
         };
-        let repo = Repository {
+        Ok(Repository {
             inner: Arc::new(RepoInner {
                 storage,
                 config,
@@ -257,9 +272,7 @@ impl Repository {
                 index: RwLock::new(Index::default()),
                 index_files: RwLock::new(Vec::new()),
             }),
-        };
-        repo.reload_index().await?;
-        Ok(repo)
+        })
     }
 
     /// Reads every index file again (to see what other processes added).
