@@ -390,6 +390,17 @@ pub(crate) fn map_error(
         }
     };
     let message = match kind {
+        // A write cannot miss its object: the bucket or container itself is missing.
+        ErrorKind::NotFound if op.starts_with("put") => {
+            return StorageError::new(
+                ErrorKind::Config,
+                Some(key),
+                format!(
+                    "{op} {location}/{key} failed: the bucket or container does not exist \
+                     ({text}). HINT: create it, or fix the repository URL"
+                ),
+            );
+        }
         ErrorKind::NotFound => format!("object {location}/{key} not found"),
         ErrorKind::AlreadyExists => format!("object {location}/{key} already exists"),
         _ => format!("{op} {location}/{key} failed: {text}.{hint}"),

@@ -1,3 +1,5 @@
 //! pgkeep-testing
 pub mod cluster;
 pub use cluster::{Cluster, ClusterBuilder, StopMode};
+pub mod azure;
+pub mod s3;
