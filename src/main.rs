@@ -10,7 +10,9 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use pgkeep_core::commands::repo::{
     self, RepoCheckOptions, RepoInitOptions, RepoKeyRemoveOptions, RepoUnlockOptions,
 };
+use pgkeep_core::commands::{backup, list, restore};
 use pgkeep_core::config::{Env, Overrides};
+use pgkeep_core::progress::{LogProgress, NoProgress, Progress, TerminalProgress};
 use pgkeep_core::error::ErrorReport;
 use pgkeep_core::{Context, Error, ErrorKind, Report};
 use tracing_subscriber::prelude::*;
@@ -210,6 +212,9 @@ struct RestoreArgs {
     /// What the server does when the target is reached.
     #[arg(long, value_enum)]
     target_action: Option<TargetAction>,
+    /// Restore the tablespace that was at OLD to NEW (repeatable).
+    #[arg(long, value_name = "OLD=NEW")]
+    tablespace_map: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -328,6 +333,18 @@ impl Cli {
     }
 }
 
+/// Progress display: bars on a terminal, periodic log lines otherwise, nothing with -q.
+fn progress(cli: &Cli) -> Box<dyn Progress> {
+    use std::io::IsTerminal;
+    if cli.global.quiet {
+        Box::new(NoProgress)
+    } else if std::io::stderr().is_terminal() {
+        Box::new(TerminalProgress::new())
+    } else {
+        Box::new(LogProgress::new(std::time::Duration::from_secs(10)))
+    }
+}
+
 /// Prints a report (text or JSON on stdout) and returns the exit code it calls for,
 /// reporting its failure (if any) on stderr.
 fn emit<R: Report>(json: bool, report: &R) -> i32 {
@@ -370,6 +387,61 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
         },
         // Parsed, validated (settings, secrets), not wired yet: other engineers are building
         // these in pgkeep-core.
+        Command::Backup(b) => {
+            if matches!(b.method, BackupMethod::Basebackup) {
+                return Err(Error::NotImplemented { command: "backup --method basebackup".into() });
+            }
+            let repo = ctx.open_repository().await?;
+            let c = &ctx.settings.cluster;
+            let opts = backup::BackupOptions {
+                cluster: c.name.clone(),
+                pgdata: c.pgdata.clone(),
+                conninfo: c.pg.clone(),
+                label: b.label.clone(),
+                full_read: b.full_read,
+                threads: ctx.settings.threads,
+            };
+            let report = backup::backup(&repo, &opts, progress(cli).as_ref()).await?;
+            Ok(emit(json, &report))
+        }
+        Command::List => {
+            let repo = ctx.open_repository().await?;
+            let opts = list::ListOptions { cluster: ctx.settings.cluster.name.clone() };
+            Ok(emit(json, &list::list(&repo, &opts).await?))
+        }
+        Command::Info { id } => {
+            let repo = ctx.open_repository().await?;
+            let opts = list::InfoOptions { cluster: ctx.settings.cluster.name.clone(), id: id.clone() };
+            Ok(emit(json, &list::info(&repo, &opts).await?))
+        }
+        Command::Restore(r) => {
+            let pitr = r.target_time.is_some()
+                || r.target_lsn.is_some()
+                || r.target_xid.is_some()
+                || r.target_name.is_some()
+                || r.target_immediate
+                || r.target_action.is_some();
+            if pitr {
+                return Err(Error::NotImplemented { command: "restore with a recovery target".into() });
+            }
+            let tablespace_map = r
+                .tablespace_map
+                .iter()
+                .map(|m| m.parse::<restore::TablespaceMapping>())
+                .collect::<Result<Vec<_>, _>>()?;
+            let repo = ctx.open_repository().await?;
+            let opts = restore::RestoreOptions {
+                cluster: ctx.settings.cluster.name.clone(),
+                id: r.id.clone(),
+                target_dir: r.target_dir.clone(),
+                delta: r.delta,
+                force: r.force,
+                tablespace_map,
+                threads: ctx.settings.threads,
+            };
+            let report = restore::restore(&repo, &opts, progress(cli).as_ref()).await?;
+            Ok(emit(json, &report))
+        }
         _ => Err(Error::NotImplemented {
             command: cli.command_name().to_string(),
         }),
