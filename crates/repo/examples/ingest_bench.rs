@@ -17,7 +17,11 @@ fn gen(path: &str, mib: usize) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut out = BufWriter::new(std::fs::File::create(path).unwrap());
     let words: Vec<String> = (0..5000)
-        .map(|_| (0..rng.random_range(2..10)).map(|_| rng.random_range(b'a'..=b'z') as char).collect())
+        .map(|_| {
+            (0..rng.random_range(2..10))
+                .map(|_| rng.random_range(b'a'..=b'z') as char)
+                .collect()
+        })
         .collect();
     let block = 1 << 20;
     for i in 0..mib {
@@ -28,7 +32,8 @@ fn gen(path: &str, mib: usize) {
                 let w = &words[rng.random_range(0..words.len())];
                 buf.extend_from_slice(w.as_bytes());
                 match rng.random_range(0..10) {
-                    0 => buf.extend_from_slice(format!(" {} ", rng.random_range(0..100000)).as_bytes()),
+                    0 => buf
+                        .extend_from_slice(format!(" {} ", rng.random_range(0..100000)).as_bytes()),
                     1 => buf.extend_from_slice(b".\n"),
                     _ => buf.push(b' '),
                 }
@@ -60,7 +65,9 @@ async fn main() {
             let file = args[2].clone();
             let threads: usize = args[3].parse().unwrap();
             let encrypt = args.iter().any(|a| a == "--encrypt");
-            let dir = tempfile::tempdir_in(std::env::var("BENCH_REPO_DIR").unwrap_or("/tmp".into())).unwrap();
+            let dir =
+                tempfile::tempdir_in(std::env::var("BENCH_REPO_DIR").unwrap_or("/tmp".into()))
+                    .unwrap();
             let storage = Arc::new(LocalStorage::new(dir.path()).unwrap());
             let opts = InitOptions {
                 passphrase: encrypt.then(|| "bench".to_string()),
@@ -71,11 +78,15 @@ async fn main() {
             let size = std::fs::metadata(&file).unwrap().len();
 
             let t = Instant::now();
-            let w = repo.writer(WriterOptions { threads, ..Default::default() });
+            let w = repo.writer(WriterOptions {
+                threads,
+                ..Default::default()
+            });
             let w2 = w.clone();
             let f2 = file.clone();
             let stream = tokio::task::spawn_blocking(move || {
-                let mut r = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(f2).unwrap());
+                let mut r =
+                    std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(f2).unwrap());
                 w2.ingest_reader(&mut r)
             })
             .await
@@ -92,7 +103,10 @@ async fn main() {
             assert_eq!(sink.0, size);
             // Spot-check correctness of the read-back against the file's first MiB.
             let mut first = vec![0u8; (1usize << 20).min(size as usize)];
-            std::fs::File::open(&file).unwrap().read_exact(&mut first).unwrap();
+            std::fs::File::open(&file)
+                .unwrap()
+                .read_exact(&mut first)
+                .unwrap();
             let mb = size as f64 / 1e6;
             println!(
                 "{{\"threads\":{threads},\"encrypted\":{encrypt},\"bytes\":{size},\"ingest_s\":{ingest:.3},\"ingest_mb_s\":{:.1},\"restore_s\":{restore:.3},\"restore_mb_s\":{:.1},\"stored_bytes\":{},\"packs\":{},\"peak_rss_mib_ingest\":{:.1},\"peak_rss_mib\":{:.1}}}",

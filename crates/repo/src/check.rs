@@ -54,7 +54,10 @@ impl CheckReport {
     }
 
     fn problem(&mut self, object: impl Into<String>, message: impl Into<String>) {
-        self.problems.push(CheckProblem { object: object.into(), message: message.into() });
+        self.problems.push(CheckProblem {
+            object: object.into(),
+            message: message.into(),
+        });
     }
 }
 
@@ -72,7 +75,9 @@ impl Repository {
                 Ok(id) if m.key == pack_key(&id) => {
                     stored.insert(id, m.size);
                 }
-                _ => r.warnings.push(format!("unexpected object {} in packs/", m.key)),
+                _ => r
+                    .warnings
+                    .push(format!("unexpected object {} in packs/", m.key)),
             }
         }
         r.packs = stored.len();
@@ -100,11 +105,17 @@ impl Repository {
         for (id, (size, _)) in &indexed {
             match stored.get(id) {
                 None => {
-                    r.problem(pack_key(id), "pack is in the index but missing from storage");
+                    r.problem(
+                        pack_key(id),
+                        "pack is in the index but missing from storage",
+                    );
                     bad_packs.insert(*id);
                 }
                 Some(s) if s != size => {
-                    r.problem(pack_key(id), format!("pack has {s} bytes, the index says {size} (truncated?)"));
+                    r.problem(
+                        pack_key(id),
+                        format!("pack has {s} bytes, the index says {size} (truncated?)"),
+                    );
                     bad_packs.insert(*id);
                 }
                 _ => {}
@@ -136,9 +147,11 @@ impl Repository {
                         };
                         let n = data.len() as u64;
                         let sealer = repo.sealer().clone();
-                        let found = tokio::task::spawn_blocking(move || verify_pack(&sealer, &id, &data, &blobs))
-                            .await
-                            .unwrap_or_else(|e| vec![(None, format!("verification task failed: {e}"))]);
+                        let found = tokio::task::spawn_blocking(move || {
+                            verify_pack(&sealer, &id, &data, &blobs)
+                        })
+                        .await
+                        .unwrap_or_else(|e| vec![(None, format!("verification task failed: {e}"))]);
                         (id, n, found)
                     }
                 })
@@ -180,10 +193,13 @@ impl Repository {
                 for b in &s.blobs {
                     let why = match blob_pack.get(&b.id) {
                         None => Some(format!("references blob {} that is in no index", b.id)),
-                        Some(p) if bad_packs.contains(p) => {
-                            Some(format!("references blob {} in damaged or missing pack {}", b.id, p))
+                        Some(p) if bad_packs.contains(p) => Some(format!(
+                            "references blob {} in damaged or missing pack {}",
+                            b.id, p
+                        )),
+                        Some(_) if bad_blobs.contains(&b.id) => {
+                            Some(format!("references damaged blob {}", b.id))
                         }
-                        Some(_) if bad_blobs.contains(&b.id) => Some(format!("references damaged blob {}", b.id)),
                         _ => None,
                     };
                     if let Some(msg) = why {
@@ -196,7 +212,10 @@ impl Repository {
                 }
             }
             if reported > 10 {
-                r.problem(m.key(), format!("... and {} more damaged references", reported - 10));
+                r.problem(
+                    m.key(),
+                    format!("... and {} more damaged references", reported - 10),
+                );
             }
             if damaged {
                 r.damaged_manifests.push(name);
@@ -223,7 +242,10 @@ fn verify_pack(
 ) -> Vec<(Option<BlobId>, String)> {
     let mut out = Vec::new();
     if blake3::hash(data).as_bytes() != &id.0 {
-        out.push((None, "pack content does not match its id (altered or truncated)".to_string()));
+        out.push((
+            None,
+            "pack content does not match its id (altered or truncated)".to_string(),
+        ));
     }
     let header = match read_pack_header(sealer, data, &id.to_hex()) {
         Ok(h) => h,
@@ -236,7 +258,10 @@ fn verify_pack(
     let in_header: HashSet<BlobId> = header.iter().map(|b| b.id).collect();
     for b in indexed {
         if !in_header.contains(&b.id) {
-            out.push((Some(b.id), "blob is in the index but not in the pack header".into()));
+            out.push((
+                Some(b.id),
+                "blob is in the index but not in the pack header".into(),
+            ));
         }
     }
     let mut d = match zstd::bulk::Decompressor::new() {

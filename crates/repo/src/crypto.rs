@@ -102,7 +102,12 @@ fn aead_open(key: &[u8], aad: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
     let (ct, tag) = rest.split_at(rest.len() - TAG_LEN);
     let mut buf = ct.to_vec();
     cipher
-        .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, &mut buf, Tag::from_slice(tag))
+        .decrypt_in_place_detached(
+            Nonce::from_slice(nonce),
+            aad,
+            &mut buf,
+            Tag::from_slice(tag),
+        )
         .ok()?;
     Some(buf)
 }
@@ -121,7 +126,9 @@ impl Sealer {
     pub fn blob_id(&self, plain: &[u8]) -> BlobId {
         match self {
             Sealer::Plain => crate::id::Id(*blake3::hash(plain).as_bytes()),
-            Sealer::Encrypted(k) => crate::id::Id(*blake3::keyed_hash(&k.id_key(), plain).as_bytes()),
+            Sealer::Encrypted(k) => {
+                crate::id::Id(*blake3::keyed_hash(&k.id_key(), plain).as_bytes())
+            }
         }
     }
 
@@ -202,7 +209,11 @@ mod tests {
     #[test]
     fn wrong_kek_does_not_unwrap() {
         let m = MasterKey::generate();
-        let p = KdfParams { m_kib: 64, t: 1, p: 1 };
+        let p = KdfParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
         let k1 = derive_kek("right", b"saltsaltsaltsalt", p).unwrap();
         let k2 = derive_kek("wrong", b"saltsaltsaltsalt", p).unwrap();
         let w = wrap_master(&k1, &m);

@@ -77,7 +77,10 @@ impl RepoError {
     }
 
     pub(crate) fn integrity(object: impl Into<String>, reason: impl Into<String>) -> Self {
-        RepoError::Integrity { object: object.into(), reason: reason.into() }
+        RepoError::Integrity {
+            object: object.into(),
+            reason: reason.into(),
+        }
     }
 }
 

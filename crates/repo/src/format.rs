@@ -22,7 +22,11 @@ pub struct ChunkerParams {
 
 impl Default for ChunkerParams {
     fn default() -> Self {
-        ChunkerParams { min: 256 * 1024, avg: 1024 * 1024, max: 4 * 1024 * 1024 }
+        ChunkerParams {
+            min: 256 * 1024,
+            avg: 1024 * 1024,
+            max: 4 * 1024 * 1024,
+        }
     }
 }
 
@@ -62,7 +66,11 @@ impl Default for KdfParams {
     fn default() -> Self {
         // OWASP's recommended Argon2id setting (m = 19 MiB, t = 2): about 30 ms here, which keeps
         // `archive-push` start-up fast while making guessing costly.
-        KdfParams { m_kib: 19 * 1024, t: 2, p: 1 }
+        KdfParams {
+            m_kib: 19 * 1024,
+            t: 2,
+            p: 1,
+        }
     }
 }
 

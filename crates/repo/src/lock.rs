@@ -62,8 +62,15 @@ impl LockInfo {
     fn holder(&self) -> String {
         format!(
             "{} lock{} held by {} pid {} ({}, since {})",
-            if self.exclusive { "an exclusive" } else { "a shared" },
-            self.scope.as_ref().map(|s| format!(" on {s}")).unwrap_or_default(),
+            if self.exclusive {
+                "an exclusive"
+            } else {
+                "a shared"
+            },
+            self.scope
+                .as_ref()
+                .map(|s| format!(" on {s}"))
+                .unwrap_or_default(),
             self.host,
             self.pid,
             self.purpose,
@@ -74,7 +81,9 @@ impl LockInfo {
 
 /// This machine's host name.
 pub fn hostname() -> String {
-    hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "unknown".into())
+    hostname::get()
+        .map(|h| h.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -121,7 +130,12 @@ impl Drop for RepoLock {
 impl Repository {
     /// Takes a lock, failing at once with [`RepoError::Locked`] naming the holder when a live
     /// conflicting lock exists.
-    pub async fn lock(&self, kind: LockKind, scope: Option<&str>, purpose: &str) -> Result<RepoLock> {
+    pub async fn lock(
+        &self,
+        kind: LockKind,
+        scope: Option<&str>,
+        purpose: &str,
+    ) -> Result<RepoLock> {
         let file = LockFile {
             exclusive: kind == LockKind::Exclusive,
             scope: scope.map(str::to_owned),
@@ -133,7 +147,10 @@ impl Repository {
         let key = write_lock(self, &file).await?;
         let result = async {
             let locks = self.list_locks_from(Some(&key)).await?;
-            for l in locks.iter().filter(|l| format!("locks/{}", l.id) != key && !l.stale) {
+            for l in locks
+                .iter()
+                .filter(|l| format!("locks/{}", l.id) != key && !l.stale)
+            {
                 let conflict = l.exclusive
                     || kind == LockKind::Exclusive
                     || (l.scope.is_some() && l.scope == file.scope);
@@ -165,7 +182,12 @@ impl Repository {
                 }
             })
         };
-        Ok(RepoLock { repo: self.clone(), key, refresher, released: false })
+        Ok(RepoLock {
+            repo: self.clone(),
+            key,
+            refresher,
+            released: false,
+        })
     }
 
     /// Lists locks with their staleness.
@@ -183,7 +205,9 @@ impl Repository {
         let me = hostname();
         let mut out = Vec::new();
         for m in metas {
-            let ObjectMeta { key, last_modified, .. } = m;
+            let ObjectMeta {
+                key, last_modified, ..
+            } = m;
             let raw = match self.storage().get(&key).await {
                 Ok(r) => r,
                 Err(e) if e.kind == SErr::NotFound => continue, // released meanwhile
@@ -242,6 +266,8 @@ async fn write_lock(repo: &Repository, file: &LockFile) -> Result<String> {
     rand::RngCore::fill_bytes(&mut rand::rng(), &mut id);
     let key = format!("locks/{}", hex::encode(id));
     let body = serde_json::to_vec_pretty(file).expect("lock serializes");
-    repo.storage().put_if_absent(&key, Bytes::from(body)).await?;
+    repo.storage()
+        .put_if_absent(&key, Bytes::from(body))
+        .await?;
     Ok(key)
 }

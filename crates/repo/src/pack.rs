@@ -56,9 +56,8 @@ pub fn decode_blob(
     stored: &[u8],
     where_: &str,
 ) -> Result<Vec<u8>> {
-    let bad = |reason: &str| {
-        RepoError::integrity(format!("blob {} in {where_}", id), reason.to_string())
-    };
+    let bad =
+        |reason: &str| RepoError::integrity(format!("blob {} in {where_}", id), reason.to_string());
     let framed = sealer
         .open_blob(id, stored)
         .ok_or_else(|| bad("authentication failed (data altered or wrong key)"))?;
@@ -71,7 +70,10 @@ pub fn decode_blob(
         other => return Err(bad(&format!("unknown frame type {other}"))),
     };
     if plain.len() != raw_length as usize {
-        return Err(bad(&format!("length {} instead of {raw_length}", plain.len())));
+        return Err(bad(&format!(
+            "length {} instead of {raw_length}",
+            plain.len()
+        )));
     }
     if sealer.blob_id(&plain) != *id {
         return Err(bad("content does not match its id"));
@@ -89,14 +91,22 @@ pub struct PackWriter {
 impl PackWriter {
     /// An empty pack with room for `capacity` bytes.
     pub fn with_capacity(capacity: usize) -> Self {
-        PackWriter { buf: Vec::with_capacity(capacity), entries: Vec::new() }
+        PackWriter {
+            buf: Vec::with_capacity(capacity),
+            entries: Vec::new(),
+        }
     }
 
     /// Appends one sealed blob.
     pub fn add(&mut self, id: BlobId, sealed: &[u8], raw_length: u32) {
         let offset = self.buf.len() as u32;
         self.buf.extend_from_slice(sealed);
-        self.entries.push(IndexBlob { id, offset, length: sealed.len() as u32, raw_length });
+        self.entries.push(IndexBlob {
+            id,
+            offset,
+            length: sealed.len() as u32,
+            raw_length,
+        });
     }
 
     /// Bytes of blob data so far.
@@ -121,7 +131,8 @@ impl PackWriter {
         }
         let sealed = sealer.seal_meta(HEADER_AAD, &header);
         self.buf.extend_from_slice(&sealed);
-        self.buf.extend_from_slice(&(sealed.len() as u32).to_le_bytes());
+        self.buf
+            .extend_from_slice(&(sealed.len() as u32).to_le_bytes());
         self.buf.extend_from_slice(MAGIC);
         let id = Id(*blake3::hash(&self.buf).as_bytes());
         (id, self.buf, self.entries)
@@ -134,7 +145,8 @@ pub fn read_pack_header(sealer: &Sealer, pack: &[u8], name: &str) -> Result<Vec<
     if pack.len() < 8 || &pack[pack.len() - 4..] != MAGIC {
         return Err(bad("no pack trailer (truncated or not a pack)"));
     }
-    let hlen = u32::from_le_bytes(pack[pack.len() - 8..pack.len() - 4].try_into().unwrap()) as usize;
+    let hlen =
+        u32::from_le_bytes(pack[pack.len() - 8..pack.len() - 4].try_into().unwrap()) as usize;
     if hlen + 8 > pack.len() {
         return Err(bad("header length out of range"));
     }
@@ -183,7 +195,9 @@ mod tests {
         let mut d = zstd::bulk::Decompressor::new().unwrap();
         let blobs: Vec<Vec<u8>> = vec![
             vec![7u8; 100_000],
-            (0..50_000u32).flat_map(|i| i.wrapping_mul(2654435761).to_le_bytes()).collect(),
+            (0..50_000u32)
+                .flat_map(|i| i.wrapping_mul(2654435761).to_le_bytes())
+                .collect(),
             vec![],
         ];
         let mut pw = PackWriter::with_capacity(1 << 20);

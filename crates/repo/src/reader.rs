@@ -37,7 +37,10 @@ impl Repository {
             if loc.raw_length != b.len {
                 return Err(RepoError::integrity(
                     format!("blob {}", b.id),
-                    format!("index says {} bytes, the stream says {}", loc.raw_length, b.len),
+                    format!(
+                        "index says {} bytes, the stream says {}",
+                        loc.raw_length, b.len
+                    ),
                 ));
             }
             let (pack, _) = index.pack(loc.pack);
@@ -47,7 +50,12 @@ impl Repository {
                     r.end = e;
                     r.blobs.push((b.id, loc));
                 }
-                _ => reqs.push(Request { pack, start: s, end: e, blobs: vec![(b.id, loc)] }),
+                _ => reqs.push(Request {
+                    pack,
+                    start: s,
+                    end: e,
+                    blobs: vec![(b.id, loc)],
+                }),
             }
         }
         Ok(reqs)
@@ -63,7 +71,11 @@ impl Repository {
                 if data.len() as u64 != req.end - req.start {
                     return Err(RepoError::integrity(
                         format!("pack {}", req.pack),
-                        format!("short read: {} of {} bytes", data.len(), req.end - req.start),
+                        format!(
+                            "short read: {} of {} bytes",
+                            data.len(),
+                            req.end - req.start
+                        ),
                     ));
                 }
                 let sealer = self.sealer().clone();
@@ -98,7 +110,11 @@ impl Repository {
     }
 
     /// Writes the stream to `out`, in order. Every byte written was authenticated.
-    pub async fn read_stream<W: Write + Send>(&self, stream: &StreamRef, out: &mut W) -> Result<u64> {
+    pub async fn read_stream<W: Write + Send>(
+        &self,
+        stream: &StreamRef,
+        out: &mut W,
+    ) -> Result<u64> {
         let reqs = self.plan(stream)?;
         let mut results = stream::iter(reqs.iter())
             .map(|r| self.fetch_and_decode(r))
@@ -106,8 +122,9 @@ impl Repository {
         let mut written = 0u64;
         while let Some(blobs) = results.next().await {
             for b in blobs? {
-                out.write_all(&b)
-                    .map_err(|e| RepoError::Invalid(format!("writing restored data failed: {e}")))?;
+                out.write_all(&b).map_err(|e| {
+                    RepoError::Invalid(format!("writing restored data failed: {e}"))
+                })?;
                 written += b.len() as u64;
             }
         }
@@ -123,8 +140,16 @@ impl Repository {
     /// Reads one blob.
     pub async fn read_blob(&self, id: &BlobId) -> Result<Vec<u8>> {
         let loc = self.inner.index.read().unwrap().get(id);
-        let loc = loc.ok_or_else(|| RepoError::NotFound { what: format!("blob {id}") })?;
-        let s = StreamRef { size: loc.raw_length as u64, blobs: vec![crate::format::BlobRef { id: *id, len: loc.raw_length }] };
+        let loc = loc.ok_or_else(|| RepoError::NotFound {
+            what: format!("blob {id}"),
+        })?;
+        let s = StreamRef {
+            size: loc.raw_length as u64,
+            blobs: vec![crate::format::BlobRef {
+                id: *id,
+                len: loc.raw_length,
+            }],
+        };
         let mut v = Vec::with_capacity(loc.raw_length as usize);
         self.read_stream(&s, &mut v).await?;
         Ok(v)

@@ -124,7 +124,9 @@ pub struct Repository {
 
 impl std::fmt::Debug for Repository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Repository").field("location", &self.inner.storage.location()).finish()
+        f.debug_struct("Repository")
+            .field("location", &self.inner.storage.location())
+            .finish()
     }
 }
 
@@ -142,7 +144,8 @@ pub(crate) fn check_segment(what: &str, s: &str) -> Result<()> {
         && s.len() <= 128
         && s != "."
         && s != ".."
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:".contains(c));
     if ok {
         Ok(())
     } else {
@@ -175,10 +178,14 @@ impl Repository {
         }
         let c = opts.chunker;
         if !(c.min < c.avg && c.avg < c.max && c.min >= 64 * 1024 && c.max <= 16 * 1024 * 1024) {
-            return Err(RepoError::Invalid(format!("invalid chunker parameters {c:?}")));
+            return Err(RepoError::Invalid(format!(
+                "invalid chunker parameters {c:?}"
+            )));
         }
         if Self::exists(storage.as_ref()).await? {
-            return Err(RepoError::AlreadyExists { location: storage.location() });
+            return Err(RepoError::AlreadyExists {
+                location: storage.location(),
+            });
         }
         let config = RepoConfig {
             version: FORMAT_VERSION,
@@ -201,7 +208,9 @@ impl Repository {
         match storage.put_if_absent("config", Bytes::from(body)).await {
             Ok(()) => {}
             Err(e) if e.kind == SErr::AlreadyExists => {
-                return Err(RepoError::AlreadyExists { location: storage.location() })
+                return Err(RepoError::AlreadyExists {
+                    location: storage.location(),
+                })
             }
             Err(e) => return Err(e.into()),
         }
@@ -257,7 +266,9 @@ impl Repository {
             )));
         }
         let (sealer, key_id) = if config.encrypted {
-            let p = passphrase.ok_or(RepoError::PassphraseRequired { location: location.clone() })?;
+            let p = passphrase.ok_or(RepoError::PassphraseRequired {
+                location: location.clone(),
+            })?;
             let (master, id) = find_key(storage.as_ref(), p).await?;
             (Sealer::Encrypted(Box::new(master)), Some(id))
         } else {
@@ -277,8 +288,14 @@ impl Repository {
 
     /// Reads every index file again (to see what other processes added).
     pub async fn reload_index(&self) -> Result<()> {
-        let names: Vec<String> =
-            self.inner.storage.list("index/").await?.into_iter().map(|m| m.key).collect();
+        let names: Vec<String> = self
+            .inner
+            .storage
+            .list("index/")
+            .await?
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
         let files: Vec<(String, IndexFile)> = stream::iter(names)
             .map(|key| async move {
                 let f = self.read_index_file(&key).await?;
@@ -305,8 +322,9 @@ impl Repository {
             .sealer
             .open_meta(INDEX_AAD, &raw)
             .ok_or_else(|| RepoError::integrity(key, "index file failed authentication"))?;
-        let json = zstd::bulk::decompress(&plain, 1 << 30)
-            .map_err(|e| RepoError::integrity(key, format!("index file does not decompress: {e}")))?;
+        let json = zstd::bulk::decompress(&plain, 1 << 30).map_err(|e| {
+            RepoError::integrity(key, format!("index file does not decompress: {e}"))
+        })?;
         serde_json::from_slice(&json)
             .map_err(|e| RepoError::integrity(key, format!("index file does not parse: {e}")))
     }
@@ -350,7 +368,10 @@ impl Repository {
         let z = zstd::bulk::compress(plain, self.inner.config.compression_level)
             .map_err(|e| RepoError::Invalid(format!("zstd failed: {e}")))?;
         let sealed = self.inner.sealer.seal_meta(aad, &z);
-        self.inner.storage.put_if_absent(key, Bytes::from(sealed)).await?;
+        self.inner
+            .storage
+            .put_if_absent(key, Bytes::from(sealed))
+            .await?;
         Ok(())
     }
 
@@ -359,15 +380,15 @@ impl Repository {
         let raw = match self.inner.storage.get(key).await {
             Ok(r) => r,
             Err(e) if e.kind == SErr::NotFound => {
-                return Err(RepoError::NotFound { what: format!("object {key}") })
+                return Err(RepoError::NotFound {
+                    what: format!("object {key}"),
+                })
             }
             Err(e) => return Err(e.into()),
         };
-        let z = self
-            .inner
-            .sealer
-            .open_meta(aad, &raw)
-            .ok_or_else(|| RepoError::integrity(key, "failed authentication (altered or truncated)"))?;
+        let z = self.inner.sealer.open_meta(aad, &raw).ok_or_else(|| {
+            RepoError::integrity(key, "failed authentication (altered or truncated)")
+        })?;
         zstd::stream::decode_all(&z[..])
             .map_err(|e| RepoError::integrity(key, format!("does not decompress: {e}")))
     }
@@ -376,7 +397,12 @@ impl Repository {
     ///
     /// Refuses (before writing) when the body references a blob that is not indexed, so a
     /// manifest only ever references committed data (write order: packs, index, manifest).
-    pub async fn save_manifest<T: Serialize>(&self, cluster: &str, id: &str, body: &T) -> Result<()> {
+    pub async fn save_manifest<T: Serialize>(
+        &self,
+        cluster: &str,
+        id: &str,
+        body: &T,
+    ) -> Result<()> {
         check_segment("cluster name", cluster)?;
         check_segment("backup id", id)?;
         let value = serde_json::to_value(body).map_err(|e| RepoError::Invalid(e.to_string()))?;
@@ -393,7 +419,11 @@ impl Repository {
                 }
             }
         }
-        let key = ManifestKey { cluster: cluster.into(), id: id.into() }.key();
+        let key = ManifestKey {
+            cluster: cluster.into(),
+            id: id.into(),
+        }
+        .key();
         let json = serde_json::to_vec(&value).expect("json");
         match self.put_sealed_if_absent(&key, key.as_bytes(), &json).await {
             Err(RepoError::Storage(e)) if e.kind == SErr::AlreadyExists => Err(RepoError::Invalid(
@@ -407,10 +437,16 @@ impl Repository {
     pub async fn load_manifest(&self, cluster: &str, id: &str) -> Result<serde_json::Value> {
         check_segment("cluster name", cluster)?;
         check_segment("backup id", id)?;
-        let key = ManifestKey { cluster: cluster.into(), id: id.into() }.key();
+        let key = ManifestKey {
+            cluster: cluster.into(),
+            id: id.into(),
+        }
+        .key();
         let plain = match self.get_sealed(&key, key.as_bytes()).await {
             Err(RepoError::NotFound { .. }) => {
-                return Err(RepoError::NotFound { what: format!("backup {id} of cluster {cluster}") })
+                return Err(RepoError::NotFound {
+                    what: format!("backup {id} of cluster {cluster}"),
+                })
             }
             other => other?,
         };
@@ -436,8 +472,10 @@ impl Repository {
             .filter_map(|m| {
                 let rest = m.key.strip_prefix("backups/")?;
                 let (c, id) = rest.split_once('/')?;
-                (!id.contains('/') && !id.starts_with('.'))
-                    .then(|| ManifestKey { cluster: c.into(), id: id.into() })
+                (!id.contains('/') && !id.starts_with('.')).then(|| ManifestKey {
+                    cluster: c.into(),
+                    id: id.into(),
+                })
             })
             .collect();
         out.sort();
@@ -446,7 +484,11 @@ impl Repository {
 
     /// Deletes a manifest (needs the caller to hold an exclusive lock).
     pub async fn delete_manifest(&self, cluster: &str, id: &str) -> Result<()> {
-        let key = ManifestKey { cluster: cluster.into(), id: id.into() }.key();
+        let key = ManifestKey {
+            cluster: cluster.into(),
+            id: id.into(),
+        }
+        .key();
         self.inner.storage.delete(&key).await?;
         Ok(())
     }
@@ -490,9 +532,19 @@ impl Repository {
                 "this repository is not encrypted; it has no keys to add".into(),
             ));
         };
-        let id = write_key(self.inner.storage.as_ref(), master, new_passphrase, KdfParams::default())
-            .await?;
-        Ok(self.list_keys().await?.into_iter().find(|k| k.id == id).expect("just written"))
+        let id = write_key(
+            self.inner.storage.as_ref(),
+            master,
+            new_passphrase,
+            KdfParams::default(),
+        )
+        .await?;
+        Ok(self
+            .list_keys()
+            .await?
+            .into_iter()
+            .find(|k| k.id == id)
+            .expect("just written"))
     }
 
     /// Lists keys.
@@ -501,10 +553,16 @@ impl Repository {
         for m in self.inner.storage.list("keys/").await? {
             let id = m.key.trim_start_matches("keys/").to_string();
             let raw = self.inner.storage.get(&m.key).await?;
-            let kf: KeyFile = serde_json::from_slice(&raw)
-                .map_err(|e| RepoError::integrity(&m.key, format!("key file does not parse: {e}")))?;
+            let kf: KeyFile = serde_json::from_slice(&raw).map_err(|e| {
+                RepoError::integrity(&m.key, format!("key file does not parse: {e}"))
+            })?;
             let current = self.inner.key_id.as_deref() == Some(id.as_str());
-            out.push(KeyInfo { id, created: kf.created, host: kf.host, current });
+            out.push(KeyInfo {
+                id,
+                created: kf.created,
+                host: kf.host,
+                current,
+            });
         }
         out.sort_by(|a, b| a.created.cmp(&b.created));
         Ok(out)
@@ -513,10 +571,17 @@ impl Repository {
     /// Removes a key by id or unique prefix. Refuses the key in use and the last key.
     pub async fn remove_key(&self, id_or_prefix: &str) -> Result<KeyInfo> {
         let keys = self.list_keys().await?;
-        let matches: Vec<&KeyInfo> = keys.iter().filter(|k| k.id.starts_with(id_or_prefix)).collect();
+        let matches: Vec<&KeyInfo> = keys
+            .iter()
+            .filter(|k| k.id.starts_with(id_or_prefix))
+            .collect();
         let k = match matches.as_slice() {
             [k] => *k,
-            [] => return Err(RepoError::NotFound { what: format!("key {id_or_prefix}") }),
+            [] => {
+                return Err(RepoError::NotFound {
+                    what: format!("key {id_or_prefix}"),
+                })
+            }
             _ => {
                 return Err(RepoError::Invalid(format!(
                     "key prefix {id_or_prefix} is ambiguous ({} keys match)",
@@ -563,7 +628,9 @@ async fn write_key(
     };
     let id = random_hex(16);
     let body = serde_json::to_vec_pretty(&kf).expect("key file serializes");
-    storage.put_if_absent(&format!("keys/{id}"), Bytes::from(body)).await?;
+    storage
+        .put_if_absent(&format!("keys/{id}"), Bytes::from(body))
+        .await?;
     Ok(id)
 }
 
@@ -581,12 +648,18 @@ async fn find_key(storage: &dyn Storage, passphrase: &str) -> Result<(MasterKey,
             tracing::warn!(key = %m.key, "skipping unreadable key file");
             continue;
         };
-        let Ok(salt) = hex::decode(&kf.salt) else { continue };
-        let Ok(wrapped) = hex::decode(&kf.wrapped) else { continue };
+        let Ok(salt) = hex::decode(&kf.salt) else {
+            continue;
+        };
+        let Ok(wrapped) = hex::decode(&kf.wrapped) else {
+            continue;
+        };
         let kek = derive_kek(passphrase, &salt, kf.kdf_params).map_err(RepoError::Invalid)?;
         if let Some(master) = unwrap_master(&kek, &wrapped) {
             return Ok((master, m.key.trim_start_matches("keys/").to_string()));
         }
     }
-    Err(RepoError::WrongPassphrase { location: storage.location() })
+    Err(RepoError::WrongPassphrase {
+        location: storage.location(),
+    })
 }

@@ -43,7 +43,11 @@ pub struct WriterOptions {
 
 impl Default for WriterOptions {
     fn default() -> Self {
-        WriterOptions { threads: 0, uploads: 4, index_every_packs: 32 }
+        WriterOptions {
+            threads: 0,
+            uploads: 4,
+            index_every_packs: 32,
+        }
     }
 }
 
@@ -133,7 +137,9 @@ impl Repository {
 impl BlobWriter {
     fn new(repo: Repository, mut opts: WriterOptions) -> Self {
         if opts.threads == 0 {
-            opts.threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+            opts.threads = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2);
         }
         opts.uploads = opts.uploads.max(1);
         opts.index_every_packs = opts.index_every_packs.max(1);
@@ -203,11 +209,15 @@ impl BlobWriter {
             let len = data.len() as u32;
             out.size += len as u64;
             out.blobs.push(BlobRef { id, len });
-            sh.counters.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+            sh.counters
+                .bytes_in
+                .fetch_add(len as u64, Ordering::Relaxed);
             let new = !sh.repo.has_blob(&id) && sh.seen.lock().unwrap().insert(id);
             if new {
                 sh.counters.blobs_new.fetch_add(1, Ordering::Relaxed);
-                sh.counters.bytes_new.fetch_add(len as u64, Ordering::Relaxed);
+                sh.counters
+                    .bytes_new
+                    .fetch_add(len as u64, Ordering::Relaxed);
                 if tx.send(Job { id, data }).is_err() {
                     break;
                 }
@@ -285,7 +295,11 @@ fn seal_worker(sh: Arc<Shared>, rx: Receiver<Job>, tx: Sender<Sealed>) {
         let mut out = Vec::with_capacity(job.data.len() / 2 + 64);
         match encode_blob(&sealer, &mut compressor, &job.id, &job.data, &mut out) {
             Ok(()) => {
-                let s = Sealed { id: job.id, bytes: out, raw_len: job.data.len() as u32 };
+                let s = Sealed {
+                    id: job.id,
+                    bytes: out,
+                    raw_len: job.data.len() as u32,
+                };
                 if tx.send(s).is_err() {
                     return;
                 }
@@ -309,7 +323,10 @@ fn packer(sh: Arc<Shared>, rx: Receiver<Sealed>) {
         }
         pack.add(s.id, &s.bytes, s.raw_len);
         if pack.len() >= target {
-            let full = std::mem::replace(&mut pack, PackWriter::with_capacity(target + 4 * 1024 * 1024));
+            let full = std::mem::replace(
+                &mut pack,
+                PackWriter::with_capacity(target + 4 * 1024 * 1024),
+            );
             upload(&sh, full, &token_rx, &token_tx);
         }
     }
@@ -332,7 +349,10 @@ fn upload(sh: &Arc<Shared>, pack: PackWriter, tokens: &Receiver<()>, give_back: 
             Ok(()) => {
                 sh2.counters.packs.fetch_add(1, Ordering::Relaxed);
                 sh2.counters.stored_bytes.fetch_add(size, Ordering::Relaxed);
-                sh2.pending_index.lock().unwrap().push(IndexPack { id, size, blobs });
+                sh2.pending_index
+                    .lock()
+                    .unwrap()
+                    .push(IndexPack { id, size, blobs });
                 if let Err(e) = flush_index(&sh2, sh2.opts.index_every_packs).await {
                     sh2.fail(e);
                 }
@@ -354,7 +374,12 @@ async fn flush_index(sh: &Arc<Shared>, min_packs: usize) -> Result<()> {
         }
         std::mem::take(&mut *p)
     };
-    sh.repo.write_index_file(IndexFile { version: FORMAT_VERSION, packs }).await?;
+    sh.repo
+        .write_index_file(IndexFile {
+            version: FORMAT_VERSION,
+            packs,
+        })
+        .await?;
     sh.counters.index_files.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }

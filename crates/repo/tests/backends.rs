@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use pgkeep_repo::{CheckOptions, ErrorKind, InitOptions, KdfParams, Repository, StreamRef, WriterOptions};
+use pgkeep_repo::{
+    CheckOptions, ErrorKind, InitOptions, KdfParams, Repository, StreamRef, WriterOptions,
+};
 use pgkeep_storage::{LocalStorage, Storage};
 use pgkeep_testing::s3::S3Server;
 use rand::{RngCore, SeedableRng};
@@ -23,7 +25,10 @@ fn mixed_data(len: usize, seed: u64) -> Vec<u8> {
 async fn store(repo: &Repository, data: Arc<Vec<u8>>) -> (StreamRef, pgkeep_repo::WriteStats) {
     let w = repo.writer(WriterOptions::default());
     let w2 = w.clone();
-    let s = tokio::task::spawn_blocking(move || w2.ingest_bytes(&data)).await.unwrap().unwrap();
+    let s = tokio::task::spawn_blocking(move || w2.ingest_bytes(&data))
+        .await
+        .unwrap()
+        .unwrap();
     (s, w.finish().await.unwrap())
 }
 
@@ -45,7 +50,15 @@ async fn listing(s: &dyn Storage) -> Vec<(String, Bytes)> {
 /// 0 bytes to 200 MiB, plain and encrypted, read back through a freshly opened repository;
 /// the second ingest of the same data uploads no pack.
 async fn round_trips_and_dedup(storage: Arc<dyn Storage>, big: bool) {
-    let opts = InitOptions { passphrase: Some("pw".into()), kdf: KdfParams { m_kib: 256, t: 1, p: 1 }, ..Default::default() };
+    let opts = InitOptions {
+        passphrase: Some("pw".into()),
+        kdf: KdfParams {
+            m_kib: 256,
+            t: 1,
+            p: 1,
+        },
+        ..Default::default()
+    };
     let repo = Repository::init(storage.clone(), opts).await.unwrap();
     let mut sizes = vec![0usize, 1, 65_537, 5 << 20];
     if big {
@@ -56,11 +69,18 @@ async fn round_trips_and_dedup(storage: Arc<dyn Storage>, big: bool) {
         let (s, first) = store(&repo, data.clone()).await;
         let reopened = Repository::open(storage.clone(), Some("pw")).await.unwrap();
         let back = read_back(&reopened, &s).await.unwrap();
-        assert!(back == *data, "{len} bytes differ after the round trip on {}", storage.location());
+        assert!(
+            back == *data,
+            "{len} bytes differ after the round trip on {}",
+            storage.location()
+        );
         let packs = storage.list("packs/").await.unwrap().len();
         let (s2, second) = store(&reopened, data).await;
         assert_eq!(s, s2);
-        assert_eq!(second.packs, 0, "re-ingest of {len} bytes uploaded packs ({first:?} then {second:?})");
+        assert_eq!(
+            second.packs, 0,
+            "re-ingest of {len} bytes uploaded packs ({first:?} then {second:?})"
+        );
         assert_eq!(storage.list("packs/").await.unwrap().len(), packs);
     }
     let report = repo.check(CheckOptions { read_data: true }).await.unwrap();
@@ -70,10 +90,20 @@ async fn round_trips_and_dedup(storage: Arc<dyn Storage>, big: bool) {
 /// A flipped byte, a truncated pack, a missing pack: each is an integrity error naming the
 /// pack, and `check` names the damaged backup. A wrong passphrase writes nothing.
 async fn damage_is_detected_and_named(storage: Arc<dyn Storage>) {
-    let opts = InitOptions { passphrase: Some("right".into()), kdf: KdfParams { m_kib: 256, t: 1, p: 1 }, ..Default::default() };
+    let opts = InitOptions {
+        passphrase: Some("right".into()),
+        kdf: KdfParams {
+            m_kib: 256,
+            t: 1,
+            p: 1,
+        },
+        ..Default::default()
+    };
     let repo = Repository::init(storage.clone(), opts).await.unwrap();
     let (s, _) = store(&repo, Arc::new(mixed_data(3 << 20, 3))).await;
-    repo.save_manifest("main", "b1", &serde_json::json!({ "file": s })).await.unwrap();
+    repo.save_manifest("main", "b1", &serde_json::json!({ "file": s }))
+        .await
+        .unwrap();
     let packs = storage.list("packs/").await.unwrap();
     assert_eq!(packs.len(), 1);
     let pack = packs[0].key.clone();
@@ -81,15 +111,25 @@ async fn damage_is_detected_and_named(storage: Arc<dyn Storage>) {
     let original = storage.get(&pack).await.unwrap();
 
     let before = listing(storage.as_ref()).await;
-    let err = Repository::open(storage.clone(), Some("wrong")).await.unwrap_err();
+    let err = Repository::open(storage.clone(), Some("wrong"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::WrongPassphrase);
-    assert_eq!(before, listing(storage.as_ref()).await, "a wrong passphrase changed the repository");
+    assert_eq!(
+        before,
+        listing(storage.as_ref()).await,
+        "a wrong passphrase changed the repository"
+    );
 
     let mut flipped = original.to_vec();
     flipped[1000] ^= 0x01;
     let mut truncated = original.to_vec();
     truncated.truncate(original.len() / 2);
-    for (what, bytes) in [("flipped byte", Some(flipped)), ("truncated pack", Some(truncated)), ("missing pack", None)] {
+    for (what, bytes) in [
+        ("flipped byte", Some(flipped)),
+        ("truncated pack", Some(truncated)),
+        ("missing pack", None),
+    ] {
         storage.delete(&pack).await.unwrap();
         if let Some(b) = bytes {
             storage.put(&pack, Bytes::from(b)).await.unwrap();
@@ -99,10 +139,20 @@ async fn damage_is_detected_and_named(storage: Arc<dyn Storage>) {
             matches!(err.kind(), ErrorKind::Integrity | ErrorKind::Storage),
             "{what}: {err} is not an integrity error"
         );
-        assert!(err.to_string().contains(&pack_id), "{what}: {err} does not name the pack");
+        assert!(
+            err.to_string().contains(&pack_id),
+            "{what}: {err} does not name the pack"
+        );
         let report = repo.check(CheckOptions { read_data: true }).await.unwrap();
-        assert!(report.problems.iter().any(|p| p.object.contains(&pack_id)), "{what}: {report:?}");
-        assert_eq!(report.damaged_manifests, vec!["main/b1".to_string()], "{what}");
+        assert!(
+            report.problems.iter().any(|p| p.object.contains(&pack_id)),
+            "{what}: {report:?}"
+        );
+        assert_eq!(
+            report.damaged_manifests,
+            vec!["main/b1".to_string()],
+            "{what}"
+        );
     }
     storage.put(&pack, original).await.unwrap();
     assert_eq!(read_back(&repo, &s).await.unwrap(), mixed_data(3 << 20, 3));

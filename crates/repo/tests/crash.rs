@@ -28,17 +28,27 @@ fn data(seed: u64, len: usize) -> Vec<u8> {
 }
 
 async fn ingest_and_commit(repo: &Repository, id: &str, bytes: Vec<u8>) -> StreamRef {
-    let w = repo.writer(WriterOptions { index_every_packs: 2, ..Default::default() });
+    let w = repo.writer(WriterOptions {
+        index_every_packs: 2,
+        ..Default::default()
+    });
     let w2 = w.clone();
-    let s = tokio::task::spawn_blocking(move || w2.ingest_bytes(&bytes)).await.unwrap().unwrap();
+    let s = tokio::task::spawn_blocking(move || w2.ingest_bytes(&bytes))
+        .await
+        .unwrap()
+        .unwrap();
     w.finish().await.unwrap();
-    repo.save_manifest("main", id, &serde_json::json!({ "data": s })).await.unwrap();
+    repo.save_manifest("main", id, &serde_json::json!({ "data": s }))
+        .await
+        .unwrap();
     s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_child() {
-    let Ok(location) = std::env::var(CHILD_ENV) else { return };
+    let Ok(location) = std::env::var(CHILD_ENV) else {
+        return;
+    };
     let storage = match std::env::var(CHILD_ENDPOINT_ENV) {
         Ok(endpoint) => {
             let opts = pgkeep_storage::StorageOptions {
@@ -71,7 +81,10 @@ async fn crash_loop(fresh: impl Fn() -> (Arc<dyn Storage>, String, Vec<(String, 
     let mut kills = 0;
     for n in 0.. {
         let (storage, location, env) = fresh();
-        let opts = InitOptions { pack_size: 1 << 20, ..Default::default() };
+        let opts = InitOptions {
+            pack_size: 1 << 20,
+            ..Default::default()
+        };
         let repo = Repository::init(storage.clone(), opts).await.unwrap();
         ingest_and_commit(&repo, "b0", data(0, 3 << 20)).await;
 
@@ -86,23 +99,44 @@ async fn crash_loop(fresh: impl Fn() -> (Arc<dyn Storage>, String, Vec<(String, 
             .unwrap();
         let finished = status.success();
         if !finished {
-            assert_eq!(status.signal(), Some(9), "child failed without being killed at op {n}: {status}");
+            assert_eq!(
+                status.signal(),
+                Some(9),
+                "child failed without being killed at op {n}: {status}"
+            );
             kills += 1;
         }
 
         let repo = Repository::open(storage.clone(), None).await.unwrap();
         let report = repo.check(CheckOptions { read_data: true }).await.unwrap();
-        assert!(report.is_ok(), "after a kill at write {n}: {:?}", report.problems);
-        assert_eq!(restore(&repo, "b0").await, data(0, 3 << 20), "earlier backup damaged (kill at {n})");
-        let ids: Vec<String> =
-            repo.list_manifests(Some("main")).await.unwrap().into_iter().map(|m| m.id).collect();
+        assert!(
+            report.is_ok(),
+            "after a kill at write {n}: {:?}",
+            report.problems
+        );
+        assert_eq!(
+            restore(&repo, "b0").await,
+            data(0, 3 << 20),
+            "earlier backup damaged (kill at {n})"
+        );
+        let ids: Vec<String> = repo
+            .list_manifests(Some("main"))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| m.id)
+            .collect();
         if ids.contains(&"b1".to_string()) {
             assert_eq!(restore(&repo, "b1").await, data(1, 9 << 20), "kill at {n}");
         } else {
             // The next run succeeds and gives the same result.
             ingest_and_commit(&repo, "b1", data(1, 9 << 20)).await;
             assert_eq!(restore(&repo, "b1").await, data(1, 9 << 20));
-            assert!(repo.check(CheckOptions { read_data: true }).await.unwrap().is_ok());
+            assert!(repo
+                .check(CheckOptions { read_data: true })
+                .await
+                .unwrap()
+                .is_ok());
         }
         if finished {
             break;
@@ -139,7 +173,11 @@ async fn sigkill_at_any_point_of_an_ingest_on_s3_leaves_a_repository_that_passes
         let prefix = pgkeep_testing::s3::unique_prefix("crash");
         let mut env = server.env();
         env.push((CHILD_ENDPOINT_ENV.into(), server.endpoint.clone()));
-        (server.storage_with_prefix(&prefix), server.url(&prefix), env)
+        (
+            server.storage_with_prefix(&prefix),
+            server.url(&prefix),
+            env,
+        )
     })
     .await;
 }

@@ -10,7 +10,11 @@ use pgkeep_storage::{LocalStorage, Storage};
 use rand::{RngCore, SeedableRng};
 
 fn fast_kdf() -> KdfParams {
-    KdfParams { m_kib: 256, t: 1, p: 1 }
+    KdfParams {
+        m_kib: 256,
+        t: 1,
+        p: 1,
+    }
 }
 
 fn local(dir: &std::path::Path) -> Arc<dyn Storage> {
@@ -22,7 +26,9 @@ fn mixed_data(len: usize, seed: u64) -> Vec<u8> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut v = vec![0u8; len];
     let half = len / 2;
-    let words: [&[u8]; 6] = [b"select ", b"from ", b"pgkeep ", b"backup ", b"12345 ", b"\n"];
+    let words: [&[u8]; 6] = [
+        b"select ", b"from ", b"pgkeep ", b"backup ", b"12345 ", b"\n",
+    ];
     let mut i = 0;
     while i < half {
         let w = words[(rng.next_u32() % 6) as usize];
@@ -37,7 +43,10 @@ fn mixed_data(len: usize, seed: u64) -> Vec<u8> {
 async fn store(repo: &Repository, data: Vec<u8>) -> (StreamRef, pgkeep_repo::WriteStats) {
     let w = repo.writer(WriterOptions::default());
     let w2 = w.clone();
-    let s = tokio::task::spawn_blocking(move || w2.ingest_bytes(&data)).await.unwrap().unwrap();
+    let s = tokio::task::spawn_blocking(move || w2.ingest_bytes(&data))
+        .await
+        .unwrap()
+        .unwrap();
     let stats = w.finish().await.unwrap();
     (s, stats)
 }
@@ -49,11 +58,17 @@ async fn read_back(repo: &Repository, s: &StreamRef) -> Result<Vec<u8>, pgkeep_r
 }
 
 async fn plain_repo(dir: &std::path::Path) -> Repository {
-    Repository::init(local(dir), InitOptions::default()).await.unwrap()
+    Repository::init(local(dir), InitOptions::default())
+        .await
+        .unwrap()
 }
 
 async fn encrypted_repo(dir: &std::path::Path, pass: &str) -> Repository {
-    let opts = InitOptions { passphrase: Some(pass.into()), kdf: fast_kdf(), ..Default::default() };
+    let opts = InitOptions {
+        passphrase: Some(pass.into()),
+        kdf: fast_kdf(),
+        ..Default::default()
+    };
     Repository::init(local(dir), opts).await.unwrap()
 }
 
@@ -61,8 +76,15 @@ async fn encrypted_repo(dir: &std::path::Path, pass: &str) -> Repository {
 async fn random_data_of_every_size_comes_back_identical() {
     for encrypted in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let repo = if encrypted { encrypted_repo(dir.path(), "pw").await } else { plain_repo(dir.path()).await };
-        for (i, len) in [0usize, 1, 4095, 1 << 20, 3 * (1 << 20) + 17, 20 << 20].into_iter().enumerate() {
+        let repo = if encrypted {
+            encrypted_repo(dir.path(), "pw").await
+        } else {
+            plain_repo(dir.path()).await
+        };
+        for (i, len) in [0usize, 1, 4095, 1 << 20, 3 * (1 << 20) + 17, 20 << 20]
+            .into_iter()
+            .enumerate()
+        {
             let data = mixed_data(len, i as u64);
             let (s, _) = store(&repo, data.clone()).await;
             assert_eq!(s.size, len as u64);
@@ -70,9 +92,16 @@ async fn random_data_of_every_size_comes_back_identical() {
             let pass = encrypted.then_some("pw");
             let reopened = Repository::open(local(dir.path()), pass).await.unwrap();
             let back = read_back(&reopened, &s).await.unwrap();
-            assert!(back == data, "{len} bytes (encrypted: {encrypted}) differ after the round trip");
+            assert!(
+                back == data,
+                "{len} bytes (encrypted: {encrypted}) differ after the round trip"
+            );
         }
-        assert!(repo.check(CheckOptions { read_data: true }).await.unwrap().is_ok());
+        assert!(repo
+            .check(CheckOptions { read_data: true })
+            .await
+            .unwrap()
+            .is_ok());
     }
 }
 
@@ -89,7 +118,10 @@ async fn ingesting_the_same_data_twice_uploads_no_new_pack() {
     assert_eq!(s1, s2);
     assert_eq!(st2.packs, 0, "second ingest uploaded packs: {st2:?}");
     assert_eq!(st2.blobs_new, 0);
-    assert_eq!(repo.storage().list("packs/").await.unwrap().len(), packs_before);
+    assert_eq!(
+        repo.storage().list("packs/").await.unwrap().len(),
+        packs_before
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,14 +133,19 @@ async fn a_small_change_stores_only_a_small_fraction() {
     // Insert 100 bytes in the middle: content-defined chunking resynchronises.
     data.splice(20 << 20..20 << 20, std::iter::repeat_n(0xAB, 100));
     let (s, second) = store(&repo, data.clone()).await;
-    assert!(second.bytes_new * 5 < first.bytes_new, "first {first:?}, second {second:?}");
+    assert!(
+        second.bytes_new * 5 < first.bytes_new,
+        "first {first:?}, second {second:?}"
+    );
     assert_eq!(read_back(&repo, &s).await.unwrap(), data);
 }
 
 async fn one_pack_repo(dir: &std::path::Path) -> (Repository, StreamRef, String) {
     let repo = plain_repo(dir).await;
     let (s, _) = store(&repo, mixed_data(3 << 20, 3)).await;
-    repo.save_manifest("main", "b1", &serde_json::json!({ "file": s })).await.unwrap();
+    repo.save_manifest("main", "b1", &serde_json::json!({ "file": s }))
+        .await
+        .unwrap();
     let packs = repo.storage().list("packs/").await.unwrap();
     assert_eq!(packs.len(), 1);
     (repo, s, packs[0].key.clone())
@@ -130,7 +167,10 @@ async fn a_flipped_byte_in_a_pack_is_detected_and_named() {
     assert!(msg.contains(pack_id) && msg.contains("blob"), "{msg}");
     let report = repo.check(CheckOptions { read_data: true }).await.unwrap();
     assert!(!report.is_ok());
-    assert!(report.problems.iter().any(|p| p.object.contains(pack_id)), "{report:?}");
+    assert!(
+        report.problems.iter().any(|p| p.object.contains(pack_id)),
+        "{report:?}"
+    );
     assert_eq!(report.damaged_manifests, vec!["main/b1".to_string()]);
     // Without --read-data the structure is intact, so check passes.
     assert!(repo.check(CheckOptions::default()).await.unwrap().is_ok());
@@ -142,7 +182,9 @@ async fn a_wrong_passphrase_is_refused_and_writes_nothing() {
     let repo = encrypted_repo(dir.path(), "right").await;
     store(&repo, mixed_data(1 << 20, 1)).await;
     let before = listing(dir.path());
-    let err = Repository::open(local(dir.path()), Some("wrong")).await.unwrap_err();
+    let err = Repository::open(local(dir.path()), Some("wrong"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::WrongPassphrase);
     assert!(err.to_string().contains("wrong passphrase"), "{err}");
     assert!(!err.to_string().contains("right"));
@@ -158,39 +200,79 @@ async fn keys_can_be_added_and_removed_without_rewriting_data() {
     let (s, _) = store(&repo, mixed_data(2 << 20, 5)).await;
     let packs = listing(&dir.path().join("packs"));
     let k2 = repo.add_key("two").await.unwrap();
-    let by_two = Repository::open(local(dir.path()), Some("two")).await.unwrap();
-    assert_eq!(read_back(&by_two, &s).await.unwrap(), mixed_data(2 << 20, 5));
+    let by_two = Repository::open(local(dir.path()), Some("two"))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_back(&by_two, &s).await.unwrap(),
+        mixed_data(2 << 20, 5)
+    );
     // The key in use cannot be removed; the other one can.
     assert!(by_two.remove_key(&k2.id).await.is_err());
     let first = repo.key_id().unwrap().to_string();
     by_two.remove_key(&first).await.unwrap();
-    let err = Repository::open(local(dir.path()), Some("one")).await.unwrap_err();
+    let err = Repository::open(local(dir.path()), Some("one"))
+        .await
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::WrongPassphrase);
-    assert_eq!(packs, listing(&dir.path().join("packs")), "packs were rewritten");
-    assert!(by_two.remove_key(&k2.id[..8]).await.is_err(), "removed the last key");
+    assert_eq!(
+        packs,
+        listing(&dir.path().join("packs")),
+        "packs were rewritten"
+    );
+    assert!(
+        by_two.remove_key(&k2.id[..8]).await.is_err(),
+        "removed the last key"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_conflict_by_kind_and_scope_and_stale_ones_are_removable() {
     let dir = tempfile::tempdir().unwrap();
     let repo = plain_repo(dir.path()).await;
-    let a = repo.lock(LockKind::Shared, Some("backup:main"), "backup").await.unwrap();
-    let b = repo.lock(LockKind::Shared, Some("backup:other"), "backup").await.unwrap();
-    let err = repo.lock(LockKind::Shared, Some("backup:main"), "backup").await.err().unwrap();
+    let a = repo
+        .lock(LockKind::Shared, Some("backup:main"), "backup")
+        .await
+        .unwrap();
+    let b = repo
+        .lock(LockKind::Shared, Some("backup:other"), "backup")
+        .await
+        .unwrap();
+    let err = repo
+        .lock(LockKind::Shared, Some("backup:main"), "backup")
+        .await
+        .err()
+        .unwrap();
     assert_eq!(err.kind(), ErrorKind::Locked);
-    assert!(err.to_string().contains(&format!("pid {}", std::process::id())), "{err}");
-    assert!(repo.lock(LockKind::Exclusive, None, "expire").await.is_err());
+    assert!(
+        err.to_string()
+            .contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+    assert!(repo
+        .lock(LockKind::Exclusive, None, "expire")
+        .await
+        .is_err());
     a.release().await.unwrap();
     b.release().await.unwrap();
-    let x = repo.lock(LockKind::Exclusive, None, "expire").await.unwrap();
+    let x = repo
+        .lock(LockKind::Exclusive, None, "expire")
+        .await
+        .unwrap();
     assert!(repo.lock(LockKind::Shared, None, "backup").await.is_err());
     x.release().await.unwrap();
-    assert!(repo.storage().list("locks/").await.unwrap().is_empty(), "a failed attempt left a lock");
+    assert!(
+        repo.storage().list("locks/").await.unwrap().is_empty(),
+        "a failed attempt left a lock"
+    );
 
     // A lock of a dead process on this host is stale: it blocks nothing and unlock removes it.
     let dead = serde_json::json!({"exclusive": true, "scope": null, "purpose": "backup",
         "host": pgkeep_repo::lock::hostname(), "pid": 999_999_999u32, "created": "2026-01-01T00:00:00Z"});
-    repo.storage().put("locks/deadbeef", serde_json::to_vec(&dead).unwrap().into()).await.unwrap();
+    repo.storage()
+        .put("locks/deadbeef", serde_json::to_vec(&dead).unwrap().into())
+        .await
+        .unwrap();
     let l = repo.lock(LockKind::Shared, None, "backup").await.unwrap();
     let removed = repo.unlock(false).await.unwrap();
     assert_eq!(removed.len(), 1);
@@ -204,14 +286,25 @@ async fn a_manifest_never_references_uncommitted_blobs() {
     let repo = plain_repo(dir.path()).await;
     let w = repo.writer(WriterOptions::default());
     let w2 = w.clone();
-    let s = tokio::task::spawn_blocking(move || w2.ingest_bytes(&mixed_data(2 << 20, 11))).await.unwrap().unwrap();
+    let s = tokio::task::spawn_blocking(move || w2.ingest_bytes(&mixed_data(2 << 20, 11)))
+        .await
+        .unwrap()
+        .unwrap();
     // Before finish the blobs are not indexed: saving must be refused.
-    let err = repo.save_manifest("main", "early", &serde_json::json!({ "f": s })).await.unwrap_err();
+    let err = repo
+        .save_manifest("main", "early", &serde_json::json!({ "f": s }))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("not indexed"), "{err}");
     w.finish().await.unwrap();
-    repo.save_manifest("main", "late", &serde_json::json!({ "f": s })).await.unwrap();
+    repo.save_manifest("main", "late", &serde_json::json!({ "f": s }))
+        .await
+        .unwrap();
     // Manifests are write-once.
-    assert!(repo.save_manifest("main", "late", &serde_json::json!({})).await.is_err());
+    assert!(repo
+        .save_manifest("main", "late", &serde_json::json!({}))
+        .await
+        .is_err());
     let m = repo.list_manifests(Some("main")).await.unwrap();
     assert_eq!(m.len(), 1);
     assert_eq!(m[0].id, "late");
@@ -224,7 +317,9 @@ async fn files_are_0600_and_directories_0700_under_umask_000() {
     let old = unsafe { libc::umask(0) };
     let repo = encrypted_repo(&root, "pw").await;
     let (s, _) = store(&repo, mixed_data(2 << 20, 2)).await;
-    repo.save_manifest("main", "b", &serde_json::json!({ "s": s })).await.unwrap();
+    repo.save_manifest("main", "b", &serde_json::json!({ "s": s }))
+        .await
+        .unwrap();
     let l = repo.lock(LockKind::Shared, None, "t").await.unwrap();
     unsafe { libc::umask(old) };
     for p in walk(&root) {
@@ -237,7 +332,10 @@ async fn files_are_0600_and_directories_0700_under_umask_000() {
 fn listing(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
     let mut out = Vec::new();
     for e in walk(dir) {
-        out.push((e.display().to_string(), std::fs::read(&e).unwrap_or_default()));
+        out.push((
+            e.display().to_string(),
+            std::fs::read(&e).unwrap_or_default(),
+        ));
     }
     out.sort();
     out
