@@ -209,7 +209,9 @@ impl Drop for AzuriteServer {
         unsafe {
             libc::kill(pid, libc::SIGTERM);
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
+        // Azurite waits for idle keep-alive connections (up to 5 s) before exiting; it keeps
+        // everything in memory, so after a short grace period SIGKILL loses nothing.
+        let deadline = Instant::now() + Duration::from_millis(500);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
