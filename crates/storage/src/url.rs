@@ -4,9 +4,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use object_store::aws::AmazonS3Builder;
+use object_store::aws::AmazonS3ConfigKey;
+use object_store::azure::AzureConfigKey;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
-use object_store::{ClientOptions, ObjectStore, RetryConfig};
+use object_store::gcp::GoogleConfigKey;
+use object_store::{ClientConfigKey, ObjectStore, RetryConfig};
 use serde::Deserialize;
 
 use crate::redact::{redact_text, redact_url};
@@ -75,11 +78,20 @@ impl StorageOptions {
         }
     }
 
-    fn client_options(&self) -> ClientOptions {
-        ClientOptions::new()
-            .with_allow_http(self.allow_http)
-            .with_timeout(Duration::from_secs(self.request_timeout_secs.max(1)))
-            .with_connect_timeout(Duration::from_secs(10))
+    /// HTTP client settings as config keys, applied on top of what `from_env` read, so an
+    /// environment setting (`AWS_ALLOW_HTTP=true`, …) is not reset by our defaults.
+    fn client_config(&self) -> Vec<(ClientConfigKey, String)> {
+        let mut v = vec![
+            (
+                ClientConfigKey::Timeout,
+                format!("{}s", self.request_timeout_secs.max(1)),
+            ),
+            (ClientConfigKey::ConnectTimeout, "10s".to_owned()),
+        ];
+        if self.allow_http {
+            v.push((ClientConfigKey::AllowHttp, "true".to_owned()));
+        }
+        v
     }
 
     /// object_store's own retries stay short (they cover single requests and multipart
@@ -148,8 +160,10 @@ pub fn open_storage_unwrapped(url: &str, opts: &StorageOptions) -> Result<Arc<dy
             let (bucket, prefix) = bucket_and_prefix(&parsed, &shown, "bucket")?;
             let mut b = AmazonS3Builder::from_env()
                 .with_bucket_name(&bucket)
-                .with_client_options(opts.client_options())
                 .with_retry(opts.inner_retry());
+            for (k, v) in opts.client_config() {
+                b = b.with_config(AmazonS3ConfigKey::Client(k), v);
+            }
             if let Some(e) = &opts.endpoint {
                 b = b.with_endpoint(e);
             }
@@ -172,8 +186,10 @@ pub fn open_storage_unwrapped(url: &str, opts: &StorageOptions) -> Result<Arc<dy
             let (container, prefix) = bucket_and_prefix(&parsed, &shown, "container")?;
             let mut b = MicrosoftAzureBuilder::from_env()
                 .with_container_name(&container)
-                .with_client_options(opts.client_options())
                 .with_retry(opts.inner_retry());
+            for (k, v) in opts.client_config() {
+                b = b.with_config(AzureConfigKey::Client(k), v);
+            }
             if opts.azure_use_emulator {
                 b = b.with_use_emulator(true);
             }
@@ -200,8 +216,10 @@ pub fn open_storage_unwrapped(url: &str, opts: &StorageOptions) -> Result<Arc<dy
             let (bucket, prefix) = bucket_and_prefix(&parsed, &shown, "bucket")?;
             let mut b = GoogleCloudStorageBuilder::from_env()
                 .with_bucket_name(&bucket)
-                .with_client_options(opts.client_options())
                 .with_retry(opts.inner_retry());
+            for (k, v) in opts.client_config() {
+                b = b.with_config(GoogleConfigKey::Client(k), v);
+            }
             if let Some(e) = &opts.endpoint {
                 b = b.with_base_url(e);
             }

@@ -82,6 +82,10 @@ async fn open_storage_reaches_seaweedfs() {
     s.put("x/y", Bytes::from_static(b"hello")).await.unwrap();
     assert_eq!(&s.get("x/y").await.unwrap()[..], b"hello");
     assert_eq!(s.location(), format!("s3://pgkeep-test/{prefix}"));
+    // The environment alone (AWS_ENDPOINT, AWS_ALLOW_HTTP, …) is enough, as for the binary
+    // run by crash-loop tests: default options must not reset it.
+    let s2 = open_storage(&server.url(&prefix), &Default::default()).unwrap();
+    assert_eq!(&s2.get("x/y").await.unwrap()[..], b"hello");
     // The object really is below the prefix in the bucket.
     let raw = server.object_store(&server.bucket);
     let got = raw
