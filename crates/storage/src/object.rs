@@ -412,6 +412,64 @@ pub(crate) fn map_error(
 mod tests {
     use super::*;
 
+    fn generic(text: &str) -> object_store::Error {
+        object_store::Error::Generic {
+            store: "S3",
+            source: text.to_owned().into(),
+        }
+    }
+
+    #[test]
+    fn maps_kinds_and_redacts() {
+        let cases = [
+            ("Error performing PUT http://h/b/k?X-Amz-Signature=SECRETSIG in 1ms - Server returned non-2xx status code: 503 Service Unavailable", ErrorKind::Temporary),
+            ("Server returned non-2xx status code: 429 Too Many Requests", ErrorKind::Temporary),
+            ("Server returned non-2xx status code: 500 Internal Server Error", ErrorKind::Temporary),
+            ("Server returned non-2xx status code: 403 Forbidden", ErrorKind::PermissionDenied),
+            ("Server returned error response: <Error><Code>SlowDown</Code></Error>", ErrorKind::Temporary),
+            ("Server returned non-2xx status code: 400 Bad Request", ErrorKind::Other),
+        ];
+        for (text, kind) in cases {
+            let e = map_error("put", "s3://b/p", "k", generic(text));
+            assert_eq!(e.kind, kind, "{text}");
+            assert!(e.message.contains("s3://b/p/k"), "{e}");
+            assert!(!e.message.contains("SECRETSIG"), "{e}");
+        }
+        let nf = object_store::Error::NotFound {
+            path: "p/k".into(),
+            source: "404".into(),
+        };
+        assert_eq!(
+            map_error("get", "s3://b/p", "k", nf).kind,
+            ErrorKind::NotFound
+        );
+        let nf = object_store::Error::NotFound {
+            path: "p/k".into(),
+            source: "404".into(),
+        };
+        // A write that cannot find its target: the bucket is missing.
+        assert_eq!(
+            map_error("put", "s3://b/p", "k", nf).kind,
+            ErrorKind::Config
+        );
+        let pre = object_store::Error::Precondition {
+            path: "p/k".into(),
+            source: "412".into(),
+        };
+        assert_eq!(
+            map_error("put_if_absent", "s3://b/p", "k", pre).kind,
+            ErrorKind::AlreadyExists
+        );
+        let unauth = object_store::Error::Unauthenticated {
+            path: "p/k".into(),
+            source: "401".into(),
+        };
+        assert_eq!(
+            map_error("get", "s3://b/p", "k", unauth).kind,
+            ErrorKind::PermissionDenied
+        );
+    }
+
     #[test]
     fn finds_status() {
         assert_eq!(
