@@ -1,6 +1,9 @@
 //! One module per command family.
 
+pub mod archive;
 pub mod backup;
+pub mod check;
 pub mod list;
 pub mod repo;
 pub mod restore;
+pub mod verify;
