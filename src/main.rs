@@ -10,7 +10,7 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use pgkeep_core::commands::repo::{
     self, RepoCheckOptions, RepoInitOptions, RepoKeyRemoveOptions, RepoUnlockOptions,
 };
-use pgkeep_core::commands::{backup, list, restore};
+use pgkeep_core::commands::{archive, backup, check, list, restore, verify};
 use pgkeep_core::config::{Env, Overrides};
 use pgkeep_core::progress::{LogProgress, NoProgress, Progress, TerminalProgress};
 use pgkeep_core::error::ErrorReport;
@@ -109,7 +109,7 @@ enum Command {
         dry_run: bool,
     },
     /// Check the cluster's archiving and the repository end to end.
-    Check,
+    Check(pgkeep_core::commands::check::ArchiveCheckOptions),
     /// Show the state of backups and archiving.
     Status,
 }
@@ -327,7 +327,7 @@ impl Cli {
             Command::ExportDump(_) => "export-dump",
             Command::Verify { .. } => "verify",
             Command::Expire { .. } => "expire",
-            Command::Check => "check",
+            Command::Check(_) => "check",
             Command::Status => "status",
         }
     }
@@ -441,6 +441,26 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
             };
             let report = restore::restore(&repo, &opts, progress(cli).as_ref()).await?;
             Ok(emit(json, &report))
+        }
+        Command::ArchivePush { path } => {
+            let opts = archive::ArchivePushOptions {
+                cluster: ctx.settings.cluster.name.clone(),
+                path: path.clone(),
+            };
+            Ok(emit(json, &archive::archive_push(ctx, &opts).await?))
+        }
+        Command::ArchiveGet { walname, dest } => {
+            let opts = archive::ArchiveGetOptions {
+                cluster: ctx.settings.cluster.name.clone(),
+                walname: walname.clone(),
+                dest: dest.clone(),
+            };
+            Ok(emit(json, &archive::archive_get(ctx, &opts).await?))
+        }
+        Command::Check(o) => Ok(emit(json, &check::check_archiving(ctx, o).await?)),
+        Command::Verify { read_data } => {
+            let opts = verify::VerifyOptions { read_data: *read_data };
+            Ok(emit(json, &verify::verify(ctx, &opts).await?))
         }
         _ => Err(Error::NotImplemented {
             command: cli.command_name().to_string(),
