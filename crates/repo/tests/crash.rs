@@ -18,12 +18,10 @@ const CHILD_ENV: &str = "PGKEEP_CRASH_CHILD_DIR";
 const CHILD_ENDPOINT_ENV: &str = "PGKEEP_CRASH_CHILD_ENDPOINT";
 
 fn data(seed: u64, len: usize) -> Vec<u8> {
+    // Random, so every chunk is its own ~1 MiB blob and the 1 MiB packs give many kill points.
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut v = vec![0u8; len];
-    rng.fill_bytes(&mut v[len / 2..]);
-    for (i, b) in v[..len / 2].iter_mut().enumerate() {
-        *b = b"pgkeep crash loop "[i % 18];
-    }
+    rng.fill_bytes(&mut v);
     v
 }
 
