@@ -400,6 +400,7 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 label: b.label.clone(),
                 full_read: b.full_read,
                 threads: ctx.settings.threads,
+                ..Default::default()
             };
             let report = backup::backup(&repo, &opts, progress(cli).as_ref()).await?;
             Ok(emit(json, &report))
@@ -438,6 +439,7 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 force: r.force,
                 tablespace_map,
                 threads: ctx.settings.threads,
+                ..Default::default()
             };
             let report = restore::restore(&repo, &opts, progress(cli).as_ref()).await?;
             Ok(emit(json, &report))
