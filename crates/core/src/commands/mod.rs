@@ -6,4 +6,7 @@ pub mod check;
 pub mod list;
 pub mod repo;
 pub mod restore;
+pub mod dump;
+pub mod export_dump;
+pub mod restore_dump;
 pub mod verify;

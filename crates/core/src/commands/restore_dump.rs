@@ -1,0 +1,931 @@
+//! `pgkeep restore-dump <ID|latest> --target-db NAME`: a logical dump back into a database,
+//! in a way that cannot destroy data by accident.
+//!
+//! Before anything is changed:
+//! - a target that exists and holds objects is only restored over with `force`, or after
+//!   the user typed its name on a terminal (`interactive`); otherwise the run is refused
+//!   (exit 2) with a hint;
+//! - a target with other sessions is refused (exit 1) unless `force`, which terminates them;
+//! - such a target is first dumped into the repository as a safety dump labelled
+//!   [`SAFETY_LABEL`] (unless `no_safety_dump`), and a failed safety dump stops the restore.
+//!
+//! The archive is piped from the repository into `pg_restore --single-transaction
+//! --exit-on-error` (so a failing restore leaves the target as it was). `jobs > 1` needs a
+//! seekable file: only then is the archive written to a temporary file (mode 0600, removed
+//! afterwards), and the report says so. Afterwards the target is ANALYZEd and its per-table
+//! row counts are compared with those recorded at dump time; differences are warnings
+//! (exit 3). `dry_run` prints the target, the objects (`pg_restore --list`), the size and the
+//! checks it would run, and touches nothing (not even the repository's locks).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Instant;
+
+use pgkeep_pg::{ConnParams, PgClient};
+use pgkeep_repo::{LockKind, Repository};
+use serde::{Deserialize, Serialize};
+
+use crate::commands::dump::{
+    self, connect_db, feed_stdin, load_dump, pg_err, quote_ident, read_into, refuse_password,
+    sql_err, wait_tool, DumpManifest, DumpOptions, DumpedDatabase, SAFETY_LABEL,
+};
+use crate::commands::export_dump::create_private;
+use crate::context::Report;
+use crate::error::{Error, ErrorKind, Result};
+use crate::progress::{human_bytes, NoProgress, Progress};
+
+/// Relative difference tolerated between an estimated row count and the restored table's
+/// estimate (both come from sampling).
+const ESTIMATE_TOLERANCE: f64 = 0.10;
+
+/// Options of `restore-dump`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RestoreDumpOptions {
+    /// Cluster name in the repository.
+    pub cluster: String,
+    /// Dump id or `latest` (the newest dump).
+    pub id: String,
+    /// libpq conninfo of the target server. Never stored; refused with a password.
+    #[serde(skip_serializing)]
+    pub conninfo: Option<String>,
+    /// Database to restore into (not with `all`).
+    pub target_db: Option<String>,
+    /// Which database of a multi-database dump (default: its only one).
+    pub source_db: Option<String>,
+    /// Restore a `--all` dump whole: the globals (roles, tablespaces) and every database
+    /// under its own name, creating those that do not exist.
+    pub all: bool,
+    /// Create the target database (from template0). With `clean`, an existing target is
+    /// dropped and created again.
+    pub create: bool,
+    /// Drop the dump's objects in the target before recreating them.
+    pub clean: bool,
+    /// Parallel pg_restore jobs (more than 1 writes a temporary file).
+    pub jobs: u32,
+    /// Show what would be done, change nothing.
+    pub dry_run: bool,
+    /// Restore over a database holding objects without asking; terminate its sessions.
+    pub force: bool,
+    /// Skip the safety dump of a target that holds objects.
+    pub no_safety_dump: bool,
+    /// Whether the user may be asked on the terminal (the CLI sets it when stdin and stderr
+    /// are terminals).
+    #[serde(skip)]
+    pub interactive: bool,
+    /// Directory for the temporary file of a parallel restore (default: the system's).
+    pub temp_dir: Option<PathBuf>,
+}
+
+/// A table whose row count after the restore differs from the dump's.
+#[derive(Debug, Clone, Serialize)]
+pub struct RowDifference {
+    /// Schema.
+    pub schema: String,
+    /// Table.
+    pub table: String,
+    /// Rows recorded at dump time.
+    pub expected: Option<i64>,
+    /// Rows found after the restore (None: the table is missing).
+    pub found: Option<i64>,
+    /// Whether both are exact counts (false: estimates compared within 10%).
+    pub exact: bool,
+}
+
+/// One database of a restore.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoredDatabase {
+    /// Database name in the dump.
+    pub source: String,
+    /// Database restored into.
+    pub target: String,
+    /// Whether the target existed before.
+    pub existed: bool,
+    /// Objects (relations, functions, types) the target held before.
+    pub objects_before: u64,
+    /// Whether it was (or would be) created.
+    pub created: bool,
+    /// Whether it was (or would be) dropped first.
+    pub dropped: bool,
+    /// Id of the safety dump taken of it (or, on a dry run, `would be taken`).
+    pub safety_dump: Option<String>,
+    /// Other sessions found on it.
+    pub sessions: u64,
+    /// Sessions terminated (with force).
+    pub sessions_terminated: u64,
+    /// Archive bytes.
+    pub dump_bytes: u64,
+    /// `pg_database_size` at dump time.
+    pub database_bytes: u64,
+    /// Whether the archive went through a temporary file (parallel restore).
+    pub temp_file: bool,
+    /// pg_restore jobs.
+    pub jobs: u32,
+    /// Objects in the archive by type (`pg_restore --list`), on a dry run.
+    pub objects: BTreeMap<String, u64>,
+    /// The checks run (or that would run).
+    pub checks: Vec<String>,
+    /// Tables whose row count was compared.
+    pub tables_checked: usize,
+    /// Tables whose count differs.
+    pub row_differences: Vec<RowDifference>,
+    /// What pg_restore printed although it succeeded.
+    pub pg_restore_warnings: Option<String>,
+    /// Seconds.
+    pub duration_secs: f64,
+}
+
+/// What `restore-dump` did (or would do).
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreDumpReport {
+    /// The dump restored.
+    pub id: String,
+    /// Cluster name in the repository.
+    pub cluster: String,
+    /// Its label.
+    pub label: Option<String>,
+    /// Whether nothing was changed.
+    pub dry_run: bool,
+    /// Whether the globals were (or would be) restored.
+    pub globals: bool,
+    /// Errors psql reported while running the globals script (other than roles that
+    /// already exist).
+    pub globals_errors: Vec<String>,
+    /// The databases.
+    pub databases: Vec<RestoredDatabase>,
+    /// Warnings.
+    pub warnings: Vec<String>,
+    /// Seconds.
+    pub duration_secs: f64,
+}
+
+impl fmt::Display for RestoreDumpReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let verb = if self.dry_run {
+            "would restore"
+        } else {
+            "restored"
+        };
+        writeln!(
+            f,
+            "{}dump {} ({}) of cluster {}{}",
+            if self.dry_run { "DRY RUN: " } else { "" },
+            self.id,
+            self.label.as_deref().unwrap_or("no label"),
+            self.cluster,
+            if self.dry_run {
+                String::new()
+            } else {
+                format!(" in {:.1} s", self.duration_secs)
+            }
+        )?;
+        if self.globals {
+            writeln!(f, "  globals (roles, tablespaces): {verb}")?;
+        }
+        for d in &self.databases {
+            writeln!(
+                f,
+                "  {verb} {} -> {} ({} archive of a {} database){}{}{}",
+                d.source,
+                d.target,
+                human_bytes(d.dump_bytes),
+                human_bytes(d.database_bytes),
+                if d.created { ", created" } else { "" },
+                if d.dropped { ", dropped first" } else { "" },
+                if d.jobs > 1 {
+                    format!(", {} jobs through a temporary file", d.jobs)
+                } else {
+                    String::new()
+                }
+            )?;
+            if d.existed {
+                writeln!(
+                    f,
+                    "    target existed with {} objects, {} other sessions{}",
+                    d.objects_before,
+                    d.sessions,
+                    if d.sessions_terminated > 0 {
+                        format!(" ({} terminated)", d.sessions_terminated)
+                    } else {
+                        String::new()
+                    }
+                )?;
+            }
+            if let Some(s) = &d.safety_dump {
+                writeln!(f, "    safety dump: {s} (label {SAFETY_LABEL})")?;
+            }
+            if !d.objects.is_empty() {
+                let list: Vec<String> = d.objects.iter().map(|(k, v)| format!("{v} {k}")).collect();
+                writeln!(f, "    objects: {}", list.join(", "))?;
+            }
+            for c in &d.checks {
+                writeln!(f, "    check: {c}")?;
+            }
+            if !self.dry_run {
+                writeln!(
+                    f,
+                    "    row counts: {} tables compared, {} differ",
+                    d.tables_checked,
+                    d.row_differences.len()
+                )?;
+            }
+        }
+        for w in &self.warnings {
+            writeln!(f, "WARNING: {w}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Report for RestoreDumpReport {
+    fn has_warnings(&self) -> bool {
+        !self.warnings.is_empty()
+    }
+}
+
+/// Restores a dump; see the module documentation.
+pub async fn restore_dump(
+    repo: &Repository,
+    opts: &RestoreDumpOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreDumpReport> {
+    refuse_password(opts.conninfo.as_deref())?;
+    if opts.all && opts.target_db.is_some() {
+        return Err(Error::usage_hint(
+            "--all restores every database under its own name; --target-db does not apply",
+            "restore one database with --db NAME --target-db NAME",
+        ));
+    }
+    if !opts.all && opts.target_db.as_deref().is_none_or(str::is_empty) {
+        return Err(Error::usage_hint(
+            "no target database",
+            "give --target-db NAME (with --create when it does not exist yet)",
+        ));
+    }
+    let params = ConnParams::resolve(opts.conninfo.as_deref()).map_err(pg_err)?;
+    let started = Instant::now();
+    let lock = if opts.dry_run {
+        None
+    } else {
+        Some(repo.lock(LockKind::Shared, None, "restore-dump").await?)
+    };
+    let result = run(repo, &params, opts, progress, started).await;
+    if let Some(lock) = lock {
+        if let Err(e) = lock.release().await {
+            tracing::warn!("could not release the repository lock: {e}");
+        }
+    }
+    result
+}
+
+async fn run(
+    repo: &Repository,
+    params: &ConnParams,
+    opts: &RestoreDumpOptions,
+    progress: &dyn Progress,
+    started: Instant,
+) -> Result<RestoreDumpReport> {
+    let m = load_dump(repo, &opts.cluster, &opts.id).await?;
+    let sources: Vec<&DumpedDatabase> = if opts.all {
+        if !m.all {
+            return Err(Error::usage_hint(
+                format!("dump {} is of one database, not a --all dump", m.id),
+                "restore it with --target-db NAME",
+            ));
+        }
+        m.databases.iter().collect()
+    } else {
+        vec![m.database(opts.source_db.as_deref())?]
+    };
+    let mut report = RestoreDumpReport {
+        id: m.id.clone(),
+        cluster: m.cluster.clone(),
+        label: m.label.clone(),
+        dry_run: opts.dry_run,
+        globals: opts.all && m.globals.is_some(),
+        globals_errors: Vec::new(),
+        databases: Vec::new(),
+        warnings: Vec::new(),
+        duration_secs: 0.0,
+    };
+    progress.note(&format!(
+        "restoring dump {} ({})",
+        m.id,
+        m.label.as_deref().unwrap_or("no label")
+    ));
+
+    // Plan every database before changing anything, so a refusal leaves everything as it was.
+    let mut plans = Vec::new();
+    for src in &sources {
+        let target = if opts.all {
+            src.name.clone()
+        } else {
+            opts.target_db.clone().unwrap_or_default()
+        };
+        plans.push(plan(params, src, &target, opts).await?);
+    }
+    if opts.dry_run {
+        for (src, p) in sources.iter().zip(plans) {
+            report.databases.push(dry_run(repo, src, p, opts).await?);
+        }
+        report.duration_secs = started.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+    for p in &plans {
+        confirm(p, opts).await?;
+    }
+    if opts.all {
+        if let Some(g) = &m.globals {
+            progress.note("restoring the globals (roles, tablespaces)");
+            report.globals_errors = restore_globals(repo, params, g).await?;
+            for e in &report.globals_errors {
+                report.warnings.push(format!("globals: {e}"));
+            }
+        }
+    }
+    for (src, p) in sources.iter().zip(plans) {
+        let d = restore_one(repo, params, &m, src, p, opts, progress).await?;
+        for diff in &d.row_differences {
+            report.warnings.push(format!(
+                "{}: table {}.{} has {} rows, the dump recorded {}{}",
+                d.target,
+                diff.schema,
+                diff.table,
+                diff.found
+                    .map_or("no table, so no".to_string(), |n| n.to_string()),
+                diff.expected.map_or("?".to_string(), |n| n.to_string()),
+                if diff.exact { "" } else { " (estimates)" }
+            ));
+        }
+        if let Some(w) = &d.pg_restore_warnings {
+            report
+                .warnings
+                .push(format!("pg_restore into {}: {w}", d.target));
+        }
+        report.databases.push(d);
+    }
+    report.duration_secs = started.elapsed().as_secs_f64();
+    Ok(report)
+}
+
+/// What is known about one target before anything changes.
+struct Plan {
+    target: String,
+    maintenance_db: String,
+    existed: bool,
+    objects_before: u64,
+    sessions: Vec<(i32, String)>,
+    create: bool,
+    drop: bool,
+}
+
+impl Plan {
+    /// Whether restoring touches a database that holds something (confirmation, safety dump).
+    fn over_existing(&self) -> bool {
+        self.existed && self.objects_before > 0
+    }
+}
+
+/// Objects of the connected database outside the system schemas.
+const OBJECTS_SQL: &str = "
+SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+           AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%')
+     + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+         WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'))
+     + (SELECT count(*) FROM pg_namespace n
+         WHERE n.nspname NOT IN ('pg_catalog', 'information_schema', 'public')
+           AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%')";
+
+async fn plan(
+    params: &ConnParams,
+    src: &DumpedDatabase,
+    target: &str,
+    opts: &RestoreDumpOptions,
+) -> Result<Plan> {
+    // Work on the target from another database: it may have to be dropped.
+    let maintenance_db = if target == "postgres" {
+        "template1"
+    } else {
+        "postgres"
+    };
+    let admin = connect_db(params, maintenance_db).await?;
+    let existed = admin
+        .inner()
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&target])
+        .await
+        .map_err(|e| sql_err("looking the target database up", admin.target(), &e))?
+        .is_some();
+    let (mut objects_before, mut sessions) = (0u64, Vec::new());
+    if existed {
+        let t = connect_db(params, target).await?;
+        objects_before = t
+            .inner()
+            .query_one(OBJECTS_SQL, &[])
+            .await
+            .map_err(|e| sql_err("counting the objects of the target", t.target(), &e))?
+            .get::<_, i64>(0) as u64;
+        drop(t);
+        sessions = other_sessions(&admin, target).await?;
+    }
+    let (create, drop) = match (existed, opts.create || opts.all, opts.clean) {
+        (false, true, _) => (true, false),
+        (false, false, _) => {
+            return Err(Error::usage_hint(
+                format!("the target database {target:?} does not exist"),
+                "add --create to create it",
+            ))
+        }
+        // --all restores into existing (e.g. a fresh cluster's empty `postgres`) databases.
+        (true, _, _) if opts.all => (false, false),
+        (true, true, true) => (true, true),
+        (true, true, false) => return Err(Error::usage_hint(
+            format!("the target database {target:?} already exists"),
+            "leave out --create to restore into it, or add --clean as well to drop and recreate it",
+        )),
+        (true, false, _) => (false, false),
+    };
+    tracing::debug!(
+        "restore plan for {} -> {target}: existed {existed}, {objects_before} objects",
+        src.name
+    );
+    Ok(Plan {
+        target: target.to_string(),
+        maintenance_db: maintenance_db.to_string(),
+        existed,
+        objects_before,
+        sessions,
+        create,
+        drop,
+    })
+}
+
+/// Other sessions connected to `db` (pid, application name).
+async fn other_sessions(admin: &PgClient, db: &str) -> Result<Vec<(i32, String)>> {
+    Ok(admin
+        .inner()
+        .query(
+            "SELECT pid, coalesce(nullif(application_name, ''), usename::text, '?') FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            &[&db],
+        )
+        .await
+        .map_err(|e| sql_err("listing sessions", admin.target(), &e))?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
+}
+
+/// Asks (or refuses) before touching a database that holds objects, and refuses a target in
+/// use without force.
+async fn confirm(p: &Plan, opts: &RestoreDumpOptions) -> Result<()> {
+    if !p.over_existing() || opts.force {
+        return Ok(());
+    }
+    if !p.sessions.is_empty() {
+        let apps: Vec<&str> = p.sessions.iter().map(|(_, a)| a.as_str()).collect();
+        return Err(Error::with_hint(
+            ErrorKind::Failure,
+            format!(
+                "the target database {:?} is in use by {} other session(s) ({})",
+                p.target,
+                p.sessions.len(),
+                apps.join(", ")
+            ),
+            "stop the applications using it, or add --force to terminate their sessions",
+        ));
+    }
+    if !opts.interactive {
+        return Err(Error::usage_hint(
+            format!(
+                "the target database {:?} already holds {} objects; restoring over it needs a confirmation",
+                p.target, p.objects_before
+            ),
+            "run on a terminal to confirm, add --force (a safety dump is still taken unless --no-safety-dump), or restore into a new database with --create",
+        ));
+    }
+    let target = p.target.clone();
+    let objects = p.objects_before;
+    let safety = !opts.no_safety_dump;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut err = std::io::stderr().lock();
+        let _ = write!(
+            err,
+            "The database {target:?} holds {objects} objects; the restore will change it{}.\nType its name to go on: ",
+            if safety { " (a safety dump is taken first)" } else { " and NO safety dump is taken" }
+        );
+        let _ = err.flush();
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        line.trim() == target
+    })
+    .await
+    .unwrap_or(false);
+    if answer {
+        Ok(())
+    } else {
+        Err(Error::usage_hint(
+            format!(
+                "restore into {:?} not confirmed; nothing was changed",
+                p.target
+            ),
+            "type the database name exactly, or use --force",
+        ))
+    }
+}
+
+/// Object types in the archive, from `pg_restore --list`.
+async fn list_objects(repo: &Repository, src: &DumpedDatabase) -> Result<BTreeMap<String, u64>> {
+    let mut child = pgkeep_pg::dump::pg_restore_to_sql(&["--list"]).map_err(pg_err)?;
+    let stdout = child
+        .take_stdout()
+        .ok_or_else(|| Error::new(ErrorKind::Failure, "pg_restore's stdout is not a pipe"))?;
+    let fd = stdout
+        .into_owned_fd()
+        .map_err(|e| Error::io("taking the pipe of pg_restore", e))?;
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut std::fs::File::from(fd), &mut s);
+        s
+    });
+    // pg_restore stops reading after the table of contents: a broken pipe here is expected.
+    let _ = feed_stdin(repo, &src.stream, &mut child, &NoProgress).await;
+    let text = reader.await.unwrap_or_default();
+    wait_tool(child, &format!("listing database {}", src.name)).await?;
+    let mut out = BTreeMap::new();
+    for line in text.lines() {
+        if line.starts_with(';') || line.trim().is_empty() {
+            continue;
+        }
+        // `<dump id>; <catalog oid> <oid> <TYPE WORDS> <schema> <name> <owner>`
+        let Some((_, rest)) = line.split_once("; ") else {
+            continue;
+        };
+        let words: Vec<&str> = rest.split_whitespace().skip(2).collect();
+        let kind: Vec<&str> = words
+            .iter()
+            .take_while(|w| w.chars().all(|c| c.is_ascii_uppercase()))
+            .copied()
+            .collect();
+        if !kind.is_empty() {
+            *out.entry(kind.join(" ")).or_insert(0) += 1;
+        }
+    }
+    Ok(out)
+}
+
+fn checks_for(p: &Plan, src: &DumpedDatabase, opts: &RestoreDumpOptions) -> Vec<String> {
+    let mut c = Vec::new();
+    if p.over_existing() {
+        c.push(format!(
+            "target {:?} holds {} objects: {}",
+            p.target,
+            p.objects_before,
+            if opts.force {
+                "going ahead (--force)"
+            } else {
+                "confirmation on a terminal, else refused"
+            }
+        ));
+        if !p.sessions.is_empty() {
+            c.push(format!(
+                "{} other session(s) on the target: {}",
+                p.sessions.len(),
+                if opts.force {
+                    "terminated (--force)"
+                } else {
+                    "refused"
+                }
+            ));
+        }
+        c.push(if opts.no_safety_dump {
+            "no safety dump (--no-safety-dump)".to_string()
+        } else {
+            format!(
+                "safety dump of {:?} labelled {SAFETY_LABEL} first",
+                p.target
+            )
+        });
+    }
+    if p.drop {
+        c.push(format!("drop database {:?}", p.target));
+    }
+    if p.create {
+        c.push(format!("create database {:?} from template0", p.target));
+    }
+    c.push(if opts.jobs > 1 {
+        format!(
+            "pg_restore --jobs {} from a temporary file (mode 0600) of {}",
+            opts.jobs,
+            human_bytes(src.dump_bytes)
+        )
+    } else {
+        "pg_restore --single-transaction from a pipe (no local file)".to_string()
+    });
+    if opts.clean {
+        c.push("pg_restore --clean --if-exists".into());
+    }
+    let exact = src.tables.iter().filter(|t| t.exact).count();
+    c.push(format!(
+        "ANALYZE, then compare row counts of {} tables ({} exact, {} estimated)",
+        src.tables.len(),
+        exact,
+        src.tables.len() - exact
+    ));
+    c
+}
+
+fn summary(p: &Plan, src: &DumpedDatabase, opts: &RestoreDumpOptions) -> RestoredDatabase {
+    RestoredDatabase {
+        source: src.name.clone(),
+        target: p.target.clone(),
+        existed: p.existed,
+        objects_before: p.objects_before,
+        created: p.create,
+        dropped: p.drop,
+        safety_dump: None,
+        sessions: p.sessions.len() as u64,
+        sessions_terminated: 0,
+        dump_bytes: src.dump_bytes,
+        database_bytes: src.database_bytes,
+        temp_file: opts.jobs > 1,
+        jobs: opts.jobs.max(1),
+        objects: BTreeMap::new(),
+        checks: checks_for(p, src, opts),
+        tables_checked: 0,
+        row_differences: Vec::new(),
+        pg_restore_warnings: None,
+        duration_secs: 0.0,
+    }
+}
+
+async fn dry_run(
+    repo: &Repository,
+    src: &DumpedDatabase,
+    p: Plan,
+    opts: &RestoreDumpOptions,
+) -> Result<RestoredDatabase> {
+    let mut d = summary(&p, src, opts);
+    d.objects = list_objects(repo, src).await?;
+    if p.over_existing() && !opts.no_safety_dump {
+        d.safety_dump = Some("would be taken".into());
+    }
+    Ok(d)
+}
+
+async fn restore_globals(
+    repo: &Repository,
+    params: &ConnParams,
+    globals: &pgkeep_repo::StreamRef,
+) -> Result<Vec<String>> {
+    // The script is psql input (roles, tablespaces). Like the usual `psql -f globals.sql`
+    // it goes on after an error: in a fresh cluster the bootstrap role already exists.
+    let mut cmd = tokio::process::Command::new("psql");
+    for v in [
+        "PGSERVICE",
+        "PGSERVICEFILE",
+        "PGPASSWORD",
+        "PGOPTIONS",
+        "PGHOSTADDR",
+    ] {
+        cmd.env_remove(v);
+    }
+    cmd.envs(params.with_dbname("postgres").libpq_env())
+        .args(["-X", "-q", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::with_hint(
+            ErrorKind::Failure,
+            format!("cannot run psql: {e}"),
+            "install the PostgreSQL client tools or put them on PATH",
+        )
+    })?;
+    let stdin = child.stdin.take().expect("piped stdin");
+    let fd = stdin
+        .into_owned_fd()
+        .map_err(|e| Error::io("taking the pipe to psql", e))?;
+    let mut stderr = child.stderr.take().expect("piped stderr");
+    let err_task = tokio::spawn(async move {
+        let mut s = String::new();
+        let _ = tokio::io::AsyncReadExt::read_to_string(&mut stderr, &mut s).await;
+        s
+    });
+    let fed = read_into(repo, globals, std::fs::File::from(fd), &NoProgress).await;
+    drop(fed?);
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| Error::io("waiting for psql", e))?;
+    let stderr = err_task.await.unwrap_or_default();
+    if !status.success() {
+        return Err(Error::new(
+            ErrorKind::Failure,
+            format!(
+                "psql running the globals script failed ({status}): {}",
+                stderr.trim()
+            ),
+        ));
+    }
+    Ok(stderr
+        .lines()
+        .filter(|l| l.contains("ERROR:") && !l.contains("already exists"))
+        .map(|l| l.trim().to_string())
+        .collect())
+}
+
+async fn restore_one(
+    repo: &Repository,
+    params: &ConnParams,
+    m: &DumpManifest,
+    src: &DumpedDatabase,
+    p: Plan,
+    opts: &RestoreDumpOptions,
+    progress: &dyn Progress,
+) -> Result<RestoredDatabase> {
+    let started = Instant::now();
+    let mut d = summary(&p, src, opts);
+    // 1. Safety dump of what is about to change.
+    if p.over_existing() && !opts.no_safety_dump {
+        progress.note(&format!("safety dump of {:?}", p.target));
+        let dopts = DumpOptions {
+            cluster: opts.cluster.clone(),
+            db: Some(p.target.clone()),
+            label: Some(SAFETY_LABEL.into()),
+            ..DumpOptions::default()
+        };
+        let safety = dump::dump_locked(repo, params, &dopts, progress)
+            .await
+            .map_err(|e| {
+                Error::with_hint(
+                    e.kind(),
+                    format!(
+                        "the safety dump of {:?} failed, so nothing was restored: {e}",
+                        p.target
+                    ),
+                    "fix the cause, or restore without it with --no-safety-dump",
+                )
+            })?;
+        d.safety_dump = Some(safety.id);
+    }
+    // 2. Sessions, drop, create.
+    let admin = connect_db(params, &p.maintenance_db).await?;
+    if p.existed && (p.over_existing() || p.drop) {
+        let now = other_sessions(&admin, &p.target).await?;
+        if !now.is_empty() && !opts.force {
+            return Err(Error::with_hint(
+                ErrorKind::Failure,
+                format!(
+                    "the target database {:?} is in use by {} other session(s)",
+                    p.target,
+                    now.len()
+                ),
+                "stop the applications using it, or add --force to terminate their sessions",
+            ));
+        }
+        for (pid, _) in &now {
+            let ok: bool = admin
+                .inner()
+                .query_one("SELECT pg_terminate_backend($1)", &[pid])
+                .await
+                .map_err(|e| sql_err("terminating a session", admin.target(), &e))?
+                .get(0);
+            if ok {
+                d.sessions_terminated += 1;
+            }
+        }
+    }
+    let q = quote_ident(&p.target);
+    if p.drop {
+        let sql = if opts.force {
+            format!("DROP DATABASE {q} WITH (FORCE)")
+        } else {
+            format!("DROP DATABASE {q}")
+        };
+        admin.inner().batch_execute(&sql).await.map_err(|e| {
+            sql_err(
+                &format!("dropping database {:?}", p.target),
+                admin.target(),
+                &e,
+            )
+        })?;
+    }
+    if p.create {
+        admin
+            .inner()
+            .batch_execute(&format!("CREATE DATABASE {q} TEMPLATE template0"))
+            .await
+            .map_err(|e| {
+                sql_err(
+                    &format!("creating database {:?}", p.target),
+                    admin.target(),
+                    &e,
+                )
+            })?;
+    }
+    drop(admin);
+    // 3. pg_restore.
+    let what = format!("dump {} into database {:?}", m.id, p.target);
+    let mut args: Vec<String> = vec!["--no-password".into()];
+    if opts.clean && !p.create {
+        args.push("--clean".into());
+        args.push("--if-exists".into());
+    }
+    progress.note(&format!("pg_restore {} -> {}", src.name, p.target));
+    let warnings = if opts.jobs > 1 {
+        let dir = opts.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let path = dir.join(format!(
+            "pgkeep-restore-{}-{}.dump",
+            m.id,
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let guard = RemoveOnDrop(path.clone());
+        progress.note(&format!(
+            "parallel restore needs a seekable file: writing {} to {} (mode 0600, removed afterwards)",
+            human_bytes(src.dump_bytes),
+            path.display()
+        ));
+        let file = create_private(&path)?;
+        let file = read_into(repo, &src.stream, file, progress).await?;
+        file.sync_all().ok();
+        drop(file);
+        args.push(format!("--jobs={}", opts.jobs));
+        args.push(path.display().to_string());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let child = pgkeep_pg::dump::pg_restore(params, &p.target, &refs).map_err(pg_err)?;
+        let w = wait_tool(child, &what).await;
+        drop(guard);
+        w?
+    } else {
+        args.push("--single-transaction".into());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = pgkeep_pg::dump::pg_restore(params, &p.target, &refs).map_err(pg_err)?;
+        let fed = feed_stdin(repo, &src.stream, &mut child, progress).await;
+        // pg_restore's verdict first: when it fails, our broken pipe is only the symptom.
+        let w = wait_tool(child, &what).await?;
+        fed?;
+        w
+    };
+    let warnings = warnings.trim();
+    if !warnings.is_empty() {
+        d.pg_restore_warnings = Some(warnings.to_string());
+    }
+    // 4. ANALYZE and compare row counts.
+    let t = connect_db(params, &p.target).await?;
+    t.inner()
+        .batch_execute("ANALYZE")
+        .await
+        .map_err(|e| sql_err("ANALYZE", t.target(), &e))?;
+    for tr in &src.tables {
+        let name = dump::qualified(&tr.schema, &tr.table);
+        let found: Option<i64> = if tr.exact {
+            let sql = format!("SELECT count(*) FROM ONLY {name}");
+            t.inner()
+                .query_one(sql.as_str(), &[])
+                .await
+                .ok()
+                .map(|r| r.get(0))
+        } else {
+            t.inner()
+                .query_opt(
+                    "SELECT c.reltuples::float8 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = $1 AND c.relname = $2",
+                    &[&tr.schema, &tr.table],
+                )
+                .await
+                .map_err(|e| sql_err("reading table estimates", t.target(), &e))?
+                .map(|r| r.get::<_, f64>(0).round() as i64)
+        };
+        d.tables_checked += 1;
+        let differs = match (tr.rows, found) {
+            (_, None) => true,
+            (Some(e), Some(f)) if tr.exact => e != f,
+            (Some(e), Some(f)) => {
+                let (e, f) = (e as f64, f as f64);
+                (e - f).abs() > ESTIMATE_TOLERANCE * e.max(f).max(1.0)
+            }
+            (None, Some(_)) => false,
+        };
+        if differs {
+            d.row_differences.push(RowDifference {
+                schema: tr.schema.clone(),
+                table: tr.table.clone(),
+                expected: tr.rows,
+                found,
+                exact: tr.exact,
+            });
+        }
+    }
+    d.duration_secs = started.elapsed().as_secs_f64();
+    Ok(d)
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}

@@ -1,0 +1,726 @@
+//! Logical dumps of real PostgreSQL 15 clusters (pgkeep_testing::Cluster) into a repository in
+//! a temporary directory, and back.
+//!
+//! What a user relies on: dump then restore into a new database gives the very same schema and
+//! contents (piped, and with parallel jobs through a temporary file); row counts recorded in the
+//! dump's own snapshot match the restored tables even when the dump ran under write load; the
+//! same unchanged database dumped twice stores almost nothing new; an exported file is a
+//! standard pg_dump archive; a pg_dump that fails (missing database, permission denied, server
+//! stopped mid-way) leaves no dump; restoring over a database holding objects is refused
+//! without --force (exit 2) or while it is in use (exit 1), and with --force takes a safety dump
+//! that restores to what was replaced; `--all` brings roles and every database into a fresh
+//! cluster.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgkeep_core::commands::dump::{dump, load_dump, DumpOptions, SAFETY_LABEL};
+use pgkeep_core::commands::export_dump::{export_dump, ExportDumpOptions, ExportFormat};
+use pgkeep_core::commands::list::{info, list, InfoOptions, ListOptions};
+use pgkeep_core::commands::restore_dump::{restore_dump, RestoreDumpOptions};
+use pgkeep_core::progress::{NoProgress, Progress};
+use pgkeep_core::Report;
+use pgkeep_repo::{InitOptions, Repository};
+use pgkeep_storage::{LocalStorage, Storage};
+use pgkeep_testing::cluster::{first_difference, strip_restrict_lines, PG_BIN_DIR};
+use pgkeep_testing::Cluster;
+
+type TestResult = anyhow::Result<()>;
+
+async fn local_repo(dir: &Path) -> Repository {
+    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(dir).unwrap());
+    Repository::init(storage, InitOptions::default())
+        .await
+        .unwrap()
+}
+
+fn dump_opts(c: &Cluster, db: &str) -> DumpOptions {
+    DumpOptions {
+        cluster: "main".into(),
+        conninfo: Some(c.conninfo()),
+        db: Some(db.into()),
+        label: Some("daily".into()),
+        ..DumpOptions::default()
+    }
+}
+
+fn restore_opts(c: &Cluster, id: &str, target: &str) -> RestoreDumpOptions {
+    RestoreDumpOptions {
+        cluster: "main".into(),
+        id: id.into(),
+        conninfo: Some(c.conninfo()),
+        target_db: Some(target.into()),
+        ..RestoreDumpOptions::default()
+    }
+}
+
+/// `pg_dump` of one database with extra arguments, `\restrict` lines removed.
+fn pg_dump_text(c: &Cluster, db: &str, args: &[&str]) -> String {
+    let out = c
+        .client_command("pg_dump")
+        .args(["--no-sync", "-d", db])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    strip_restrict_lines(&String::from_utf8(out.stdout).unwrap())
+}
+
+fn assert_same_db(a: &Cluster, db_a: &str, b: &Cluster, db_b: &str) {
+    let (sa, sb) = (
+        pg_dump_text(a, db_a, &["--schema-only"]),
+        pg_dump_text(b, db_b, &["--schema-only"]),
+    );
+    assert!(sa.contains("CREATE TABLE"), "{sa}");
+    if let Some(d) = first_difference(&sa, &sb) {
+        panic!("schema of {db_a} and {db_b} differ: {d}");
+    }
+    let (da, db) = (a.pg_dump(db_a).unwrap(), b.pg_dump(db_b).unwrap());
+    if let Some(d) = first_difference(&da, &db) {
+        panic!("contents of {db_a} and {db_b} differ: {d}");
+    }
+}
+
+fn count_dumps(v: &[pgkeep_core::commands::list::BackupSummary]) -> usize {
+    v.iter().filter(|b| b.kind == "dump").count()
+}
+
+/// A database with a bit of everything: quoted names, a sequence, a view, an index, a
+/// function, a trigger, NULLs, bytea and a 100k-row table.
+fn make_shop(c: &Cluster, db: &str) {
+    c.sql(&format!("CREATE DATABASE {db}")).unwrap();
+    c.sql_db(
+        db,
+        r#"
+        CREATE SCHEMA sales;
+        CREATE TABLE sales.orders (id bigserial PRIMARY KEY, customer int NOT NULL, total numeric(12,2),
+            note text, created timestamptz NOT NULL DEFAULT '2026-01-01');
+        INSERT INTO sales.orders (customer, total, note)
+            SELECT g % 997, (g * 1.37)::numeric(12,2), CASE WHEN g % 10 = 0 THEN NULL ELSE md5(g::text) END
+            FROM generate_series(1, 100000) g;
+        CREATE INDEX orders_customer ON sales.orders (customer);
+        CREATE TABLE public."Odd ""Name""" (k text PRIMARY KEY, v bytea);
+        INSERT INTO public."Odd ""Name""" VALUES ('a', '\x00ff'), ('b', NULL);
+        CREATE TABLE public.empty_one (x int);
+        CREATE VIEW sales.big_customers AS SELECT customer, sum(total) FROM sales.orders GROUP BY 1;
+        CREATE FUNCTION sales.touch() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN NEW.created := now(); RETURN NEW; END $$;
+        CREATE TRIGGER orders_touch BEFORE UPDATE ON sales.orders FOR EACH ROW EXECUTE FUNCTION sales.touch();
+        "#,
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dump_restore_export_and_dedup() -> TestResult {
+    let t0 = Instant::now();
+    let c = Cluster::new()?;
+    make_shop(&c, "shop");
+    let rdir = tempfile::tempdir()?;
+    let repo = local_repo(rdir.path()).await;
+
+    let r1 = dump(&repo, &dump_opts(&c, "shop"), &NoProgress).await?;
+    assert_eq!(r1.exit_code(), 0, "{r1}");
+    let m = load_dump(&repo, "main", "latest").await?;
+    assert_eq!(m.id, r1.id);
+    assert_eq!(m.kind, "dump");
+    assert_eq!(m.label.as_deref(), Some("daily"));
+    assert!(
+        m.pg_dump_version.contains("PostgreSQL"),
+        "{}",
+        m.pg_dump_version
+    );
+    assert!(m.server_version_num >= 150000);
+    let d = &m.databases[0];
+    assert_eq!(d.name, "shop");
+    assert!(d.counts_in_dump_snapshot);
+    assert!(
+        d.database_bytes > 1_000_000 && d.dump_bytes > 1_000_000,
+        "{d:?}"
+    );
+    let orders = d.tables.iter().find(|t| t.table == "orders").unwrap();
+    assert_eq!(
+        (orders.schema.as_str(), orders.rows, orders.exact),
+        ("sales", Some(100_000), true)
+    );
+    assert_eq!(d.tables.len(), 3, "{:?}", d.tables);
+    // The manifest holds no connection string.
+    let raw = serde_json::to_string(&repo.load_manifest("main", &m.id).await?)?;
+    assert!(
+        !raw.contains(&c.socket_dir().display().to_string()),
+        "{raw}"
+    );
+
+    // The same unchanged database again: almost nothing new.
+    let r2 = dump(&repo, &dump_opts(&c, "shop"), &NoProgress).await?;
+    assert!(
+        r2.totals.new_bytes * 20 < r1.totals.new_bytes,
+        "second dump stored {} new bytes, first {}",
+        r2.totals.new_bytes,
+        r1.totals.new_bytes
+    );
+    eprintln!(
+        "dump 1: {} archive bytes, {} new; dump 2: {} new",
+        r1.totals.logical_bytes, r1.totals.new_bytes, r2.totals.new_bytes
+    );
+
+    // list and info show the dumps.
+    let l = list(
+        &repo,
+        &ListOptions {
+            cluster: "main".into(),
+        },
+    )
+    .await?;
+    assert_eq!(count_dumps(&l.backups), 2);
+    assert!(l.backups.iter().all(|b| b.logical_bytes.is_some()), "{l}");
+    let i = info(
+        &repo,
+        &InfoOptions {
+            cluster: "main".into(),
+            id: r1.id.clone(),
+        },
+    )
+    .await?;
+    assert_eq!(i.backup.kind, "dump");
+
+    // Restore through a pipe into a new database.
+    let rr = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            create: true,
+            ..restore_opts(&c, &r1.id, "shop_copy")
+        },
+        &NoProgress,
+    )
+    .await?;
+    assert_eq!(rr.exit_code(), 0, "{rr}");
+    let rd = &rr.databases[0];
+    assert!(
+        rd.created && !rd.temp_file && rd.safety_dump.is_none(),
+        "{rr}"
+    );
+    assert_eq!(rd.tables_checked, 3);
+    assert!(rd.row_differences.is_empty(), "{rr}");
+    assert_same_db(&c, "shop", &c, "shop_copy");
+
+    // Parallel restore goes through a 0600 temporary file that is gone afterwards.
+    let tmp = tempfile::tempdir()?;
+    let rr = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            create: true,
+            jobs: 2,
+            temp_dir: Some(tmp.path().to_path_buf()),
+            ..restore_opts(&c, "latest", "shop_par")
+        },
+        &NoProgress,
+    )
+    .await?;
+    assert!(rr.databases[0].temp_file, "{rr}");
+    assert_eq!(std::fs::read_dir(tmp.path())?.count(), 0);
+    assert_same_db(&c, "shop", &c, "shop_par");
+
+    // --clean --force over a database holding changed rows brings it back to the dump.
+    c.sql_db("shop_copy", "DELETE FROM sales.orders WHERE id <= 10")?;
+    let rr = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            clean: true,
+            force: true,
+            no_safety_dump: true,
+            ..restore_opts(&c, &r1.id, "shop_copy")
+        },
+        &NoProgress,
+    )
+    .await?;
+    assert!(rr.databases[0].row_differences.is_empty(), "{rr}");
+    assert_same_db(&c, "shop", &c, "shop_copy");
+
+    // Dry run: says what it would do, changes nothing.
+    c.sql_db("shop_copy", "CREATE TABLE marker (x int)")?;
+    let before = c.pg_dump("shop_copy")?;
+    let dry = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            clean: true,
+            dry_run: true,
+            ..restore_opts(&c, "latest", "shop_copy")
+        },
+        &NoProgress,
+    )
+    .await?;
+    let text = dry.to_string();
+    assert!(dry.dry_run && text.contains("DRY RUN"), "{text}");
+    let dd = &dry.databases[0];
+    assert_eq!(
+        dd.objects.get("TABLE").copied(),
+        Some(3),
+        "{:?}",
+        dd.objects
+    );
+    assert_eq!(
+        dd.objects.get("TABLE DATA").copied(),
+        Some(3),
+        "{:?}",
+        dd.objects
+    );
+    assert!(
+        dd.checks.iter().any(|c| c.contains("safety dump")),
+        "{text}"
+    );
+    assert!(
+        dd.checks.iter().any(|c| c.contains("confirmation")),
+        "{text}"
+    );
+    assert_eq!(c.pg_dump("shop_copy")?, before);
+    let l = list(
+        &repo,
+        &ListOptions {
+            cluster: "main".into(),
+        },
+    )
+    .await?;
+    assert_eq!(count_dumps(&l.backups), 2, "a dry run took a safety dump");
+
+    // Export: the custom file is a standard archive pg_restore accepts; plain is SQL; 0600.
+    let out = tempfile::tempdir()?;
+    let custom = out.path().join("shop.dump");
+    let e = export_dump(
+        &repo,
+        &ExportDumpOptions {
+            cluster: "main".into(),
+            id: "latest".into(),
+            output: custom.clone(),
+            ..ExportDumpOptions::default()
+        },
+        &NoProgress,
+    )
+    .await?;
+    assert_eq!(e.bytes, m.databases[0].dump_bytes);
+    assert_eq!(
+        std::fs::metadata(&custom)?.permissions().mode() & 0o777,
+        0o600
+    );
+    c.sql("CREATE DATABASE shop_from_file")?;
+    let st = c
+        .client_command("pg_restore")
+        .args(["--exit-on-error", "-d", "shop_from_file"])
+        .arg(&custom)
+        .status()?;
+    assert!(st.success());
+    assert_same_db(&c, "shop", &c, "shop_from_file");
+    let plain = out.path().join("shop.sql");
+    export_dump(
+        &repo,
+        &ExportDumpOptions {
+            cluster: "main".into(),
+            id: r1.id.clone(),
+            output: plain.clone(),
+            format: ExportFormat::Plain,
+            db: None,
+        },
+        &NoProgress,
+    )
+    .await?;
+    let sql = std::fs::read_to_string(&plain)?;
+    assert!(
+        sql.contains("CREATE TABLE sales.orders"),
+        "{}",
+        &sql[..sql.len().min(500)]
+    );
+    assert_eq!(
+        std::fs::metadata(&plain)?.permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::read_dir(out.path())?.count(),
+        2,
+        "temporary files left behind"
+    );
+    eprintln!(
+        "dump_restore_export_and_dedup: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Counts bytes, and fires once when `trigger_at` bytes went by.
+struct Trip {
+    bytes: AtomicU64,
+    trigger_at: u64,
+    fired: AtomicBool,
+    pid: i32,
+}
+
+impl Progress for Trip {
+    fn advance(&self, bytes: u64, _: u64) {
+        let n = self.bytes.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        if n >= self.trigger_at && !self.fired.swap(true, Ordering::SeqCst) {
+            // SAFETY: kill(2) on our own test server's postmaster: an immediate shutdown.
+            unsafe {
+                libc::kill(self.pid, libc::SIGQUIT);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_pg_dump_leaves_no_dump() -> TestResult {
+    let t0 = Instant::now();
+    let mut c = Cluster::new()?;
+    let rdir = tempfile::tempdir()?;
+    let repo = local_repo(rdir.path()).await;
+
+    // A database that does not exist.
+    let e = dump(&repo, &dump_opts(&c, "nosuchdb"), &NoProgress)
+        .await
+        .unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("nosuchdb") && msg.contains("does not exist"),
+        "{msg}"
+    );
+    assert_eq!(e.exit_code(), 1);
+
+    // Permission denied on one table: pg_dump's own message, naming the database.
+    c.sql("CREATE ROLE reader LOGIN; CREATE DATABASE locked; ")?;
+    c.sql_db("locked", "CREATE TABLE secret (x int); INSERT INTO secret VALUES (1); REVOKE ALL ON secret FROM PUBLIC;")?;
+    let mut o = dump_opts(&c, "locked");
+    o.conninfo = Some(c.conninfo().replace("user=postgres", "user=reader"));
+    let e = dump(&repo, &o, &NoProgress).await.unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("permission denied") && msg.contains("locked") && msg.contains("pg_dump"),
+        "{msg}"
+    );
+
+    // Server stopped in the middle of a dump of ~150 MB.
+    c.sql("CREATE DATABASE big")?;
+    c.sql_db(
+        "big",
+        "CREATE TABLE t AS SELECT g, repeat(md5(g::text), 4) AS pad FROM generate_series(1, 1000000) g",
+    )?;
+    let l = list(
+        &repo,
+        &ListOptions {
+            cluster: "main".into(),
+        },
+    )
+    .await?;
+    assert_eq!(count_dumps(&l.backups), 0);
+    let pid: i32 = std::fs::read_to_string(c.pgdata().join("postmaster.pid"))?
+        .lines()
+        .next()
+        .unwrap()
+        .trim()
+        .parse()?;
+    let trip = Trip {
+        bytes: AtomicU64::new(0),
+        trigger_at: 8 << 20,
+        fired: AtomicBool::new(false),
+        pid,
+    };
+    let e = dump(&repo, &dump_opts(&c, "big"), &trip).await.unwrap_err();
+    assert!(
+        trip.fired.load(Ordering::SeqCst),
+        "the server was not stopped during the dump"
+    );
+    let msg = e.to_string();
+    assert!(msg.contains("\"big\"") && msg.contains("pg_dump"), "{msg}");
+    eprintln!(
+        "server stopped after {} bytes: {msg}",
+        trip.bytes.load(Ordering::SeqCst)
+    );
+    let _ = c.stop_mode(pgkeep_testing::StopMode::Immediate);
+    let l = list(
+        &repo,
+        &ListOptions {
+            cluster: "main".into(),
+        },
+    )
+    .await?;
+    assert_eq!(count_dumps(&l.backups), 0, "{l}");
+    // The repository is still sound, and the next run works.
+    c.start()?;
+    let r = dump(&repo, &dump_opts(&c, "big"), &NoProgress).await?;
+    assert!(r.databases[0].dump_bytes > 100_000_000, "{r}");
+    let check = repo
+        .check(pgkeep_repo::CheckOptions { read_data: false })
+        .await?;
+    assert!(check.is_ok(), "{:?}", check.problems);
+    eprintln!(
+        "failed_pg_dump_leaves_no_dump: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn safety_dump_is_taken_and_restorable() -> TestResult {
+    let t0 = Instant::now();
+    let c = Cluster::new()?;
+    make_shop(&c, "app");
+    let rdir = tempfile::tempdir()?;
+    let repo = local_repo(rdir.path()).await;
+    let first = dump(&repo, &dump_opts(&c, "app"), &NoProgress).await?;
+    let state_a = c.pg_dump("app")?;
+    c.sql_db("app", "INSERT INTO sales.orders (customer, total) SELECT 1, 2 FROM generate_series(1, 500); DELETE FROM public.\"Odd \"\"Name\"\"\" WHERE k = 'b'")?;
+    let state_b = c.pg_dump("app")?;
+    assert_ne!(state_a, state_b);
+
+    // Not on a terminal, no --force: refused with exit 2, nothing changed, no dump taken.
+    let e = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            clean: true,
+            ..restore_opts(&c, &first.id, "app")
+        },
+        &NoProgress,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
+    assert!(e.to_string().contains("--force"), "{e}");
+    assert_eq!(c.pg_dump("app")?, state_b);
+
+    // In use: refused (exit 1) without --force even when confirmed.
+    let params = pgkeep_pg::ConnParams::resolve(Some(&c.conninfo_db("app")))?;
+    let session = pgkeep_pg::PgClient::connect(&params).await?;
+    let e = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            clean: true,
+            interactive: true,
+            ..restore_opts(&c, &first.id, "app")
+        },
+        &NoProgress,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.exit_code(), 1, "{e}");
+    assert!(e.to_string().contains("in use"), "{e}");
+    let l = list(
+        &repo,
+        &ListOptions {
+            cluster: "main".into(),
+        },
+    )
+    .await?;
+    assert_eq!(count_dumps(&l.backups), 1);
+
+    // --force: safety dump first, the session is terminated, the target is state A again.
+    let rr = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            clean: true,
+            force: true,
+            ..restore_opts(&c, &first.id, "app")
+        },
+        &NoProgress,
+    )
+    .await?;
+    let d = &rr.databases[0];
+    assert_eq!(d.sessions_terminated, 1, "{rr}");
+    assert!(d.row_differences.is_empty(), "{rr}");
+    let safety_id = d.safety_dump.clone().expect("a safety dump");
+    assert!(
+        session.inner().simple_query("SELECT 1").await.is_err(),
+        "session survived"
+    );
+    if let Some(diff) = first_difference(&state_a, &c.pg_dump("app")?) {
+        panic!("restored app differs from the dump: {diff}");
+    }
+    let safety = load_dump(&repo, "main", &safety_id).await?;
+    assert_eq!(safety.label.as_deref(), Some(SAFETY_LABEL));
+    // `latest` is now the safety dump; it restores to what was replaced.
+    let rr = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            create: true,
+            ..restore_opts(&c, "latest", "app_before")
+        },
+        &NoProgress,
+    )
+    .await?;
+    assert_eq!(rr.id, safety_id);
+    if let Some(diff) = first_difference(&state_b, &c.pg_dump("app_before")?) {
+        panic!("safety dump does not restore the replaced state: {diff}");
+    }
+
+    // --create over an existing database without --clean is refused; with --create --clean
+    // --force it is dropped and created again (and a safety dump taken).
+    let e = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            create: true,
+            force: true,
+            ..restore_opts(&c, &first.id, "app_before")
+        },
+        &NoProgress,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
+    let rr = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            create: true,
+            clean: true,
+            force: true,
+            ..restore_opts(&c, &first.id, "app_before")
+        },
+        &NoProgress,
+    )
+    .await?;
+    assert!(
+        rr.databases[0].dropped && rr.databases[0].safety_dump.is_some(),
+        "{rr}"
+    );
+    assert_eq!(c.pg_dump("app_before")?, state_a);
+    eprintln!(
+        "safety_dump_is_taken_and_restorable: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_match_under_write_load() -> TestResult {
+    let c = Cluster::new()?;
+    c.pgbench(&["-i", "-s", "2", "-q"])?;
+    let rdir = tempfile::tempdir()?;
+    let repo = local_repo(rdir.path()).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (s, env) = (stop.clone(), c.env());
+    let writer = std::thread::spawn(move || {
+        let mut rounds = 0;
+        while !s.load(Ordering::SeqCst) {
+            let out = std::process::Command::new(format!("{PG_BIN_DIR}/pgbench"))
+                .envs(env.clone())
+                .args(["-n", "-c", "2", "-T", "1"])
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            rounds += 1;
+        }
+        rounds
+    });
+    std::thread::sleep(Duration::from_millis(700));
+    let r = dump(&repo, &dump_opts(&c, "postgres"), &NoProgress).await?;
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    assert!(writer.join().unwrap() > 0);
+    let m = load_dump(&repo, "main", &r.id).await?;
+    let history = m.databases[0]
+        .tables
+        .iter()
+        .find(|t| t.table == "pgbench_history")
+        .unwrap();
+    let now: i64 = c.sql("SELECT count(*) FROM pgbench_history")?.parse()?;
+    assert!(
+        history.rows.unwrap() < now,
+        "the writer did not write after the dump's snapshot"
+    );
+    let rr = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            create: true,
+            ..restore_opts(&c, &r.id, "copy")
+        },
+        &NoProgress,
+    )
+    .await?;
+    assert!(rr.databases[0].row_differences.is_empty(), "{rr}");
+    assert_eq!(rr.databases[0].tables_checked, 4);
+    let copied: i64 = c
+        .sql_db("copy", "SELECT count(*) FROM pgbench_history")?
+        .parse()?;
+    assert_eq!(Some(copied), history.rows);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn all_restores_roles_and_databases_into_a_fresh_cluster() -> TestResult {
+    let t0 = Instant::now();
+    let a = Cluster::new()?;
+    a.sql("CREATE ROLE app_owner LOGIN; CREATE ROLE auditor NOLOGIN; CREATE DATABASE db1 OWNER app_owner; CREATE DATABASE db2")?;
+    a.sql_db("db1", "SET ROLE app_owner; CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g; RESET ROLE; GRANT SELECT ON items TO auditor")?;
+    a.sql_db(
+        "db2",
+        "CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 10)",
+    )?;
+    a.sql("CREATE TABLE in_postgres (y text); INSERT INTO in_postgres VALUES ('kept')")?;
+    let rdir = tempfile::tempdir()?;
+    let repo = local_repo(rdir.path()).await;
+    let r = dump(
+        &repo,
+        &DumpOptions {
+            all: true,
+            db: None,
+            label: Some("weekly".into()),
+            ..dump_opts(&a, "")
+        },
+        &NoProgress,
+    )
+    .await?;
+    assert!(r.globals, "{r}");
+    let names: Vec<&str> = r.databases.iter().map(|d| d.name.as_str()).collect();
+    assert_eq!(names, ["db1", "db2", "postgres"]);
+
+    // One database out of an --all dump needs to be named.
+    let e = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            create: true,
+            ..restore_opts(&a, "latest", "x")
+        },
+        &NoProgress,
+    )
+    .await
+    .unwrap_err();
+    assert!(e.to_string().contains("--db"), "{e}");
+
+    let b = Cluster::new()?;
+    let rr = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            all: true,
+            target_db: None,
+            ..restore_opts(&b, "latest", "")
+        },
+        &NoProgress,
+    )
+    .await?;
+    assert!(rr.globals_errors.is_empty(), "{rr}");
+    assert_eq!(rr.exit_code(), 0, "{rr}");
+    assert_eq!(
+        b.sql("SELECT rolname FROM pg_roles WHERE rolname IN ('app_owner', 'auditor') ORDER BY 1")?,
+        "app_owner\nauditor"
+    );
+    for db in ["db1", "db2", "postgres"] {
+        assert_same_db(&a, db, &b, db);
+    }
+    assert_eq!(
+        b.sql_db(
+            "db1",
+            "SELECT tableowner FROM pg_tables WHERE tablename = 'items'"
+        )?,
+        "app_owner"
+    );
+    eprintln!(
+        "all_restores_roles_and_databases: {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
