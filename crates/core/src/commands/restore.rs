@@ -381,8 +381,8 @@ pub async fn restore(
         report.bytes_written += write_job(repo, &target, &m, job, progress).await?;
         report.files_written += 1;
     }
-    if let Some(map) = &m.tablespace_map {
-        let _ = map; // The stored map names the old locations; write the relocated one.
+    // The stored map names the locations at backup time; write the relocated ones.
+    if m.tablespace_map.is_some() {
         let mut text = String::new();
         for (oid, loc) in ts_locations.iter() {
             text.push_str(&format!(
@@ -783,10 +783,10 @@ fn delta_prepare(
     let wanted: BTreeMap<&str, EntryKind> =
         m.files.iter().map(|f| (f.path.as_str(), f.kind)).collect();
     let mut found: Vec<(String, PathBuf, std::fs::FileType, u64)> = Vec::new();
-    walk_local(target, "", &mut found, ts)?;
+    walk_local(target, "", &mut found)?;
     for (oid, loc) in ts {
         if loc.is_dir() {
-            walk_local(loc, &format!("pg_tblspc/{oid}"), &mut found, ts)?;
+            walk_local(loc, &format!("pg_tblspc/{oid}"), &mut found)?;
         }
     }
     let mut inventory = Inventory::new();
@@ -833,7 +833,6 @@ fn walk_local(
     dir: &Path,
     rel: &str,
     out: &mut Vec<(String, PathBuf, std::fs::FileType, u64)>,
-    ts: &BTreeMap<u32, PathBuf>,
 ) -> Result<()> {
     for e in std::fs::read_dir(dir).map_err(|e| io_err("reading", dir, e))? {
         let e = e.map_err(|e| io_err("reading", dir, e))?;
@@ -848,7 +847,7 @@ fn walk_local(
         let ft = meta.file_type();
         out.push((r.clone(), p.clone(), ft, meta.len()));
         if ft.is_dir() {
-            walk_local(&p, &r, out, ts)?;
+            walk_local(&p, &r, out)?;
         }
     }
     Ok(())
