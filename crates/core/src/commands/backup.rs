@@ -205,7 +205,7 @@ pub async fn backup(
             ));
         }
     }
-    if opts.relation_chunk_size % BLCKSZ as u32 != 0 {
+    if !opts.relation_chunk_size.is_multiple_of(BLCKSZ as u32) {
         return Err(Error::usage(format!(
             "relation chunk size {} is not a multiple of the page size {BLCKSZ}",
             opts.relation_chunk_size
