@@ -10,7 +10,9 @@ use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use pgkeep_core::commands::repo::{
     self, RepoCheckOptions, RepoInitOptions, RepoKeyRemoveOptions, RepoUnlockOptions,
 };
-use pgkeep_core::commands::{archive, backup, check, list, restore, verify};
+use pgkeep_core::commands::{
+    archive, backup, check, dump, export_dump, list, restore, restore_dump, verify,
+};
 use pgkeep_core::config::{Env, Overrides};
 use pgkeep_core::progress::{LogProgress, NoProgress, Progress, TerminalProgress};
 use pgkeep_core::error::ErrorReport;
@@ -243,8 +245,17 @@ struct RestoreDumpArgs {
     #[arg(long, value_name = "CONNINFO")]
     pg: Option<String>,
     /// Database to restore into.
+    #[arg(long, value_name = "NAME", required_unless_present = "all", conflicts_with = "all")]
+    target_db: Option<String>,
+    /// Which database of a `dump --all` to restore.
     #[arg(long, value_name = "NAME")]
-    target_db: String,
+    db: Option<String>,
+    /// Restore a `dump --all` whole: roles, tablespaces and every database under its own name.
+    #[arg(long, conflicts_with = "db")]
+    all: bool,
+    /// Do not dump a database holding objects into the repository before restoring over it.
+    #[arg(long)]
+    no_safety_dump: bool,
     /// Create the target database.
     #[arg(long)]
     create: bool,
@@ -276,6 +287,9 @@ struct ExportDumpArgs {
     /// File to write.
     #[arg(long, value_name = "FILE")]
     output: PathBuf,
+    /// Which database of a `dump --all` to export.
+    #[arg(long, value_name = "NAME")]
+    db: Option<String>,
     /// pg_dump custom format (for pg_restore) or plain SQL.
     #[arg(long, value_enum, default_value = "custom")]
     format: DumpFormat,
@@ -463,6 +477,55 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
         Command::Verify { read_data } => {
             let opts = verify::VerifyOptions { read_data: *read_data };
             Ok(emit(json, &verify::verify(ctx, &opts).await?))
+        }
+        Command::Dump(d) => {
+            let repo = ctx.open_repository().await?;
+            let opts = dump::DumpOptions {
+                cluster: ctx.settings.cluster.name.clone(),
+                conninfo: ctx.settings.cluster.pg.clone(),
+                db: d.db.clone(),
+                all: d.all,
+                label: d.label.clone(),
+                ..dump::DumpOptions::default()
+            };
+            Ok(emit(json, &dump::dump(&repo, &opts, progress(cli).as_ref()).await?))
+        }
+        Command::RestoreDump(r) => {
+            use std::io::IsTerminal;
+            let repo = ctx.open_repository().await?;
+            let opts = restore_dump::RestoreDumpOptions {
+                cluster: ctx.settings.cluster.name.clone(),
+                id: r.id.clone(),
+                conninfo: ctx.settings.cluster.pg.clone(),
+                target_db: r.target_db.clone(),
+                source_db: r.db.clone(),
+                all: r.all,
+                create: r.create,
+                clean: r.clean,
+                jobs: r.jobs.unwrap_or(1),
+                dry_run: r.dry_run,
+                force: r.force,
+                no_safety_dump: r.no_safety_dump,
+                interactive: std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
+                temp_dir: None,
+            };
+            let report = restore_dump::restore_dump(&repo, &opts, progress(cli).as_ref()).await?;
+            Ok(emit(json, &report))
+        }
+        Command::ExportDump(e) => {
+            let repo = ctx.open_repository().await?;
+            let opts = export_dump::ExportDumpOptions {
+                cluster: ctx.settings.cluster.name.clone(),
+                id: e.id.clone(),
+                db: e.db.clone(),
+                output: e.output.clone(),
+                format: match e.format {
+                    DumpFormat::Custom => export_dump::ExportFormat::Custom,
+                    DumpFormat::Plain => export_dump::ExportFormat::Plain,
+                },
+            };
+            let report = export_dump::export_dump(&repo, &opts, progress(cli).as_ref()).await?;
+            Ok(emit(json, &report))
         }
         _ => Err(Error::NotImplemented {
             command: cli.command_name().to_string(),
