@@ -47,6 +47,7 @@ fn opts(c: &Cluster, cluster: &str) -> BackupOptions {
         full_read: false,
         threads: 0,
         relation_chunk_size: 0,
+        archive_timeout_secs: None,
     }
 }
 
@@ -655,5 +656,28 @@ async fn encrypted_backup_to_seaweedfs_restores() -> TestResult {
         first_difference(&dump, &restored.pg_dump("postgres")?),
         None
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_waits_for_its_wal_when_pgkeep_archives() -> TestResult {
+    // archive_command names pgkeep but archives nothing: the backup must not report success
+    // (nor save a manifest) before its WAL is in the archive.
+    let c = Cluster::builder()
+        .archive_command("test -n pgkeep-archive-push-stub; false")
+        .start()?;
+    let repo_dir = tempfile::tempdir()?;
+    let repo = local_repo(repo_dir.path()).await;
+    let o = BackupOptions {
+        archive_timeout_secs: Some(2),
+        ..opts(&c, "main")
+    };
+    let e = backup(&repo, &o, &NoProgress).await.unwrap_err();
+    assert_eq!(e.exit_code(), 1, "{e}");
+    assert!(
+        e.to_string().contains("0000000100000000000000"),
+        "names the segments: {e}"
+    );
+    assert!(repo.list_manifests(None).await?.is_empty());
     Ok(())
 }

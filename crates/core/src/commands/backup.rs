@@ -77,6 +77,11 @@ pub struct BackupOptions {
     /// grow to the chunker's maximum, 4 MiB) at the price of more blobs in the index.
     #[serde(default)]
     pub relation_chunk_size: u32,
+    /// When the cluster archives its WAL with `pgkeep archive-push`, how long to wait after
+    /// `pg_backup_stop` for the backup's WAL to reach the archive (the backup fails, without
+    /// a manifest, if it does not). None = 60 s. Ignored when another tool archives.
+    #[serde(default)]
+    pub archive_timeout_secs: Option<u64>,
 }
 
 /// What `backup` did.
@@ -527,6 +532,28 @@ async fn run(
     // Commit: packs and index, then the manifest.
     let stats = writer.finish().await?;
     session.check_slot().await.map_err(pg_error)?;
+    // Point-in-time recovery from this backup needs its WAL in this repository's archive too
+    // (RELIABILITY 15): when pgkeep archives this cluster, wait for it before committing.
+    let archive_mode = session
+        .client()
+        .setting("archive_mode")
+        .await
+        .map_err(pg_error)?;
+    let archive_command = session
+        .client()
+        .setting("archive_command")
+        .await
+        .map_err(pg_error)?;
+    if archive_mode != "off"
+        && archive_command.contains("pgkeep")
+        && archive_command.contains("archive-push")
+    {
+        progress.note("waiting for the backup's WAL to be archived");
+        let segments = WalSegmentName::range(start.lsn, stop.lsn, start.timeline, seg_size);
+        let timeout = Duration::from_secs(opts.archive_timeout_secs.unwrap_or(60));
+        crate::commands::archive::wait_for_wal_archived(repo, &opts.cluster, &segments, timeout)
+            .await?;
+    }
     if let Err(e) = session.finish().await {
         // The slot is temporary: it goes with the connection anyway.
         tracing::warn!("{e}");
