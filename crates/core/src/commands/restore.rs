@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::stream::{self, StreamExt};
-use pgkeep_repo::{BlobRef, Repository, StreamRef};
+use pgkeep_repo::{BlobRef, LockKind, Repository, StreamRef};
 use serde::{Deserialize, Serialize};
 
 use crate::context::Report;
@@ -162,6 +162,21 @@ fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
 /// Refuses (exit 2, before writing anything) a non-empty target without `--delta`/`--force`,
 /// and always a directory holding `postmaster.pid`.
 pub async fn restore(
+    repo: &Repository,
+    opts: &RestoreOptions,
+    progress: &dyn Progress,
+) -> Result<RestoreReport> {
+    // A shared lock: removal of data (expire, prune) needs the exclusive one, so nothing this
+    // restore reads disappears under it.
+    let lock = repo.lock(LockKind::Shared, None, "restore").await?;
+    let result = run(repo, opts, progress).await;
+    if let Err(e) = lock.release().await {
+        tracing::warn!("could not release the repository lock: {e}");
+    }
+    result
+}
+
+async fn run(
     repo: &Repository,
     opts: &RestoreOptions,
     progress: &dyn Progress,
