@@ -277,6 +277,116 @@ pub async fn load_dump(
     DumpManifest::from_value(v)
 }
 
+/// What `info` shows of a dump: the manifest without its stream references.
+#[derive(Debug, Clone, Serialize)]
+pub struct DumpDetails {
+    /// Host that took it.
+    pub host: String,
+    /// pgkeep version.
+    pub tool_version: String,
+    /// `server_version`.
+    pub server_version: String,
+    /// `pg_dump --version`.
+    pub pg_dump_version: String,
+    /// Whether it is a `--all` dump (with the globals).
+    pub all: bool,
+    /// Seconds.
+    pub duration_secs: f64,
+    /// Totals.
+    pub totals: DumpTotals,
+    /// Per database: sizes and row counts.
+    pub databases: Vec<DatabaseDetails>,
+}
+
+/// A database of [`DumpDetails`].
+#[derive(Debug, Clone, Serialize)]
+pub struct DatabaseDetails {
+    /// Name.
+    pub name: String,
+    /// `pg_database_size` at dump time.
+    pub database_bytes: u64,
+    /// Archive bytes.
+    pub dump_bytes: u64,
+    /// Whether counts were taken in pg_dump's snapshot.
+    pub counts_in_dump_snapshot: bool,
+    /// Row counts.
+    pub tables: Vec<TableRows>,
+}
+
+impl DumpDetails {
+    /// Details of a dump manifest body (`None` when it is not a readable dump).
+    pub fn from_value(v: &serde_json::Value) -> Option<Self> {
+        let m = DumpManifest::from_value(v.clone()).ok()?;
+        Some(DumpDetails {
+            host: m.host,
+            tool_version: m.tool_version,
+            server_version: m.server_version,
+            pg_dump_version: m.pg_dump_version,
+            all: m.all,
+            duration_secs: m.duration_secs,
+            totals: m.totals,
+            databases: m
+                .databases
+                .into_iter()
+                .map(|d| DatabaseDetails {
+                    name: d.name,
+                    database_bytes: d.database_bytes,
+                    dump_bytes: d.dump_bytes,
+                    counts_in_dump_snapshot: d.counts_in_dump_snapshot,
+                    tables: d.tables,
+                })
+                .collect(),
+        })
+    }
+}
+
+impl fmt::Display for DumpDetails {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "taken on    {} (pgkeep {}) with {}, server {}",
+            self.host, self.tool_version, self.pg_dump_version, self.server_version
+        )?;
+        let t = &self.totals;
+        writeln!(
+            f,
+            "size        {} of archives{} from {} of databases; {} new, {} stored; {:.1} s",
+            human_bytes(t.logical_bytes),
+            if self.all { " and globals" } else { "" },
+            human_bytes(t.database_bytes),
+            human_bytes(t.new_bytes),
+            human_bytes(t.stored_bytes),
+            self.duration_secs
+        )?;
+        for d in &self.databases {
+            writeln!(
+                f,
+                "database    {} ({} archive, {} database, {} tables{})",
+                d.name,
+                human_bytes(d.dump_bytes),
+                human_bytes(d.database_bytes),
+                d.tables.len(),
+                if d.counts_in_dump_snapshot {
+                    ""
+                } else {
+                    ", counts outside the dump snapshot"
+                }
+            )?;
+            for t in &d.tables {
+                writeln!(
+                    f,
+                    "  {}.{}: {} rows{}",
+                    t.schema,
+                    t.table,
+                    t.rows.map_or("?".to_string(), |n| n.to_string()),
+                    if t.exact { "" } else { " (estimate)" }
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What `dump` did.
 #[derive(Debug, Clone, Serialize)]
 pub struct DumpReport {
@@ -420,6 +530,9 @@ pub(crate) async fn tool_version(program: &str) -> Result<String> {
         .to_string())
 }
 
+/// Bytes at the start of an archive stored as their own blob (see [`ingest_stdout`]).
+const HEAD_BYTES: usize = 4096;
+
 /// A reader that counts what passes through it.
 struct Counted<R> {
     inner: R,
@@ -454,7 +567,22 @@ pub(crate) async fn ingest_stdout(
             inner: File::from(fd),
             counter,
         };
-        w.ingest_reader(&mut r)
+        // The archive's first bytes hold pg_dump's start time: stored as a blob of their own,
+        // so the content-defined chunks of everything after them match yesterday's.
+        let mut head = Vec::with_capacity(HEAD_BYTES);
+        (&mut r)
+            .take(HEAD_BYTES as u64)
+            .read_to_end(&mut head)
+            .map_err(|e| {
+                pgkeep_repo::RepoError::Invalid(format!("reading the input failed: {e}"))
+            })?;
+        let mut stream = w.ingest_bytes(&head)?;
+        if head.len() == HEAD_BYTES {
+            let rest = w.ingest_reader(&mut r)?;
+            stream.size += rest.size;
+            stream.blobs.extend(rest.blobs);
+        }
+        Ok::<_, pgkeep_repo::RepoError>(stream)
     })
     .await
     .map_err(Error::from)

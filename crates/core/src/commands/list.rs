@@ -177,6 +177,8 @@ pub struct InfoReport {
     pub backup: BackupSummary,
     /// Details when it is a physical backup.
     pub physical: Option<PhysicalInfo>,
+    /// Details when it is a logical dump.
+    pub dump: Option<crate::commands::dump::DumpDetails>,
 }
 
 impl fmt::Display for InfoReport {
@@ -236,6 +238,9 @@ impl fmt::Display for InfoReport {
                 )?;
             }
         }
+        if let Some(d) = &self.dump {
+            write!(f, "{d}")?;
+        }
         Ok(())
     }
 }
@@ -282,6 +287,7 @@ pub async fn info(repo: &Repository, opts: &InfoOptions) -> Result<InfoReport> {
         )
     })?;
     let backup = BackupSummary::from_header(&header, &v);
+    let dump = crate::commands::dump::DumpDetails::from_value(&v);
     let physical = if header.kind == KIND_PHYSICAL {
         let m = BackupManifest::from_value(v)?;
         Some(PhysicalInfo {
@@ -308,5 +314,6 @@ pub async fn info(repo: &Repository, opts: &InfoOptions) -> Result<InfoReport> {
         cluster: opts.cluster.clone(),
         backup,
         physical,
+        dump,
     })
 }

@@ -461,12 +461,13 @@ async fn plan(
     })
 }
 
-/// Other sessions connected to `db` (pid, application name).
+/// Other client sessions connected to `db` (pid, application name). Autovacuum workers do
+/// not count: they give way to the restore's locks, and DROP DATABASE stops them.
 async fn other_sessions(admin: &PgClient, db: &str) -> Result<Vec<(i32, String)>> {
     Ok(admin
         .inner()
         .query(
-            "SELECT pid, coalesce(nullif(application_name, ''), usename::text, '?') FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()",
+            "SELECT pid, coalesce(nullif(application_name, ''), usename::text, '?') FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
             &[&db],
         )
         .await
