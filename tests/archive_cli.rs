@@ -1,0 +1,260 @@
+//! WAL archiving end to end with the real binary: a PostgreSQL 15 cluster whose
+//! `archive_command` is `pgkeep archive-push %p` (run by the server as `postgres`), then
+//! `pgkeep check`, `archive-get`, the refusals of `archive-push` (exit codes 0 with a warning,
+//! 14, 15) and `verify` finding a segment deleted from the middle of the archive (exit 13).
+
+mod cli_support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cli_support::{listing, Sandbox};
+use pgkeep_testing::Cluster;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgkeep");
+
+/// A sandbox whose repository the server user can write (the archiver runs as `postgres`).
+fn shared_sandbox() -> Sandbox {
+    let s = Sandbox::new();
+    s.run_repo(&["repo", "init", "--no-encryption"], &[])
+        .expect(0);
+    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(
+        s.path().join("empty.toml"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    if pgkeep_testing::cluster::running_as_root() {
+        let st = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(s.repo())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    s
+}
+
+/// `archive_command` calling the binary with the sandbox's config and repository; also
+/// keeps a `cp` copy in `<cluster dir>/cp` to compare with what archive-get returns.
+fn archive_command(s: &Sandbox) -> String {
+    format!(
+        "cp %p ../cp/%f && {BIN} --config {} --repo {} archive-push %p",
+        s.path().join("empty.toml").display(),
+        s.repo().display()
+    )
+}
+
+fn start_archiving(s: &Sandbox) -> Cluster {
+    let mut c = Cluster::builder()
+        .archive_command(&archive_command(s))
+        .init()
+        .unwrap();
+    let cp = c.dir().join("cp");
+    std::fs::create_dir(&cp).unwrap();
+    if pgkeep_testing::cluster::running_as_root() {
+        Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&cp)
+            .status()
+            .unwrap();
+    }
+    c.start().unwrap();
+    c
+}
+
+/// Writes, switches WAL `n` times, and waits until PostgreSQL has archived the last one
+/// (pg_stat_archiver), failing with the server log if it reports a failure.
+fn switch_and_wait(c: &Cluster, n: usize) -> Vec<String> {
+    let mut names = Vec::new();
+    for i in 0..n {
+        c.sql(&format!(
+            "CREATE TABLE IF NOT EXISTS t (i int); INSERT INTO t SELECT generate_series(1, {})",
+            1000 * (i + 1)
+        ))
+        .unwrap();
+        names.push(c.sql("SELECT pg_walfile_name(pg_switch_wal())").unwrap());
+    }
+    let last = names.last().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = c
+            .sql("SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver")
+            .unwrap();
+        let (archived, failed) = row.split_once('|').unwrap();
+        assert_eq!(
+            failed,
+            "0",
+            "archive_command failed; log:\n{}",
+            c.log_tail()
+        );
+        if archived >= last.as_str() {
+            return names;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{last} not archived; log:\n{}",
+            c.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn pg_env(c: &Cluster) -> String {
+    c.conninfo()
+}
+
+#[test]
+fn a_cluster_archives_through_pgkeep_check_get_refusals_and_verify() {
+    let s = shared_sandbox();
+    let c = start_archiving(&s);
+    let conninfo = pg_env(&c);
+    let pg = [("PGKEEP_PG", conninfo.as_str())];
+
+    // check: switches WAL and sees the segment arrive.
+    let r = s.run_repo(&["check"], &pg).expect(0);
+    assert!(
+        r.stdout().contains("reached the repository"),
+        "{}",
+        r.stdout()
+    );
+    let j = s.run_repo(&["--json", "check"], &pg).expect(0).json();
+    assert_eq!(j["arrived"], true);
+    assert!(j["last_archived_segment"].is_string(), "{j}");
+
+    let names = switch_and_wait(&c, 3);
+    let cp = c.dir().join("cp");
+
+    // archive-get: the very bytes PostgreSQL archived, silently.
+    let dest_dir = tempfile::tempdir().unwrap();
+    for n in &names {
+        let dest = dest_dir.path().join("RECOVERYXLOG");
+        let r = s
+            .run_repo(&["archive-get", n, dest.to_str().unwrap()], &[])
+            .expect(0);
+        assert_eq!(r.stdout(), "");
+        assert!(
+            std::fs::read(&dest).unwrap() == std::fs::read(cp.join(n)).unwrap(),
+            "{n} differs"
+        );
+    }
+    // A missing file: exit 1 and one line, as restore_command must behave.
+    let r = s
+        .run_repo(
+            &[
+                "archive-get",
+                "0000000100000000000000EE",
+                dest_dir.path().join("x").to_str().unwrap(),
+            ],
+            &[],
+        )
+        .expect(1);
+    assert_eq!(r.stderr().lines().count(), 1, "{}", r.stderr());
+    assert!(
+        r.stderr().contains("0000000100000000000000EE"),
+        "{}",
+        r.stderr()
+    );
+    assert!(!dest_dir.path().join("x").exists());
+
+    // The same segment again (a retry after a crash): exit 0, a warning, nothing written.
+    let seg = &names[0];
+    let before = listing(&s.repo());
+    let r = s
+        .run_repo(&["archive-push", cp.join(seg).to_str().unwrap()], &[])
+        .expect(0);
+    assert!(r.stderr().contains("already archived"), "{}", r.stderr());
+    // Different content under that name: exit 14 naming it; the stored copy untouched.
+    let scratch = tempfile::tempdir().unwrap();
+    let mut data = std::fs::read(cp.join(seg)).unwrap();
+    data[20_000] ^= 0xFF;
+    let modified = scratch.path().join(seg);
+    std::fs::write(&modified, &data).unwrap();
+    let r = s
+        .run_repo(&["archive-push", modified.to_str().unwrap()], &[])
+        .expect(14);
+    assert!(r.stderr().contains(seg.as_str()), "{}", r.stderr());
+    // A segment of another initdb: exit 15, nothing written.
+    let mut other = Cluster::new().unwrap();
+    let other_seg = other
+        .sql("SELECT pg_walfile_name(pg_switch_wal())")
+        .unwrap();
+    let foreign = scratch.path().join("foreign").join(&other_seg);
+    std::fs::create_dir(foreign.parent().unwrap()).unwrap();
+    std::fs::copy(other.pgdata().join("pg_wal").join(&other_seg), &foreign).unwrap();
+    other.stop().unwrap();
+    let r = s
+        .run_repo(&["archive-push", foreign.to_str().unwrap()], &[])
+        .expect(15);
+    assert!(r.stderr().contains("system identifier"), "{}", r.stderr());
+    assert!(
+        listing(&s.repo()) == before,
+        "a refused push wrote something"
+    );
+
+    // verify: clean; then a backup, more WAL, and a segment removed after the backup.
+    s.run_repo(&["verify"], &[]).expect(0);
+    let pgdata = c.pgdata().to_str().unwrap().to_string();
+    let b = s
+        .run_repo(&["--json", "backup", "--pgdata", &pgdata], &pg)
+        .expect(0)
+        .json();
+    let id = b["id"].as_str().unwrap().to_string();
+    let after = switch_and_wait(&c, 4);
+    let r = s.run_repo(&["verify"], &[]).expect(0);
+    assert!(r.stdout().contains(&id), "{}", r.stdout());
+    let victim = &after[1];
+    let victim_path: PathBuf = s.repo().join("wal/main").join(&victim[..16]).join(victim);
+    std::fs::remove_file(&victim_path).unwrap();
+    let r = s.run_repo(&["verify"], &[]).expect(13);
+    assert!(
+        r.stdout()
+            .contains(&format!("GAP on timeline 1: {victim} .. {victim}")),
+        "{}",
+        r.stdout()
+    );
+    assert!(r.stdout().contains(&id), "{}", r.stdout());
+    assert!(
+        r.stderr().contains("break point-in-time recovery"),
+        "{}",
+        r.stderr()
+    );
+    let j = s.run_repo(&["--json", "verify"], &[]).expect(13).json();
+    assert_eq!(j["gaps"][0]["breaks"][0], id.as_str());
+}
+
+#[test]
+fn check_fails_when_wal_does_not_reach_the_repository() {
+    let s = shared_sandbox();
+    let c = Cluster::builder()
+        .archive_command("/bin/true")
+        .start()
+        .unwrap();
+    let conninfo = c.conninfo();
+    let r = s
+        .run_repo(
+            &["check", "--archive-timeout", "2"],
+            &[("PGKEEP_PG", conninfo.as_str())],
+        )
+        .expect(1);
+    assert!(
+        r.stderr().contains("did not reach the repository"),
+        "{}",
+        r.stderr()
+    );
+    assert!(
+        r.stdout().contains("does not call `pgkeep archive-push`"),
+        "{}",
+        r.stdout()
+    );
+
+    // Archiving off: a clear failure before any switch.
+    let off = Cluster::new().unwrap();
+    let conninfo = off.conninfo();
+    let r = s
+        .run_repo(&["check"], &[("PGKEEP_PG", conninfo.as_str())])
+        .expect(1);
+    assert!(r.stderr().contains("archive_mode = off"), "{}", r.stderr());
+}
