@@ -10,6 +10,9 @@ use crate::id::{BlobId, Id, PackId};
 use crate::pack::{decode_blob, pack_key, read_pack_header};
 use crate::repository::Repository;
 
+/// A pack's id, the bytes read, and each problem found (with the blob concerned, if any).
+type PackVerdict = (PackId, u64, Vec<(Option<BlobId>, String)>);
+
 /// What `check` does.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct CheckOptions {
@@ -136,7 +139,7 @@ impl Repository {
                 .filter(|(id, _)| !bad_packs.contains(id))
                 .map(|(id, (_, b))| (*id, b.clone()))
                 .collect();
-            let results: Vec<(PackId, u64, Vec<(Option<BlobId>, String)>)> = stream::iter(todo)
+            let results: Vec<PackVerdict> = stream::iter(todo)
                 .map(|(id, blobs)| {
                     let repo = self.clone();
                     async move {

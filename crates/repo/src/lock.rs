@@ -244,7 +244,7 @@ impl Repository {
                 stale,
             });
         }
-        out.sort_by(|a, b| a.created.cmp(&b.created));
+        out.sort_by_key(|a| a.created);
         Ok(out)
     }
 

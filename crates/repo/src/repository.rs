@@ -564,7 +564,7 @@ impl Repository {
                 current,
             });
         }
-        out.sort_by(|a, b| a.created.cmp(&b.created));
+        out.sort_by_key(|a| a.created);
         Ok(out)
     }
 
