@@ -453,7 +453,6 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 force: r.force,
                 tablespace_map,
                 threads: ctx.settings.threads,
-                ..Default::default()
             };
             let report = restore::restore(&repo, &opts, progress(cli).as_ref()).await?;
             Ok(emit(json, &report))
