@@ -232,8 +232,11 @@ fn bad_environment_values_exit_2() {
     );
 }
 
+/// Every spelling of the architecture page parses: whatever a command then does (it may need a
+/// repository or a server this sandbox does not have), clap never rejects the flags. The
+/// commands nobody has built yet say so plainly.
 #[test]
-fn unwired_commands_parse_then_say_not_implemented() {
+fn every_command_spelling_of_the_architecture_page_parses() {
     let s = Sandbox::new();
     let cases: [(&[&str], &str); 13] = [
         (
@@ -312,11 +315,17 @@ fn unwired_commands_parse_then_say_not_implemented() {
         (&["status"], "status"),
     ];
     for (args, name) in cases {
-        let r = s.run(args, &[]).expect(1);
-        assert_eq!(
-            r.stderr(),
-            format!("pgkeep: error: `pgkeep {name}` is not implemented yet in this build\n")
-        );
+        let r = s.run(args, &[]);
+        let err = r.stderr();
+        for clap_error in ["unexpected argument", "invalid value", "Usage:", "unrecognized"] {
+            assert!(!err.contains(clap_error), "`pgkeep {name}` did not parse: {err}");
+        }
+        if matches!(name, "expire" | "status") {
+            assert_eq!(
+                err,
+                format!("pgkeep: error: `pgkeep {name}` is not implemented yet in this build\n")
+            );
+        }
     }
     // Usage errors from the parser exit 2.
     for args in [
