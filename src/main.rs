@@ -13,6 +13,7 @@ use pgkeep_core::commands::repo::{
 use pgkeep_core::commands::{
     archive, backup, check, dump, export_dump, list, restore, restore_dump, verify,
 };
+use pgkeep_core::commands::archive_async;
 use pgkeep_core::config::{Env, Overrides};
 use pgkeep_core::progress::{LogProgress, NoProgress, Progress, TerminalProgress};
 use pgkeep_core::error::ErrorReport;
@@ -82,6 +83,26 @@ enum Command {
         /// Path of the WAL file (%p).
         #[arg(value_name = "PATH")]
         path: PathBuf,
+        /// Asynchronous mode: acknowledge through this spool directory while a background
+        /// pusher pushes every ready segment, in parallel [env: PGKEEP_SPOOL_DIR].
+        #[arg(long, value_name = "DIR", env = "PGKEEP_SPOOL_DIR", hide_env = true)]
+        spool_dir: Option<PathBuf>,
+        /// Parallel pushes of the background pusher (asynchronous mode).
+        #[arg(long, value_name = "N", default_value_t = archive_async::DEFAULT_JOBS)]
+        jobs: usize,
+    },
+    /// The background pusher of asynchronous archive-push (started by it).
+    #[command(hide = true)]
+    ArchivePushWorker {
+        /// The spool directory.
+        #[arg(long, value_name = "DIR")]
+        spool_dir: PathBuf,
+        /// Parallel pushes.
+        #[arg(long, value_name = "N", default_value_t = archive_async::DEFAULT_JOBS)]
+        jobs: usize,
+        /// The server's pg_wal directory.
+        #[arg(value_name = "PG_WAL")]
+        pg_wal: PathBuf,
     },
     /// Fetch one WAL file (restore_command = 'pgkeep archive-get %f %p').
     ArchiveGet {
@@ -335,6 +356,7 @@ impl Cli {
             Command::Info { .. } => "info",
             Command::Restore(_) => "restore",
             Command::ArchivePush { .. } => "archive-push",
+            Command::ArchivePushWorker { .. } => "archive-push-worker",
             Command::ArchiveGet { .. } => "archive-get",
             Command::Dump(_) => "dump",
             Command::RestoreDump(_) => "restore-dump",
@@ -457,12 +479,39 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
             let report = restore::restore(&repo, &opts, progress(cli).as_ref()).await?;
             Ok(emit(json, &report))
         }
-        Command::ArchivePush { path } => {
+        Command::ArchivePush {
+            path,
+            spool_dir: Some(spool_dir),
+            jobs,
+        } => {
+            let opts = archive_async::AsyncPushOptions {
+                cluster: ctx.settings.cluster.name.clone(),
+                spool_dir: spool_dir.clone(),
+                jobs: *jobs,
+                timeout: archive_async::DEFAULT_TIMEOUT,
+            };
+            Ok(emit(json, &archive_async::push_async(ctx, &opts, path).await?))
+        }
+        Command::ArchivePush { path, .. } => {
             let opts = archive::ArchivePushOptions {
                 cluster: ctx.settings.cluster.name.clone(),
                 path: path.clone(),
             };
             Ok(emit(json, &archive::archive_push(ctx, &opts).await?))
+        }
+        Command::ArchivePushWorker {
+            spool_dir,
+            jobs,
+            pg_wal,
+        } => {
+            let opts = archive_async::WorkerOptions {
+                cluster: ctx.settings.cluster.name.clone(),
+                spool_dir: spool_dir.clone(),
+                pg_wal: pg_wal.clone(),
+                jobs: *jobs,
+                idle_exit: archive_async::DEFAULT_IDLE_EXIT,
+            };
+            Ok(emit(json, &archive_async::push_worker(ctx, &opts).await?))
         }
         Command::ArchiveGet { walname, dest } => {
             let opts = archive::ArchiveGetOptions {

@@ -258,3 +258,50 @@ fn check_fails_when_wal_does_not_reach_the_repository() {
         .expect(1);
     assert!(r.stderr().contains("archive_mode = off"), "{}", r.stderr());
 }
+
+#[test]
+fn async_mode_pushes_in_the_background_and_acknowledges_only_stored_segments() {
+    let s = shared_sandbox();
+    let spool = s.path().join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    if pgkeep_testing::cluster::running_as_root() {
+        Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&spool)
+            .status()
+            .unwrap();
+    }
+    let command = format!(
+        "{BIN} --config {} --repo {} archive-push --spool-dir {} %p",
+        s.path().join("empty.toml").display(),
+        s.repo().display(),
+        spool.display()
+    );
+    let c = Cluster::builder()
+        .archive_command(&command)
+        .start()
+        .unwrap();
+    let names = switch_and_wait(&c, 6);
+    // Every segment PostgreSQL counts as archived is in the repository, and reads back.
+    let dest = tempfile::tempdir().unwrap();
+    for n in &names {
+        let p = s.repo().join("wal/main").join(&n[..16]).join(n);
+        assert!(p.exists(), "{n} acknowledged but not stored");
+        s.run_repo(
+            &["archive-get", n, dest.path().join("x").to_str().unwrap()],
+            &[],
+        )
+        .expect(0);
+    }
+    // The background pusher did the pushing (its lock and log are in the spool), and no
+    // error verdict is left.
+    assert!(spool.join("worker.lock").exists());
+    let out = spool.join("out/main");
+    let errors: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".error"))
+        .collect();
+    assert!(errors.is_empty(), "{errors:?}");
+    s.run_repo(&["verify"], &[]).expect(0);
+}

@@ -337,7 +337,7 @@ pub async fn push_file(repo: &Repository, cluster: &str, path: &Path) -> Result<
         WalFileName::History(_) | WalFileName::Backup(..) => {}
     }
     let key = wal_key(cluster, &name);
-    let outcome = match repo.put_sealed_if_absent(&key, key.as_bytes(), &data).await {
+    let outcome = match store_sealed(repo, &key, &data).await {
         Ok(()) => PushOutcome::Stored,
         Err(RepoError::Storage(e)) if e.kind == StorageErrorKind::AlreadyExists => {
             compare_existing(repo, &key, &name, &data).await?;
@@ -355,6 +355,61 @@ pub async fn push_file(repo: &Repository, cluster: &str, path: &Path) -> Result<
         bytes: data.len() as u64,
         elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
     })
+}
+
+/// Compresses `data` into independent zstd frames, one per piece, on all cores.
+/// Concatenated frames are one valid zstd stream (what [`Repository::get_sealed`] decodes),
+/// so the object has exactly the layout of [`Repository::put_sealed_if_absent`]; a 16 MiB
+/// segment compresses in a fraction of the single-threaded time, which is most of a push.
+pub fn compress_parallel(data: &[u8], level: i32) -> Result<Vec<u8>> {
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .clamp(1, 8);
+    // Pieces of at least 1 MiB: smaller ones cost ratio for nothing.
+    let piece = data.len().div_ceil(threads).max(1 << 20);
+    let compress = |p: &[u8]| {
+        zstd::bulk::compress(p, level)
+            .map_err(|e| Error::new(ErrorKind::Failure, format!("zstd failed: {e}")))
+    };
+    if data.len() <= piece {
+        return compress(data);
+    }
+    let parts: Vec<Result<Vec<u8>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = data
+            .chunks(piece)
+            .map(|p| s.spawn(move || compress(p)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    Err(Error::new(
+                        ErrorKind::Failure,
+                        "compression thread panicked",
+                    ))
+                })
+            })
+            .collect()
+    });
+    let mut out = Vec::with_capacity(data.len() / 2);
+    for p in parts {
+        out.extend_from_slice(&p?);
+    }
+    Ok(out)
+}
+
+/// Stores `data` under `key` put-if-absent, compressed in parallel and sealed with the key as
+/// associated data (readable with [`Repository::get_sealed`]).
+async fn store_sealed(repo: &Repository, key: &str, data: &[u8]) -> Result<(), RepoError> {
+    let z = compress_parallel(data, repo.config().compression_level)
+        .map_err(|e| RepoError::Invalid(e.to_string()))?;
+    let sealed = repo.sealer().seal_meta(key.as_bytes(), &z);
+    drop(z);
+    repo.storage()
+        .put_if_absent(key, bytes::Bytes::from(sealed))
+        .await?;
+    Ok(())
 }
 
 /// The stored object of `key` exists: success when its content equals `data`, else a WAL

@@ -1,6 +1,7 @@
 //! One module per command family.
 
 pub mod archive;
+pub mod archive_async;
 pub mod backup;
 pub mod check;
 pub mod list;
