@@ -170,7 +170,7 @@ enum KeyCommand {
 enum BackupMethod {
     /// Read the data directory directly (on the database host).
     Local,
-    /// Stream `pg_basebackup -Ft -X none -D -` (from any host).
+    /// Stream `pg_basebackup -Ft -X fetch -D -` (from any host; no tablespaces).
     Basebackup,
 }
 
@@ -424,9 +424,6 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
         // Parsed, validated (settings, secrets), not wired yet: other engineers are building
         // these in pgkeep-core.
         Command::Backup(b) => {
-            if matches!(b.method, BackupMethod::Basebackup) {
-                return Err(Error::NotImplemented { command: "backup --method basebackup".into() });
-            }
             let repo = ctx.open_repository().await?;
             let c = &ctx.settings.cluster;
             let opts = backup::BackupOptions {
@@ -436,6 +433,14 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 label: b.label.clone(),
                 full_read: b.full_read,
                 threads: ctx.settings.threads,
+                relation_chunk_size: ctx
+                    .settings
+                    .relation_chunk_size
+                    .unwrap_or(backup::DEFAULT_RELATION_CHUNK_SIZE),
+                method: match b.method {
+                    BackupMethod::Local => backup::BackupMethod::Local,
+                    BackupMethod::Basebackup => backup::BackupMethod::Basebackup,
+                },
                 ..Default::default()
             };
             let report = backup::backup(&repo, &opts, progress(cli).as_ref()).await?;

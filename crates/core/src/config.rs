@@ -127,6 +127,8 @@ pub mod env {
     pub const THREADS: &str = "PGKEEP_THREADS";
     /// `options.log_level` (also `-v` / `-q`).
     pub const LOG: &str = "PGKEEP_LOG";
+    /// `options.relation_chunk_size`.
+    pub const RELATION_CHUNK_SIZE: &str = "PGKEEP_RELATION_CHUNK_SIZE";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -148,6 +150,7 @@ struct RawFile {
 struct RawOptions {
     threads: Option<Spanned<i64>>,
     log_level: Option<Spanned<String>>,
+    relation_chunk_size: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -200,6 +203,8 @@ pub struct FileOptions {
     pub threads: Option<usize>,
     /// One of [`LOG_LEVELS`].
     pub log_level: Option<String>,
+    /// How backups cut relation files, see [`check_relation_chunk_size`].
+    pub relation_chunk_size: Option<u32>,
 }
 
 /// Storage settings of a repository, passed to the storage layer as
@@ -449,6 +454,39 @@ fn check_threads(n: i64) -> std::result::Result<usize, String> {
     }
 }
 
+/// Largest fixed piece for relation files: blobs stay well below the pack size.
+pub const MAX_RELATION_CHUNK_SIZE: u32 = 16 << 20;
+
+/// `options.relation_chunk_size` / `PGKEEP_RELATION_CHUNK_SIZE`: `cdc` or `0` (relation files
+/// are chunked content-defined like every file), or a size in bytes (suffixes `K`/`KiB`,
+/// `M`/`MiB`), a multiple of the 8 KiB page, at most 16 MiB: relation files are cut into
+/// aligned pieces of that size.
+pub fn check_relation_chunk_size(v: &str) -> std::result::Result<u32, String> {
+    let t = v.trim();
+    if t.eq_ignore_ascii_case("cdc") {
+        return Ok(0);
+    }
+    let lower = t.to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = lower.strip_suffix("kib").or(lower.strip_suffix('k')) {
+        (n, 1024u64)
+    } else if let Some(n) = lower.strip_suffix("mib").or(lower.strip_suffix('m')) {
+        (n, 1024 * 1024)
+    } else {
+        (lower.as_str(), 1)
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{v:?} is not `cdc` or a size such as 262144, 256KiB or 1MiB"))?;
+    let bytes = n.saturating_mul(mult);
+    if bytes != 0 && (bytes % 8192 != 0 || bytes > MAX_RELATION_CHUNK_SIZE as u64) {
+        return Err(format!(
+            "{v:?} is not 0 or a multiple of 8192 up to {MAX_RELATION_CHUNK_SIZE}"
+        ));
+    }
+    Ok(bytes as u32)
+}
+
 fn check_log_level(level: &str) -> std::result::Result<String, String> {
     let l = level.to_ascii_lowercase();
     if LOG_LEVELS.contains(&l.as_str()) {
@@ -509,6 +547,15 @@ impl ConfigFile {
             let level = check_log_level(l.get_ref())
                 .map_err(|m| src.error(l.span(), format!("options.log_level: {m}")))?;
             cfg.options.log_level = Some(level);
+        }
+        if let Some(c) = raw.options.relation_chunk_size {
+            let text = match c.get_ref() {
+                toml::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let n = check_relation_chunk_size(&text)
+                .map_err(|m| src.error(c.span(), format!("options.relation_chunk_size: {m}")))?;
+            cfg.options.relation_chunk_size = Some(n);
         }
 
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
@@ -733,6 +780,9 @@ pub struct Settings {
     pub threads: usize,
     /// Log level, one of [`LOG_LEVELS`].
     pub log_level: String,
+    /// How backups cut relation files (see [`check_relation_chunk_size`]); `None` = the
+    /// backup command's default.
+    pub relation_chunk_size: Option<u32>,
     /// Names of the file's repositories (for the hint when none was selected).
     pub configured_repositories: Vec<String>,
 }
@@ -936,6 +986,12 @@ impl Settings {
             },
         };
 
+        let relation_chunk_size =
+            match env_parse(env, env::RELATION_CHUNK_SIZE, check_relation_chunk_size)? {
+                Some(n) => Some(n),
+                None => file.and_then(|f| f.options.relation_chunk_size),
+            };
+
         Ok(Settings {
             config_file: file.map(|f| f.path.clone()),
             repository,
@@ -946,6 +1002,7 @@ impl Settings {
             },
             threads,
             log_level,
+            relation_chunk_size,
             configured_repositories: file
                 .map(|f| f.repositories.iter().map(|r| r.name.clone()).collect())
                 .unwrap_or_default(),
@@ -1039,7 +1096,7 @@ repository = "offsite"
         let table: Vec<(&str, String)> = vec![
             (
                 "[options]\nthreds = 4\n",
-                format!("{f}:2:1: unknown field `threds`, expected `threads` or `log_level` in [options]"),
+                format!("{f}:2:1: unknown field `threds`, expected one of `threads`, `log_level`, `relation_chunk_size` in [options]"),
             ),
             (
                 "[[repository]]\nname = \"a\"\nurl = \"/x\"\ncompresion_level = 3\n",
@@ -1342,5 +1399,35 @@ repository = "offsite"
         assert_eq!(line_col("abc", 0), (1, 1));
         assert_eq!(line_col("a\nbc", 3), (2, 2));
         assert_eq!(line_col("é\nx", 1 + 2), (2, 1));
+    }
+
+    #[test]
+    fn relation_chunk_sizes_parse() {
+        assert_eq!(check_relation_chunk_size("cdc"), Ok(0));
+        assert_eq!(check_relation_chunk_size("0"), Ok(0));
+        assert_eq!(check_relation_chunk_size("262144"), Ok(256 << 10));
+        assert_eq!(check_relation_chunk_size("128KiB"), Ok(128 << 10));
+        assert_eq!(check_relation_chunk_size("1M"), Ok(1 << 20));
+        assert!(check_relation_chunk_size("1000").is_err());
+        assert!(check_relation_chunk_size("32MiB").is_err());
+        assert!(check_relation_chunk_size("big").is_err());
+        let c = ConfigFile::parse(
+            "[options]\nrelation_chunk_size = \"1MiB\"\n",
+            Path::new("/x.toml"),
+            0,
+        )
+        .unwrap();
+        assert_eq!(c.options.relation_chunk_size, Some(1 << 20));
+        let e = ConfigFile::parse(
+            "[options]\nrelation_chunk_size = 1000\n",
+            Path::new("/x.toml"),
+            0,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("/x.toml:2:23: options.relation_chunk_size"),
+            "{e}"
+        );
     }
 }

@@ -48,6 +48,7 @@ fn opts(c: &Cluster, cluster: &str) -> BackupOptions {
         threads: 0,
         relation_chunk_size: 0,
         archive_timeout_secs: None,
+        method: Default::default(),
     }
 }
 

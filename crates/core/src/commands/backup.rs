@@ -51,6 +51,10 @@ use crate::progress::{human_bytes, Counter, Phase, Progress};
 /// previous read leaves the mtime as it was), and clocks step.
 pub const MTIME_SAFETY_MARGIN: Duration = Duration::from_secs(5);
 
+/// The `relation_chunk_size` the CLI uses when no setting gives one (see
+/// [`BackupOptions::relation_chunk_size`]; chosen by `bench/compare.sh`, README "Benchmarks").
+pub const DEFAULT_RELATION_CHUNK_SIZE: u32 = 0;
+
 /// Read size for data files: a multiple of the page size.
 const READ_BLOCK: usize = 1024 * 1024;
 
@@ -82,6 +86,21 @@ pub struct BackupOptions {
     /// a manifest, if it does not). None = 60 s. Ignored when another tool archives.
     #[serde(default)]
     pub archive_timeout_secs: Option<u64>,
+    /// How the cluster is read: its data directory on this host, or `pg_basebackup`'s stream
+    /// (see [`crate::commands::backup_remote`]).
+    #[serde(default)]
+    pub method: BackupMethod,
+}
+
+/// How `backup` reads the cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackupMethod {
+    /// Read the data directory directly (on the database host).
+    #[default]
+    Local,
+    /// Ingest the tar stream of `pg_basebackup` (from any host that can connect).
+    Basebackup,
 }
 
 /// What `backup` did.
@@ -223,7 +242,10 @@ pub async fn backup(
             "backup",
         )
         .await?;
-    let result = run(repo, opts, progress).await;
+    let result = match opts.method {
+        BackupMethod::Local => run(repo, opts, progress).await,
+        BackupMethod::Basebackup => super::backup_remote::run(repo, opts, progress).await,
+    };
     if let Err(e) = lock.release().await {
         tracing::warn!("could not release the repository lock: {e}");
     }
@@ -617,7 +639,7 @@ async fn run(
 /// A backup id newer than every existing one: the current UTC second. When the newest id is
 /// this very second (back-to-back backups), waits for the next; when it is later, the clock
 /// is behind the one that made it: refuse.
-async fn choose_id(newest: Option<&str>) -> Result<String> {
+pub(crate) async fn choose_id(newest: Option<&str>) -> Result<String> {
     for _ in 0..3 {
         let id = manifest::new_id(Utc::now());
         match newest {
@@ -752,7 +774,7 @@ fn read_one(
 
 /// Ingests `reader` in aligned pieces of `piece` bytes; the stream is the concatenation of
 /// the pieces' streams (a stream is just its blobs in order).
-fn ingest_pieces<R: Read>(
+pub(crate) fn ingest_pieces<R: Read>(
     writer: &BlobWriter,
     reader: &mut R,
     piece: usize,

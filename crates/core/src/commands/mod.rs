@@ -3,6 +3,7 @@
 pub mod archive;
 pub mod archive_async;
 pub mod backup;
+pub mod backup_remote;
 pub mod check;
 pub mod list;
 pub mod repo;
