@@ -20,7 +20,7 @@ use pgkeep_core::commands::archive::{
     PushOutcome,
 };
 use pgkeep_core::commands::backup::{backup, BackupOptions};
-use pgkeep_core::commands::verify::{verify_repository, VerifyOptions};
+use pgkeep_core::commands::verify::{recovery_window, verify_repository, VerifyOptions};
 use pgkeep_core::progress::NoProgress;
 use pgkeep_core::Report;
 use pgkeep_pg::wal::{WalFileName, WalSegmentName};
@@ -314,6 +314,10 @@ async fn verify_finds_a_deleted_segment_and_the_backup_it_breaks() -> TestResult
         victim.start_lsn(16 << 20).to_string()
     );
     assert_eq!(report.exit_code(), 13, "{report}");
+    let m = pgkeep_core::manifest::load_physical(&repo, "main", &b.id).await?;
+    let (from, to) = recovery_window(&repo, "main", &m).await?;
+    assert_eq!(from.to_string(), b.stop_lsn);
+    assert_eq!(to, victim.start_lsn(16 << 20));
     let text = report.to_string();
     assert!(
         text.contains(&victim.to_string()) && text.contains(&b.id),

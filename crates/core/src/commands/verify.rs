@@ -406,6 +406,30 @@ pub fn analyse(
     (summaries, gaps, windows)
 }
 
+/// The WAL window a physical backup can recover to with the archive as it is now: from its
+/// stop LSN (the earliest consistent point) to the end of the last archived segment that
+/// follows it without a gap on its timeline (the backup's own WAL covers start to stop). A
+/// point-in-time restore should refuse targets outside it (exit 16) and print it.
+pub async fn recovery_window(
+    repo: &Repository,
+    cluster: &str,
+    backup: &BackupManifest,
+) -> Result<(Lsn, Lsn)> {
+    let listing = list_archive(repo, cluster).await?;
+    let span = BackupSpan::from_manifest(backup)?;
+    let (_, _, windows) = analyse(
+        &listing,
+        std::slice::from_ref(&span),
+        &BTreeMap::new(),
+        backup.wal_segment_size,
+    );
+    let end: Lsn = windows[0]
+        .reachable_until
+        .parse()
+        .map_err(|e| Error::new(ErrorKind::Failure, format!("reachable LSN: {e}")))?;
+    Ok((span.stop, end))
+}
+
 /// `pgkeep verify`.
 pub async fn verify(ctx: &Context, opts: &VerifyOptions) -> Result<VerifyReport> {
     let cluster = ctx.settings.cluster.name.clone();
