@@ -235,6 +235,10 @@ struct RestoreArgs {
     /// What the server does when the target is reached.
     #[arg(long, value_enum)]
     target_action: Option<TargetAction>,
+    /// Timeline to recover along: `latest`, `current` or a number [PostgreSQL's default:
+    /// latest].
+    #[arg(long, value_name = "TLI")]
+    target_timeline: Option<String>,
     /// Restore the tablespace that was at OLD to NEW (repeatable).
     #[arg(long, value_name = "OLD=NEW")]
     tablespace_map: Vec<String>,
@@ -463,9 +467,11 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 || r.target_name.is_some()
                 || r.target_immediate
                 || r.target_action.is_some();
-            if pitr {
-                return Err(Error::NotImplemented { command: "restore with a recovery target".into() });
-            }
+            let recovery = if pitr || r.target_timeline.is_some() {
+                Some(pitr_options(ctx, r)?)
+            } else {
+                None
+            };
             let tablespace_map = r
                 .tablespace_map
                 .iter()
@@ -480,6 +486,7 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 force: r.force,
                 tablespace_map,
                 threads: ctx.settings.threads,
+                recovery,
             };
             let report = restore::restore(&repo, &opts, progress(cli).as_ref()).await?;
             Ok(emit(json, &report))
@@ -584,6 +591,58 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
             command: cli.command_name().to_string(),
         }),
     }
+}
+
+/// The point-in-time recovery request of `restore` flags.
+fn pitr_options(
+    ctx: &Context,
+    r: &RestoreArgs,
+) -> Result<pgkeep_core::commands::pitr::PitrOptions, Error> {
+    use pgkeep_core::commands::pitr;
+    use pgkeep_pg::recovery::{RecoveryTarget, TargetAction as Action, TargetTimeline};
+    let target = if let Some(t) = &r.target_time {
+        pitr::parse_target_time(t)?;
+        RecoveryTarget::Time(t.clone())
+    } else if let Some(l) = &r.target_lsn {
+        RecoveryTarget::Lsn(
+            l.parse()
+                .map_err(|e| Error::usage(format!("--target-lsn {l:?}: {e}")))?,
+        )
+    } else if let Some(x) = &r.target_xid {
+        if x.is_empty() || !x.chars().all(|c| c.is_ascii_digit()) {
+            return Err(Error::usage(format!(
+                "--target-xid {x:?} is not a transaction id (digits)"
+            )));
+        }
+        RecoveryTarget::Xid(x.clone())
+    } else if let Some(n) = &r.target_name {
+        RecoveryTarget::Name(n.clone())
+    } else if r.target_immediate {
+        RecoveryTarget::Immediate
+    } else {
+        RecoveryTarget::End
+    };
+    let action = r.target_action.map(|a| match a {
+        TargetAction::Promote => Action::Promote,
+        TargetAction::Pause => Action::Pause,
+        TargetAction::Shutdown => Action::Shutdown,
+    });
+    let timeline = match r.target_timeline.as_deref() {
+        None => None,
+        Some("latest") => Some(TargetTimeline::Latest),
+        Some("current") => Some(TargetTimeline::Current),
+        Some(n) => Some(TargetTimeline::Id(n.parse().map_err(|_| {
+            Error::usage(format!(
+                "--target-timeline {n:?}: use latest, current or a timeline number"
+            ))
+        })?)),
+    };
+    Ok(pitr::PitrOptions {
+        target,
+        action,
+        timeline,
+        restore_command: pitr::restore_command_for(ctx)?,
+    })
 }
 
 /// Prints an error on stderr (and as the JSON document with `--json`); returns its code.

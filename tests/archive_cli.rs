@@ -305,3 +305,109 @@ fn async_mode_pushes_in_the_background_and_acknowledges_only_stored_segments() {
     assert!(errors.is_empty(), "{errors:?}");
     s.run_repo(&["verify"], &[]).expect(0);
 }
+
+/// Rows in `items` of a restored data directory, started as a throwaway server.
+fn restored_count(dir: &std::path::Path) -> String {
+    let c = Cluster::builder()
+        .start_timeout(Duration::from_secs(120))
+        .start_existing(dir)
+        .unwrap();
+    let n = c.sql("SELECT count(*) FROM items").unwrap();
+    assert_eq!(c.sql("SELECT pg_is_in_recovery()").unwrap(), "f");
+    n
+}
+
+#[test]
+fn point_in_time_restore_to_a_restore_point_and_an_lsn_refuses_unreachable_targets() {
+    let s = shared_sandbox();
+    let c = start_archiving(&s);
+    let conninfo = c.conninfo();
+    let pg = [("PGKEEP_PG", conninfo.as_str())];
+    c.sql("CREATE TABLE items (id int)").unwrap();
+    let pgdata = c.pgdata().to_str().unwrap().to_string();
+    let b = s
+        .run_repo(&["--json", "backup", "--pgdata", &pgdata], &pg)
+        .expect(0)
+        .json();
+    let id = b["id"].as_str().unwrap().to_string();
+    c.sql("INSERT INTO items SELECT generate_series(1, 100)")
+        .unwrap();
+    c.sql("SELECT pg_create_restore_point('before_delete')")
+        .unwrap();
+    let lsn = c.sql("SELECT pg_current_wal_insert_lsn()").unwrap();
+    c.sql("INSERT INTO items SELECT generate_series(101, 150)")
+        .unwrap();
+    c.sql("DELETE FROM items WHERE id <= 10").unwrap();
+    switch_and_wait(&c, 1);
+
+    let d1 = s.path().join("pitr-name");
+    s.run_repo(
+        &[
+            "restore",
+            "latest",
+            "--target-dir",
+            d1.to_str().unwrap(),
+            "--target-name",
+            "before_delete",
+            "--target-action",
+            "promote",
+        ],
+        &[],
+    )
+    .expect(0);
+    assert!(d1.join("recovery.signal").exists());
+    assert_eq!(restored_count(&d1), "100");
+
+    let d2 = s.path().join("pitr-lsn");
+    s.run_repo(
+        &[
+            "restore",
+            &id,
+            "--target-dir",
+            d2.to_str().unwrap(),
+            "--target-lsn",
+            &lsn,
+            "--target-action",
+            "promote",
+        ],
+        &[],
+    )
+    .expect(0);
+    assert_eq!(restored_count(&d2), "100");
+
+    // Past the archive, and before the only backup: exit 16 with the window, nothing written.
+    let d3 = s.path().join("pitr-refused");
+    let r = s
+        .run_repo(
+            &[
+                "restore",
+                "latest",
+                "--target-dir",
+                d3.to_str().unwrap(),
+                "--target-lsn",
+                "FF/0",
+            ],
+            &[],
+        )
+        .expect(16);
+    assert!(
+        r.stderr().contains("reachable from this backup"),
+        "{}",
+        r.stderr()
+    );
+    let r = s
+        .run_repo(
+            &[
+                "restore",
+                "latest",
+                "--target-dir",
+                d3.to_str().unwrap(),
+                "--target-time",
+                "2000-01-01 00:00:00+00",
+            ],
+            &[],
+        )
+        .expect(16);
+    assert!(r.stderr().contains(&id), "{}", r.stderr());
+    assert!(!d3.exists());
+}

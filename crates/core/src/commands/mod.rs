@@ -6,6 +6,7 @@ pub mod backup;
 pub mod backup_remote;
 pub mod check;
 pub mod list;
+pub mod pitr;
 pub mod repo;
 pub mod restore;
 pub mod dump;

@@ -91,6 +91,10 @@ pub struct RestoreOptions {
     pub tablespace_map: Vec<TablespaceMapping>,
     /// Files restored (or compared) at once; 0 = one per core, at least 4.
     pub threads: usize,
+    /// Point-in-time recovery (target, action, timeline, restore_command); `None` restores
+    /// the backup as it is, without recovery settings.
+    #[serde(default)]
+    pub recovery: Option<crate::commands::pitr::PitrOptions>,
 }
 
 /// What `restore` did.
@@ -190,7 +194,16 @@ async fn run(
     } else {
         opts.id.as_str()
     };
-    let m = manifest::load_physical(repo, &opts.cluster, id).await?;
+    // A recovery target picks `latest` among the backups that end before it, and must be
+    // reachable: both checked before anything is written (exit 16).
+    let id = match &opts.recovery {
+        Some(p) => crate::commands::pitr::select_backup(repo, &opts.cluster, id, p).await?,
+        None => id.to_string(),
+    };
+    let m = manifest::load_physical(repo, &opts.cluster, &id).await?;
+    if let Some(p) = &opts.recovery {
+        crate::commands::pitr::preflight(repo, &opts.cluster, &m, p).await?;
+    }
     let target = absolute(&opts.target_dir)?;
 
     // Tablespace locations after relocation.
@@ -412,6 +425,10 @@ async fn run(
         m.backup_label.as_bytes(),
         0o600,
     )?;
+    // Recovery settings last of all: an interrupted restore never carries a target.
+    if let Some(p) = &opts.recovery {
+        crate::commands::pitr::write_recovery(&target, p)?;
+    }
     sync_fs(&target)?;
     for loc in ts_locations.values() {
         sync_fs(loc)?;
