@@ -665,7 +665,7 @@ async fn backup_waits_for_its_wal_when_pgkeep_archives() -> TestResult {
     // archive_command names pgkeep but archives nothing: the backup must not report success
     // (nor save a manifest) before its WAL is in the archive.
     let c = Cluster::builder()
-        .archive_command("test -n pgkeep-archive-push-stub; false")
+        .archive_command("test -n 'pgkeep archive-push'; false")
         .start()?;
     let repo_dir = tempfile::tempdir()?;
     let repo = local_repo(repo_dir.path()).await;

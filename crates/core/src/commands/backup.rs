@@ -213,6 +213,20 @@ pub fn unchanged_since(
         && mtime < limit
 }
 
+/// Whether `archive_command` runs `pgkeep archive-push`: a word whose file name is `pgkeep`
+/// and a word `archive-push`. (Matching "pgkeep" anywhere took another tool's command whose
+/// paths merely contain the word, e.g. `pgbackrest --config=/srv/pgkeep-test/... archive-push`,
+/// for ours, and the backup then waited for WAL that never comes.)
+pub(crate) fn pgkeep_archives(archive_command: &str) -> bool {
+    let words: Vec<&str> = archive_command
+        .split(|c: char| {
+            c.is_whitespace() || c == ';' || c == '&' || c == '|' || c == '\'' || c == '"'
+        })
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.iter().any(|w| w.rsplit('/').next() == Some("pgkeep")) && words.contains(&"archive-push")
+}
+
 /// Takes a physical backup of the cluster `opts.cluster`; see the module documentation.
 /// Exit codes: 11 when another backup of this cluster runs, 15 when the server is another
 /// cluster than the earlier backups under this name, 3 (via the report) with bad pages.
@@ -566,10 +580,7 @@ async fn run(
         .setting("archive_command")
         .await
         .map_err(pg_error)?;
-    if archive_mode != "off"
-        && archive_command.contains("pgkeep")
-        && archive_command.contains("archive-push")
-    {
+    if archive_mode != "off" && pgkeep_archives(&archive_command) {
         progress.note("waiting for the backup's WAL to be archived");
         let segments = WalSegmentName::range(start.lsn, stop.lsn, start.timeline, seg_size);
         let timeout = Duration::from_secs(opts.archive_timeout_secs.unwrap_or(60));
@@ -963,6 +974,19 @@ mod tests {
         let mut no_stream = entry(8192, old, 0);
         no_stream.stream = None;
         assert!(!unchanged_since(&no_stream, start, 8192, old, 0));
+    }
+
+    #[test]
+    fn pgkeep_archiving_is_recognised_by_its_words() {
+        assert!(pgkeep_archives("pgkeep archive-push %p"));
+        assert!(pgkeep_archives(
+            "/usr/local/bin/pgkeep --repo /r --cluster main archive-push \"%p\""
+        ));
+        assert!(pgkeep_archives("test ! -f x && pgkeep archive-push %p"));
+        assert!(!pgkeep_archives(
+            "pgbackrest --config=/tmp/pgkeep-bench/pgbackrest.conf --stanza=x archive-push %p"
+        ));
+        assert!(!pgkeep_archives("cp %p /archive/pgkeep/%f"));
     }
 
     #[test]

@@ -291,10 +291,7 @@ pub(crate) async fn run(
     // the cluster, wait for it before committing, as the local method does.
     let archive_mode = client.setting("archive_mode").await.map_err(pg_error)?;
     let archive_command = client.setting("archive_command").await.map_err(pg_error)?;
-    if archive_mode != "off"
-        && archive_command.contains("pgkeep")
-        && archive_command.contains("archive-push")
-    {
+    if archive_mode != "off" && crate::commands::backup::pgkeep_archives(&archive_command) {
         progress.note("waiting for the backup's WAL to be archived");
         let segments = WalSegmentName::range(start_lsn, stop_lsn, timeline, cfg.seg_size);
         let timeout = Duration::from_secs(opts.archive_timeout_secs.unwrap_or(60));
