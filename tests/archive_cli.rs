@@ -318,7 +318,7 @@ fn restored_count(dir: &std::path::Path) -> String {
 }
 
 #[test]
-fn point_in_time_restore_to_a_restore_point_and_an_lsn_refuses_unreachable_targets() {
+fn point_in_time_restore_to_name_lsn_time_and_xid_refuses_unreachable_targets() {
     let s = shared_sandbox();
     let c = start_archiving(&s);
     let conninfo = c.conninfo();
@@ -330,8 +330,11 @@ fn point_in_time_restore_to_a_restore_point_and_an_lsn_refuses_unreachable_targe
         .expect(0)
         .json();
     let id = b["id"].as_str().unwrap().to_string();
-    c.sql("INSERT INTO items SELECT generate_series(1, 100)")
+    let xid = c
+        .sql("BEGIN; INSERT INTO items SELECT generate_series(1, 100); SELECT txid_current(); COMMIT;")
         .unwrap();
+    let time = c.sql("SELECT clock_timestamp()").unwrap();
+    std::thread::sleep(Duration::from_millis(1100));
     c.sql("SELECT pg_create_restore_point('before_delete')")
         .unwrap();
     let lsn = c.sql("SELECT pg_current_wal_insert_lsn()").unwrap();
@@ -374,6 +377,30 @@ fn point_in_time_restore_to_a_restore_point_and_an_lsn_refuses_unreachable_targe
     )
     .expect(0);
     assert_eq!(restored_count(&d2), "100");
+
+    // The time just after the first 100 rows committed (PostgreSQL's timestamptz text), and
+    // that transaction's id.
+    for (flag, value, dir) in [
+        ("--target-time", time.as_str(), "pitr-time"),
+        ("--target-xid", xid.as_str(), "pitr-xid"),
+    ] {
+        let d = s.path().join(dir);
+        s.run_repo(
+            &[
+                "restore",
+                "latest",
+                "--target-dir",
+                d.to_str().unwrap(),
+                flag,
+                value,
+                "--target-action",
+                "promote",
+            ],
+            &[],
+        )
+        .expect(0);
+        assert_eq!(restored_count(&d), "100", "{flag} {value}");
+    }
 
     // Past the archive, and before the only backup: exit 16 with the window, nothing written.
     let d3 = s.path().join("pitr-refused");
