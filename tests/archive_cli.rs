@@ -402,6 +402,51 @@ fn point_in_time_restore_to_name_lsn_time_and_xid_refuses_unreachable_targets() 
         assert_eq!(restored_count(&d), "100", "{flag} {value}");
     }
 
+    // The restored cluster, promoted onto timeline 2, archives into the same repository under
+    // the same name: its history file and segments join the archive, nothing conflicts, and
+    // verify sees both timelines without a gap.
+    let d4 = s.path().join("pitr-tl2");
+    s.run_repo(
+        &[
+            "restore",
+            "latest",
+            "--target-dir",
+            d4.to_str().unwrap(),
+            "--target-name",
+            "before_delete",
+            "--target-action",
+            "promote",
+        ],
+        &[],
+    )
+    .expect(0);
+    let mut c2 = Cluster::builder()
+        .archive_command(&archive_command(&s))
+        .adopt_existing(&d4)
+        .unwrap();
+    // archive_command copies to `../cp`, next to the data directory.
+    let cp2 = d4.parent().unwrap().join("cp");
+    std::fs::create_dir(&cp2).unwrap();
+    if pgkeep_testing::cluster::running_as_root() {
+        Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&cp2)
+            .status()
+            .unwrap();
+    }
+    c2.start().unwrap();
+    assert_eq!(c2.sql("SELECT count(*) FROM items").unwrap(), "100");
+    let tl2 = switch_and_wait(&c2, 2);
+    assert!(tl2.iter().all(|n| n.starts_with("00000002")), "{tl2:?}");
+    assert!(s
+        .repo()
+        .join("wal/main/0000000200000000/00000002.history")
+        .exists());
+    let v = s.run_repo(&["--json", "verify"], &[]).expect(0).json();
+    assert_eq!(v["gaps"].as_array().unwrap().len(), 0, "{v}");
+    assert_eq!(v["timelines"].as_array().unwrap().len(), 2, "{v}");
+    drop(c2);
+
     // Past the archive, and before the only backup: exit 16 with the window, nothing written.
     let d3 = s.path().join("pitr-refused");
     let r = s
