@@ -112,6 +112,26 @@ enum Command {
         /// Where to write it (%p).
         #[arg(value_name = "DEST")]
         dest: PathBuf,
+        /// Asynchronous mode: prefetch the following segments in parallel into this spool
+        /// directory [env: PGKEEP_SPOOL_DIR].
+        #[arg(long, value_name = "DIR", env = "PGKEEP_SPOOL_DIR", hide_env = true)]
+        spool_dir: Option<PathBuf>,
+        /// Segments to prefetch (asynchronous mode).
+        #[arg(long, value_name = "N", default_value_t = archive_async::DEFAULT_PREFETCH)]
+        prefetch: u32,
+    },
+    /// The prefetcher of asynchronous archive-get (started by it).
+    #[command(hide = true)]
+    ArchiveGetPrefetch {
+        /// The spool directory.
+        #[arg(long, value_name = "DIR")]
+        spool_dir: PathBuf,
+        /// Segments to fetch.
+        #[arg(long, value_name = "N", default_value_t = archive_async::DEFAULT_PREFETCH)]
+        count: u32,
+        /// The segment after which to fetch.
+        #[arg(value_name = "SEGMENT")]
+        after: String,
     },
     /// Take a logical dump of one database, or of all of them.
     Dump(DumpArgs),
@@ -362,6 +382,7 @@ impl Cli {
             Command::ArchivePush { .. } => "archive-push",
             Command::ArchivePushWorker { .. } => "archive-push-worker",
             Command::ArchiveGet { .. } => "archive-get",
+            Command::ArchiveGetPrefetch { .. } => "archive-get-prefetch",
             Command::Dump(_) => "dump",
             Command::RestoreDump(_) => "restore-dump",
             Command::ExportDump(_) => "export-dump",
@@ -525,7 +546,37 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
             };
             Ok(emit(json, &archive_async::push_worker(ctx, &opts).await?))
         }
-        Command::ArchiveGet { walname, dest } => {
+        Command::ArchiveGet {
+            walname,
+            dest,
+            spool_dir: Some(spool_dir),
+            prefetch,
+        } => {
+            let opts = archive_async::AsyncGetOptions {
+                cluster: ctx.settings.cluster.name.clone(),
+                spool_dir: spool_dir.clone(),
+                prefetch: *prefetch,
+            };
+            Ok(emit(
+                json,
+                &archive_async::get_async(ctx, &opts, walname, dest).await?,
+            ))
+        }
+        Command::ArchiveGetPrefetch {
+            spool_dir,
+            count,
+            after,
+        } => {
+            let opts = archive_async::AsyncGetOptions {
+                cluster: ctx.settings.cluster.name.clone(),
+                spool_dir: spool_dir.clone(),
+                prefetch: *count,
+            };
+            let n = archive_async::prefetch(ctx, &opts, after).await?;
+            tracing::info!("prefetched {n} segments after {after}");
+            Ok(0)
+        }
+        Command::ArchiveGet { walname, dest, .. } => {
             let opts = archive::ArchiveGetOptions {
                 cluster: ctx.settings.cluster.name.clone(),
                 walname: walname.clone(),

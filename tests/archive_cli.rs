@@ -304,6 +304,46 @@ fn async_mode_pushes_in_the_background_and_acknowledges_only_stored_segments() {
         .collect();
     assert!(errors.is_empty(), "{errors:?}");
     s.run_repo(&["verify"], &[]).expect(0);
+
+    // archive-get with a spool directory: the first segment is fetched directly, the next
+    // ones by the prefetcher in the background, then served from the spool.
+    let gspool = tempfile::tempdir().unwrap();
+    let gs = gspool.path().to_str().unwrap();
+    let get = |n: &str| {
+        let d = dest.path().join("RECOVERYXLOG");
+        s.run_repo(
+            &["archive-get", "--spool-dir", gs, n, d.to_str().unwrap()],
+            &[],
+        )
+        .expect(0);
+        std::fs::read(d).unwrap()
+    };
+    let direct = |n: &str| {
+        let d = dest.path().join("direct");
+        s.run_repo(&["archive-get", n, d.to_str().unwrap()], &[])
+            .expect(0);
+        std::fs::read(d).unwrap()
+    };
+    assert!(get(&names[0]) == direct(&names[0]));
+    let spooled = gspool.path().join("in/main").join(&names[1]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !spooled.exists() {
+        assert!(Instant::now() < deadline, "nothing prefetched");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(get(&names[1]) == direct(&names[1]));
+    assert!(!spooled.exists(), "a served segment leaves the spool");
+    s.run_repo(
+        &[
+            "archive-get",
+            "--spool-dir",
+            gs,
+            "0000000100000000000000EE",
+            dest.path().join("y").to_str().unwrap(),
+        ],
+        &[],
+    )
+    .expect(1);
 }
 
 /// Rows in `items` of a restored data directory, started as a throwaway server.

@@ -382,6 +382,180 @@ fn sweep(out: &Path, pg_wal: &Path) {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// archive-get with prefetch
+
+/// How many segments the prefetcher fetches ahead of the one PostgreSQL asked for.
+pub const DEFAULT_PREFETCH: u32 = 8;
+
+fn in_dir(spool: &Path, cluster: &str) -> PathBuf {
+    spool.join("in").join(cluster)
+}
+
+/// Options of `archive-get` with a spool directory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AsyncGetOptions {
+    /// Cluster name in the repository.
+    pub cluster: String,
+    /// The spool directory.
+    pub spool_dir: PathBuf,
+    /// Segments to fetch ahead.
+    pub prefetch: u32,
+}
+
+/// `archive-get WALNAME DEST` with prefetch: a segment already fetched (and verified) by
+/// the prefetcher is moved into place; otherwise it is fetched now. Either way, for a
+/// segment, a detached prefetcher then fetches the following ones in parallel, so recovery
+/// does not wait for one round trip per segment. Files in the spool are only ever verified
+/// copies of write-once objects, so a prefetched file is always the right content.
+pub async fn get_async(
+    ctx: &Context,
+    opts: &AsyncGetOptions,
+    walname: &str,
+    dest: &Path,
+) -> Result<crate::commands::archive::ArchiveGetReport> {
+    use crate::commands::archive::{get_file, missing_error, ArchiveGetReport};
+    let started = Instant::now();
+    let name = WalFileName::parse(walname).map_err(|e| Error::usage(e.to_string()))?;
+    let dir = in_dir(&opts.spool_dir, &opts.cluster);
+    std::fs::create_dir_all(&dir).map_err(|e| io_err("creating", &dir, e))?;
+    // Recovery moves forward: what is older than the file asked for will not be asked again.
+    if let Ok(rd) = std::fs::read_dir(&dir) {
+        for e in rd.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.len() == 24 && n.as_str() < walname && n[..8] == walname[..8.min(walname.len())] {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+    let spooled = dir.join(walname);
+    let report = if spooled.exists() {
+        let bytes = std::fs::metadata(&spooled).map(|m| m.len()).unwrap_or(0);
+        let data = std::fs::read(&spooled).map_err(|e| io_err("reading", &spooled, e))?;
+        write_atomically(dest, &data)?;
+        let _ = std::fs::remove_file(&spooled);
+        ArchiveGetReport {
+            file: walname.to_string(),
+            dest: dest.to_path_buf(),
+            bytes,
+            elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+        }
+    } else {
+        let repo = open_repository_fast(ctx).await?;
+        match get_file(&repo, &opts.cluster, &name, dest).await? {
+            Some(r) => r,
+            None => return Err(missing_error(&opts.cluster, walname)),
+        }
+    };
+    if let WalFileName::Segment(_) = name {
+        if opts.prefetch > 0 {
+            if let Some(lock) = try_lock_named(&opts.spool_dir, "prefetch.lock")? {
+                drop(lock);
+                spawn_prefetcher(ctx, opts, walname)?;
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn try_lock_named(spool: &Path, file: &str) -> Result<Option<File>> {
+    let p = spool.join(file);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&p)
+        .map_err(|e| io_err("opening", &p, e))?;
+    // SAFETY: flock on a descriptor we own; released when `f` is closed.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(Some(f));
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        Ok(None)
+    } else {
+        Err(io_err("locking", &p, e))
+    }
+}
+
+fn spawn_prefetcher(ctx: &Context, opts: &AsyncGetOptions, after: &str) -> Result<()> {
+    let exe = std::env::current_exe().map_err(|e| Error::io("finding the pgkeep executable", e))?;
+    let mut cmd = Command::new(exe);
+    if let Some(c) = &ctx.settings.config_file {
+        cmd.arg("--config").arg(c);
+    }
+    let log_path = opts.spool_dir.join("prefetch.log");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| io_err("opening", &log_path, e))?;
+    cmd.arg("--repo")
+        .arg(&ctx.repository()?.url)
+        .arg("--cluster")
+        .arg(&opts.cluster)
+        .arg("archive-get-prefetch")
+        .arg("--spool-dir")
+        .arg(&opts.spool_dir)
+        .arg("--count")
+        .arg(opts.prefetch.to_string())
+        .arg(after)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log)
+        .process_group(0);
+    cmd.spawn()
+        .map_err(|e| Error::io("starting the prefetcher", e))?;
+    Ok(())
+}
+
+/// The prefetcher (`pgkeep archive-get-prefetch`): fetches the `count` segments after
+/// `after` that are not spooled yet, in parallel, into `<spool>/in/<cluster>/`, verified,
+/// each written atomically. Stops at the first segment the archive does not have.
+pub async fn prefetch(ctx: &Context, opts: &AsyncGetOptions, after: &str) -> Result<usize> {
+    use crate::commands::archive::fetch;
+    let Some(_lock) = try_lock_named(&opts.spool_dir, "prefetch.lock")? else {
+        return Ok(0);
+    };
+    let first: pgkeep_pg::wal::WalSegmentName = after
+        .parse()
+        .map_err(|e: pgkeep_pg::PgError| Error::usage(e.to_string()))?;
+    let repo = open_repository_fast(ctx).await?;
+    let seg_size = crate::commands::archive::segment_size(&repo, &opts.cluster).await?;
+    let dir = in_dir(&opts.spool_dir, &opts.cluster);
+    std::fs::create_dir_all(&dir).map_err(|e| io_err("creating", &dir, e))?;
+    let mut names = Vec::new();
+    let mut s = first;
+    for _ in 0..opts.prefetch {
+        s = s.next(seg_size);
+        names.push(s);
+    }
+    let fetched: Vec<bool> = stream::iter(names)
+        .map(|s| {
+            let (repo, dir) = (repo.clone(), dir.clone());
+            let cluster = opts.cluster.clone();
+            async move {
+                let path = dir.join(s.to_string());
+                if path.exists() {
+                    return true;
+                }
+                match fetch(&repo, &cluster, &WalFileName::Segment(s)).await {
+                    Ok(Some(data)) => write_atomically(&path, &data).is_ok(),
+                    Ok(None) => false,
+                    Err(e) => {
+                        tracing::warn!("prefetching {s}: {e}");
+                        false
+                    }
+                }
+            }
+        })
+        .buffered(4)
+        .collect()
+        .await;
+    Ok(fetched.iter().take_while(|ok| **ok).count())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
