@@ -15,6 +15,10 @@ use crate::repository::Repository;
 const MAX_REQUEST: u64 = 8 * 1024 * 1024;
 /// Range reads in flight per stream.
 const READS_IN_FLIGHT: usize = 6;
+/// A request is also cut at this many decoded bytes: its blobs are held decoded until
+/// written, and well-compressing data (pgbench's compresses ~35x) would otherwise put
+/// hundreds of MiB of one 8 MiB range in memory (restores peaked near 300 MiB).
+const MAX_REQUEST_RAW: u64 = 8 * 1024 * 1024;
 
 struct Request {
     pack: PackId,
@@ -46,7 +50,17 @@ impl Repository {
             let (pack, _) = index.pack(loc.pack);
             let (s, e) = (loc.offset as u64, loc.offset as u64 + loc.length as u64);
             match reqs.last_mut() {
-                Some(r) if r.pack == pack && r.end == s && e - r.start <= MAX_REQUEST => {
+                Some(r)
+                    if r.pack == pack
+                        && r.end == s
+                        && e - r.start <= MAX_REQUEST
+                        && r.blobs
+                            .iter()
+                            .map(|(_, l)| l.raw_length as u64)
+                            .sum::<u64>()
+                            + loc.raw_length as u64
+                            <= MAX_REQUEST_RAW =>
+                {
                     r.end = e;
                     r.blobs.push((b.id, loc));
                 }
