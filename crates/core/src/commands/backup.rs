@@ -53,7 +53,7 @@ pub const MTIME_SAFETY_MARGIN: Duration = Duration::from_secs(5);
 
 /// The `relation_chunk_size` the CLI uses when no setting gives one (see
 /// [`BackupOptions::relation_chunk_size`]; chosen by `bench/compare.sh`, README "Benchmarks").
-pub const DEFAULT_RELATION_CHUNK_SIZE: u32 = 0;
+pub const DEFAULT_RELATION_CHUNK_SIZE: u32 = 1 << 20;
 
 /// Read size for data files: a multiple of the page size.
 const READ_BLOCK: usize = 1024 * 1024;
