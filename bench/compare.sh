@@ -123,8 +123,9 @@ psql -c checkpoint
 DB_BYTES=$(psql -Atc "select pg_database_size('postgres')")
 echo "   database: $((DB_BYTES / 1048576)) MiB; zstd -3 of the main table's files:"
 TABFILE=$(psql -Atc "select pg_relation_filepath('$TABLE')")
-RATIO=$(cat "$W/pgdata/$TABFILE"* | head -c 200000000 | zstd -3 -c | wc -c)
-RAWB=$(cat "$W/pgdata/$TABFILE"* | head -c 200000000 | wc -c)
+SAMPLE="$W/pgdata/$TABFILE"   # its first 1 GiB segment (or all of it when smaller)
+RATIO=$(zstd -3 -c "$SAMPLE" | wc -c)
+RAWB=$(stat -c %s "$SAMPLE")
 echo "   $(echo "scale=1; $RAWB / $RATIO" | bc)x compressible"
 pgbr stanza-create >/dev/null
 pgbr check >/dev/null
