@@ -7,16 +7,16 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
+use pgkeep_core::commands::archive_async;
 use pgkeep_core::commands::repo::{
     self, RepoCheckOptions, RepoInitOptions, RepoKeyRemoveOptions, RepoUnlockOptions,
 };
 use pgkeep_core::commands::{
     archive, backup, check, dump, export_dump, list, restore, restore_dump, verify,
 };
-use pgkeep_core::commands::archive_async;
 use pgkeep_core::config::{Env, Overrides};
-use pgkeep_core::progress::{LogProgress, NoProgress, Progress, TerminalProgress};
 use pgkeep_core::error::ErrorReport;
+use pgkeep_core::progress::{LogProgress, NoProgress, Progress, TerminalProgress};
 use pgkeep_core::{Context, Error, ErrorKind, Report};
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{reload, EnvFilter};
@@ -290,7 +290,12 @@ struct RestoreDumpArgs {
     #[arg(long, value_name = "CONNINFO")]
     pg: Option<String>,
     /// Database to restore into.
-    #[arg(long, value_name = "NAME", required_unless_present = "all", conflicts_with = "all")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
     target_db: Option<String>,
     /// Which database of a `dump --all` to restore.
     #[arg(long, value_name = "NAME")]
@@ -473,12 +478,17 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
         }
         Command::List => {
             let repo = ctx.open_repository().await?;
-            let opts = list::ListOptions { cluster: ctx.settings.cluster.name.clone() };
+            let opts = list::ListOptions {
+                cluster: ctx.settings.cluster.name.clone(),
+            };
             Ok(emit(json, &list::list(&repo, &opts).await?))
         }
         Command::Info { id } => {
             let repo = ctx.open_repository().await?;
-            let opts = list::InfoOptions { cluster: ctx.settings.cluster.name.clone(), id: id.clone() };
+            let opts = list::InfoOptions {
+                cluster: ctx.settings.cluster.name.clone(),
+                id: id.clone(),
+            };
             Ok(emit(json, &list::info(&repo, &opts).await?))
         }
         Command::Restore(r) => {
@@ -523,7 +533,10 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 jobs: *jobs,
                 timeout: archive_async::DEFAULT_TIMEOUT,
             };
-            Ok(emit(json, &archive_async::push_async(ctx, &opts, path).await?))
+            Ok(emit(
+                json,
+                &archive_async::push_async(ctx, &opts, path).await?,
+            ))
         }
         Command::ArchivePush { path, .. } => {
             let opts = archive::ArchivePushOptions {
@@ -586,7 +599,9 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
         }
         Command::Check(o) => Ok(emit(json, &check::check_archiving(ctx, o).await?)),
         Command::Verify { read_data } => {
-            let opts = verify::VerifyOptions { read_data: *read_data };
+            let opts = verify::VerifyOptions {
+                read_data: *read_data,
+            };
             Ok(emit(json, &verify::verify(ctx, &opts).await?))
         }
         Command::Dump(d) => {
@@ -599,7 +614,10 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 label: d.label.clone(),
                 ..dump::DumpOptions::default()
             };
-            Ok(emit(json, &dump::dump(&repo, &opts, progress(cli).as_ref()).await?))
+            Ok(emit(
+                json,
+                &dump::dump(&repo, &opts, progress(cli).as_ref()).await?,
+            ))
         }
         Command::RestoreDump(r) => {
             use std::io::IsTerminal;

@@ -317,8 +317,16 @@ fn every_command_spelling_of_the_architecture_page_parses() {
     for (args, name) in cases {
         let r = s.run(args, &[]);
         let err = r.stderr();
-        for clap_error in ["unexpected argument", "invalid value", "Usage:", "unrecognized"] {
-            assert!(!err.contains(clap_error), "`pgkeep {name}` did not parse: {err}");
+        for clap_error in [
+            "unexpected argument",
+            "invalid value",
+            "Usage:",
+            "unrecognized",
+        ] {
+            assert!(
+                !err.contains(clap_error),
+                "`pgkeep {name}` did not parse: {err}"
+            );
         }
         if matches!(name, "expire" | "status") {
             assert_eq!(

@@ -28,7 +28,11 @@ fn pgkeep(t: &Target, args: &[&str]) -> Output {
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 async fn listing(s: &dyn Storage) -> Vec<(String, Bytes)> {
@@ -45,15 +49,26 @@ async fn damage_scenarios(t: Target) {
     assert_eq!(init.status.code(), Some(0), "{}", text(&init));
 
     // Store a stream and commit a manifest through the library, as a backup would.
-    let repo = Repository::open(t.storage.clone(), Some("canary-passphrase-7f3a")).await.unwrap();
-    let w = repo.writer(WriterOptions::default());
-    let w2 = w.clone();
-    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    let s = tokio::task::spawn_blocking(move || w2.ingest_bytes(&data)).await.unwrap().unwrap();
-    w.finish().await.unwrap();
-    repo.save_manifest("main", "20260101T000000Z", &serde_json::json!({ "kind": "test", "data": s }))
+    let repo = Repository::open(t.storage.clone(), Some("canary-passphrase-7f3a"))
         .await
         .unwrap();
+    let w = repo.writer(WriterOptions::default());
+    let w2 = w.clone();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    let s = tokio::task::spawn_blocking(move || w2.ingest_bytes(&data))
+        .await
+        .unwrap()
+        .unwrap();
+    w.finish().await.unwrap();
+    repo.save_manifest(
+        "main",
+        "20260101T000000Z",
+        &serde_json::json!({ "kind": "test", "data": s }),
+    )
+    .await
+    .unwrap();
     let ok = pgkeep(&t, &["repo", "check", "--read-data"]);
     assert_eq!(ok.status.code(), Some(0), "{}", text(&ok));
 
@@ -67,7 +82,11 @@ async fn damage_scenarios(t: Target) {
         .output()
         .unwrap();
     assert_eq!(wrong.status.code(), Some(12), "{}", text(&wrong));
-    assert!(text(&wrong).contains("wrong passphrase"), "{}", text(&wrong));
+    assert!(
+        text(&wrong).contains("wrong passphrase"),
+        "{}",
+        text(&wrong)
+    );
     assert_eq!(before, listing(t.storage.as_ref()).await);
 
     let pack = t.storage.list("packs/").await.unwrap()[0].key.clone();
@@ -76,23 +95,42 @@ async fn damage_scenarios(t: Target) {
     let mut flipped = original.to_vec();
     flipped[original.len() / 3] ^= 0x20;
     let truncated = original.slice(..original.len() - 100);
-    for (what, bytes) in [("flipped byte", Some(Bytes::from(flipped))), ("truncated pack", Some(truncated)), ("missing pack", None)] {
+    for (what, bytes) in [
+        ("flipped byte", Some(Bytes::from(flipped))),
+        ("truncated pack", Some(truncated)),
+        ("missing pack", None),
+    ] {
         t.storage.delete(&pack).await.unwrap();
         if let Some(b) = bytes {
             t.storage.put(&pack, b).await.unwrap();
         }
         let out = pgkeep(&t, &["repo", "check", "--read-data"]);
         assert_eq!(out.status.code(), Some(13), "{what}: {}", text(&out));
-        assert!(text(&out).contains(&pack_id), "{what}: the pack is not named: {}", text(&out));
-        assert!(text(&out).contains("20260101T000000Z"), "{what}: the damaged backup is not named: {}", text(&out));
+        assert!(
+            text(&out).contains(&pack_id),
+            "{what}: the pack is not named: {}",
+            text(&out)
+        );
+        assert!(
+            text(&out).contains("20260101T000000Z"),
+            "{what}: the damaged backup is not named: {}",
+            text(&out)
+        );
         let json = pgkeep(&t, &["--json", "repo", "check", "--read-data"]);
         assert_eq!(json.status.code(), Some(13));
-        let v: serde_json::Value = serde_json::from_slice(&json.stdout).expect("--json prints JSON");
+        let v: serde_json::Value =
+            serde_json::from_slice(&json.stdout).expect("--json prints JSON");
         assert!(v.to_string().contains(&pack_id), "{what}: {v}");
-        assert!(!text(&out).contains("canary-passphrase-7f3a"), "the passphrase leaked");
+        assert!(
+            !text(&out).contains("canary-passphrase-7f3a"),
+            "the passphrase leaked"
+        );
     }
     t.storage.put(&pack, original).await.unwrap();
-    assert_eq!(pgkeep(&t, &["repo", "check", "--read-data"]).status.code(), Some(0));
+    assert_eq!(
+        pgkeep(&t, &["repo", "check", "--read-data"]).status.code(),
+        Some(0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,7 +139,12 @@ async fn damage_exit_codes_on_local_disk() {
     let path = dir.path().join("repo");
     std::fs::create_dir(&path).unwrap();
     let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(&path).unwrap());
-    damage_scenarios(Target { storage, url: path.display().to_string(), env: vec![] }).await;
+    damage_scenarios(Target {
+        storage,
+        url: path.display().to_string(),
+        env: vec![],
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,5 +156,10 @@ async fn damage_exit_codes_on_s3() {
     env.push(("PGKEEP_REPO_REGION".into(), server.region.clone()));
     env.push(("PGKEEP_REPO_FORCE_PATH_STYLE".into(), "true".into()));
     env.push(("PGKEEP_REPO_ALLOW_HTTP".into(), "true".into()));
-    damage_scenarios(Target { storage: server.storage_with_prefix(&prefix), url: server.url(&prefix), env }).await;
+    damage_scenarios(Target {
+        storage: server.storage_with_prefix(&prefix),
+        url: server.url(&prefix),
+        env,
+    })
+    .await;
 }
