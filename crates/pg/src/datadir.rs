@@ -9,6 +9,9 @@
 //! - `postmaster.pid`, `postmaster.opts`, `backup_label`, `tablespace_map` and their `.old`
 //!   copies, `postgresql.auto.conf.tmp`, `current_logfiles.tmp` (the backup's own backup_label
 //!   and tablespace_map come from `pg_backup_stop`);
+//! - `backup_manifest`: pg_basebackup leaves one in a data directory it wrote, and it
+//!   describes that older backup, not this one (a restore started with it and checked by
+//!   `pg_verifybackup` would be reported as damaged);
 //! - `pg_internal.init*` files anywhere (rebuilt at start-up);
 //! - anything whose name starts with `pgsql_tmp` (temporary files and directories);
 //! - temporary relations `t<backend>_<relfilenode>[...]`;
@@ -50,6 +53,8 @@ pub const EXCLUDED_TOP_FILES: &[&str] = &[
     "tablespace_map.old",
     "postgresql.auto.conf.tmp",
     "current_logfiles.tmp",
+    // Describes the pg_basebackup run that produced this directory, not the new backup.
+    "backup_manifest",
 ];
 
 /// What an entry is on disk.
@@ -523,32 +528,82 @@ mod tests {
         let ts = t.path().join("ts");
         touch(&d.join("PG_VERSION"), b"15\n");
         touch(&d.join("postgresql.conf"), b"");
-        touch(&d.join("postmaster.pid"), b"1");
-        touch(&d.join("postmaster.opts"), b"x");
-        touch(&d.join("backup_label.old"), b"x");
+        touch(&d.join("postgresql.auto.conf"), b"");
+        // Every top-level file PostgreSQL's documentation and pg_basebackup leave out. The
+        // names are spelled out here rather than taken from EXCLUDED_TOP_FILES, so dropping
+        // one from the list fails this test.
+        let server_files = [
+            "postmaster.pid",
+            "postmaster.opts",
+            "backup_label",
+            "backup_label.old",
+            "tablespace_map",
+            "tablespace_map.old",
+            "postgresql.auto.conf.tmp",
+            "current_logfiles.tmp",
+            "backup_manifest",
+        ];
+        for f in server_files {
+            touch(&d.join(f), b"x");
+        }
+        touch(&d.join("current_logfiles"), b"stderr log/x.log\n");
         touch(&d.join("global/pg_control"), b"x");
         touch(&d.join("global/1262"), b"x");
         touch(&d.join("global/pg_internal.init"), b"x");
         touch(&d.join("base/5/1259"), b"12345678");
         touch(&d.join("base/5/1259_fsm"), b"x");
+        touch(&d.join("base/5/1259_vm"), b"x");
+        touch(&d.join("base/5/1259.1"), b"x");
         touch(&d.join("base/5/PG_VERSION"), b"15");
         touch(&d.join("base/5/pg_filenode.map"), b"x");
-        touch(&d.join("base/5/16400"), b"x");
-        touch(&d.join("base/5/16400_fsm"), b"x");
+        // The relcache init file and its temporary variant (pg_internal.init.<pid>).
+        touch(&d.join("base/5/pg_internal.init"), b"x");
+        touch(&d.join("base/5/pg_internal.init.4242"), b"x");
+        // An unlogged relation: every fork and segment but the init fork is left out.
+        for f in ["16400", "16400.1", "16400_fsm", "16400_vm"] {
+            touch(&d.join("base/5/").join(f), b"x");
+        }
         touch(&d.join("base/5/16400_init"), b"x");
-        touch(&d.join("base/5/t3_16500"), b"x");
+        // Temporary relations of backend 3 (all forks and segments).
+        for f in ["t3_16500", "t3_16500.1", "t3_16500_fsm", "t3_16500_vm"] {
+            touch(&d.join("base/5/").join(f), b"x");
+        }
+        // Temporary files: the pgsql_tmp directory, and any name starting with pgsql_tmp.
         touch(&d.join("base/pgsql_tmp/pgsql_tmp123.0"), b"x");
+        touch(&d.join("base/5/pgsql_tmp99.1"), b"x");
         touch(&d.join("pg_wal/000000010000000000000001"), b"x");
+        touch(&d.join("pg_wal/00000002.history"), b"x");
         std::fs::create_dir_all(d.join("pg_wal/archive_status")).unwrap();
         touch(
             &d.join("pg_wal/archive_status/000000010000000000000001.done"),
             b"",
         );
-        touch(&d.join("pg_stat_tmp/global.stat"), b"x");
-        std::fs::create_dir_all(d.join("pg_replslot/slot1")).unwrap();
+        // Directories whose contents are left out; the directories themselves are kept.
+        let dir_contents = [
+            ("pg_dynshmem", "mmap.1234"),
+            ("pg_notify", "0000"),
+            ("pg_serial", "0000"),
+            ("pg_snapshots", "00000003-00000002-1"),
+            ("pg_stat_tmp", "global.stat"),
+            ("pg_subtrans", "0000"),
+            ("pg_replslot", "slot1"),
+        ];
+        for (dir, file) in dir_contents {
+            if dir == "pg_replslot" {
+                touch(&d.join(dir).join(file).join("state"), b"x");
+            } else {
+                touch(&d.join(dir).join(file), b"x");
+            }
+        }
         touch(&d.join("pg_xact/0000"), b"x");
+        touch(&d.join("pg_stat/pgstat.stat"), b"x");
+        touch(&d.join("pg_logical/replorigin_checkpoint"), b"x");
         touch(&ts.join("PG_15_202209061/5/16600"), b"x");
         touch(&ts.join("PG_15_202209061/5/16600.1"), b"x");
+        touch(&ts.join("PG_15_202209061/5/16700"), b"x");
+        touch(&ts.join("PG_15_202209061/5/16700_init"), b"x");
+        touch(&ts.join("PG_15_202209061/5/t4_16800"), b"x");
+        touch(&ts.join("PG_15_202209061/pgsql_tmp/pgsql_tmp7.0"), b"x");
         touch(&ts.join("PG_14_202107181/5/16600"), b"x");
         std::fs::create_dir_all(d.join("pg_tblspc")).unwrap();
         std::os::unix::fs::symlink(&ts, d.join("pg_tblspc/16599")).unwrap();
@@ -561,64 +616,98 @@ mod tests {
                 .find(|e| e.rel_path == p)
                 .map(|e| e.reason)
         };
+        let tsv = "pg_tblspc/16599/PG_15_202209061";
         for inc in [
             "PG_VERSION",
             "postgresql.conf",
+            "postgresql.auto.conf",
+            "current_logfiles",
             "global/pg_control",
             "global/1262",
             "base/5/1259",
             "base/5/1259_fsm",
+            "base/5/1259_vm",
+            "base/5/1259.1",
             "base/5/16400_init",
             "pg_wal",
             "pg_wal/archive_status",
-            "pg_stat_tmp",
-            "pg_replslot",
             "pg_xact/0000",
+            "pg_stat/pgstat.stat",
+            "pg_logical/replorigin_checkpoint",
             "base/5/pg_filenode.map",
+            &format!("{tsv}/5/16600"),
+            &format!("{tsv}/5/16600.1"),
+            &format!("{tsv}/5/16700_init"),
         ] {
             assert!(get(inc).is_some(), "{inc} missing");
         }
-        assert_eq!(excluded("postmaster.pid"), Some(ExcludeReason::ServerFile));
-        assert_eq!(excluded("postmaster.opts"), Some(ExcludeReason::ServerFile));
-        assert_eq!(
-            excluded("backup_label.old"),
-            Some(ExcludeReason::ServerFile)
-        );
-        assert_eq!(
-            excluded("global/pg_internal.init"),
-            Some(ExcludeReason::RelcacheInit)
-        );
-        assert_eq!(excluded("base/5/16400"), Some(ExcludeReason::UnloggedFork));
-        assert_eq!(
-            excluded("base/5/16400_fsm"),
-            Some(ExcludeReason::UnloggedFork)
-        );
-        assert_eq!(
-            excluded("base/5/t3_16500"),
-            Some(ExcludeReason::TempRelation)
-        );
-        assert_eq!(excluded("base/pgsql_tmp"), Some(ExcludeReason::TempFile));
-        assert_eq!(
-            excluded("pg_wal/000000010000000000000001"),
-            Some(ExcludeReason::DirContents)
-        );
-        assert_eq!(
-            excluded("pg_stat_tmp/global.stat"),
-            Some(ExcludeReason::DirContents)
-        );
-        assert_eq!(
-            excluded("pg_replslot/slot1"),
-            Some(ExcludeReason::DirContents)
-        );
+        for f in server_files {
+            assert_eq!(excluded(f), Some(ExcludeReason::ServerFile), "{f}");
+            assert!(get(f).is_none(), "{f}");
+        }
+        for (dir, file) in dir_contents {
+            let kept = get(dir).unwrap_or_else(|| panic!("{dir} itself is kept"));
+            assert_eq!(kept.kind, EntryKind::Dir, "{dir}");
+            let inside = format!("{dir}/{file}");
+            assert_eq!(
+                excluded(&inside),
+                Some(ExcludeReason::DirContents),
+                "{inside}"
+            );
+            assert!(
+                !l.entries.iter().any(|e| e.rel_path.starts_with(&inside)),
+                "nothing under {inside}"
+            );
+        }
+        for wal in ["pg_wal/000000010000000000000001", "pg_wal/00000002.history"] {
+            assert_eq!(excluded(wal), Some(ExcludeReason::DirContents), "{wal}");
+        }
+        assert!(get("pg_wal/archive_status/000000010000000000000001.done").is_none());
+        for init in [
+            "global/pg_internal.init",
+            "base/5/pg_internal.init",
+            "base/5/pg_internal.init.4242",
+        ] {
+            assert_eq!(excluded(init), Some(ExcludeReason::RelcacheInit), "{init}");
+        }
+        for fork in [
+            "base/5/16400",
+            "base/5/16400.1",
+            "base/5/16400_fsm",
+            "base/5/16400_vm",
+            &format!("{tsv}/5/16700"),
+        ] {
+            assert_eq!(excluded(fork), Some(ExcludeReason::UnloggedFork), "{fork}");
+        }
+        for temp in [
+            "base/5/t3_16500",
+            "base/5/t3_16500.1",
+            "base/5/t3_16500_fsm",
+            "base/5/t3_16500_vm",
+            &format!("{tsv}/5/t4_16800"),
+        ] {
+            assert_eq!(excluded(temp), Some(ExcludeReason::TempRelation), "{temp}");
+        }
+        for tmp in [
+            "base/pgsql_tmp",
+            "base/5/pgsql_tmp99.1",
+            &format!("{tsv}/pgsql_tmp"),
+        ] {
+            assert_eq!(excluded(tmp), Some(ExcludeReason::TempFile), "{tmp}");
+        }
+        assert!(!l
+            .entries
+            .iter()
+            .any(|e| e.rel_path.contains("pgsql_tmp") || e.rel_path.contains("/t3_")));
         assert_eq!(
             excluded("pg_tblspc/16599/PG_14_202107181"),
             Some(ExcludeReason::OtherVersion)
         );
-        assert!(get("pg_wal/archive_status/000000010000000000000001.done").is_none());
 
         let rel = get("base/5/1259").unwrap();
         assert!(rel.is_relation && rel.kind == EntryKind::File && rel.size == 8);
         assert!(get("global/1262").unwrap().is_relation);
+        assert!(get("base/5/16400_init").unwrap().is_relation);
         for not_rel in [
             "global/pg_control",
             "base/5/PG_VERSION",
@@ -632,7 +721,7 @@ mod tests {
         assert_eq!(link.kind, EntryKind::Symlink);
         assert_eq!(link.link_target.as_deref(), Some(ts.as_path()));
         assert_eq!(link.tablespace, Some(16599));
-        let tsfile = get("pg_tblspc/16599/PG_15_202209061/5/16600.1").unwrap();
+        let tsfile = get(&format!("{tsv}/5/16600.1")).unwrap();
         assert!(tsfile.is_relation);
         assert_eq!(tsfile.tablespace, Some(16599));
         assert_eq!(tsfile.relation_file().unwrap().segno, 1);
@@ -641,6 +730,28 @@ mod tests {
         let mut sorted = paths.clone();
         sorted.sort();
         assert_eq!(paths, sorted);
+    }
+
+    #[test]
+    fn a_symlinked_pg_wal_becomes_an_empty_directory() {
+        // initdb -X puts pg_wal elsewhere behind a symlink; a restore gets a plain directory
+        // (with archive_status) and none of the WAL files.
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().join("data");
+        let wal = t.path().join("wal");
+        touch(&d.join("PG_VERSION"), b"15\n");
+        touch(&wal.join("000000010000000000000001"), b"x");
+        std::fs::create_dir_all(wal.join("archive_status")).unwrap();
+        std::os::unix::fs::symlink(&wal, d.join("pg_wal")).unwrap();
+        let l = walk(&d).unwrap();
+        let get = |p: &str| l.entries.iter().find(|e| e.rel_path == p);
+        assert_eq!(get("pg_wal").unwrap().kind, EntryKind::Dir);
+        assert_eq!(get("pg_wal/archive_status").unwrap().kind, EntryKind::Dir);
+        assert!(get("pg_wal/000000010000000000000001").is_none());
+        assert!(l
+            .excluded
+            .iter()
+            .any(|e| e.rel_path == "pg_wal/000000010000000000000001"));
     }
 
     #[test]
