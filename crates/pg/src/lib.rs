@@ -4,7 +4,8 @@
 //! ([`timeline`]), the control file ([`control`]), data page checksums ([`checksum`]), what a
 //! base backup copies from a data directory ([`datadir`]), connections and the backup API
 //! ([`client`]), recovery settings for restores ([`recovery`]) and the pg_dump/pg_restore
-//! runners ([`dump`]). This crate knows nothing of chunks, packs or encryption.
+//! runners ([`dump`]), and the records of a WAL segment that point-in-time recovery needs
+//! ([`walrecords`]). This crate knows nothing of chunks, packs or encryption.
 
 pub mod checksum;
 pub mod client;
@@ -16,6 +17,7 @@ pub mod lsn;
 pub mod recovery;
 pub mod timeline;
 pub mod wal;
+pub mod walrecords;
 
 pub use checksum::{pg_checksum_page, verify_page, PageCheck};
 pub use client::{
