@@ -13,7 +13,7 @@ pub enum ErrorKind {
     WrongPassphrase,
     /// The repository is encrypted and no passphrase was given.
     PassphraseRequired,
-    /// Another process holds a conflicting lock.
+    /// Another process holds a conflicting lock, or this process lost its own.
     Locked,
     /// Data failed authentication or hashing, or a referenced object is missing.
     Integrity,
@@ -43,6 +43,11 @@ pub enum RepoError {
     /// See [`ErrorKind::Locked`].
     #[error("repository is locked by {holder}\nHINT: wait for it to finish; if that process is gone, `pgkeep repo unlock` removes stale locks")]
     Locked { holder: String },
+    /// A lock held by this process could not be refreshed in time (kind
+    /// [`ErrorKind::Locked`]): the run must stop before other processes may take the lock for
+    /// stale.
+    #[error("the repository lock {lock} could not be refreshed for {secs} s; stopping before other processes may take it for stale and remove data this run depends on\nHINT: check the connection to the store (see the warnings before this error), then run the command again")]
+    LockLost { lock: String, secs: u64 },
     /// See [`ErrorKind::Integrity`].
     #[error("integrity error in {object}: {reason}\nHINT: run `pgkeep repo check --read-data` to see what is damaged")]
     Integrity { object: String, reason: String },
@@ -65,7 +70,7 @@ impl RepoError {
             RepoError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             RepoError::WrongPassphrase { .. } => ErrorKind::WrongPassphrase,
             RepoError::PassphraseRequired { .. } => ErrorKind::PassphraseRequired,
-            RepoError::Locked { .. } => ErrorKind::Locked,
+            RepoError::Locked { .. } | RepoError::LockLost { .. } => ErrorKind::Locked,
             RepoError::Integrity { .. } => ErrorKind::Integrity,
             RepoError::NotFound { .. } => ErrorKind::NotFound,
             RepoError::Invalid(_) => ErrorKind::Invalid,

@@ -114,6 +114,8 @@ pub(crate) struct RepoInner {
     pub(crate) key_id: Option<String>,
     pub(crate) index: RwLock<Index>,
     pub(crate) index_files: RwLock<Vec<String>>,
+    /// Locks held through this handle, and the lock timing.
+    pub(crate) locks: crate::lock::LockState,
 }
 
 /// An open repository. Cheap to clone; all clones share the index.
@@ -222,6 +224,7 @@ impl Repository {
                 key_id,
                 index: RwLock::new(Index::default()),
                 index_files: RwLock::new(Vec::new()),
+                locks: Default::default(),
             }),
         })
     }
@@ -282,6 +285,7 @@ impl Repository {
                 key_id,
                 index: RwLock::new(Index::default()),
                 index_files: RwLock::new(Vec::new()),
+                locks: Default::default(),
             }),
         })
     }
@@ -330,7 +334,9 @@ impl Repository {
     }
 
     /// Writes an index file and adds it to the in-memory index.
+    /// Refuses when a lock of this handle is lost ([`Repository::ensure_locks_held`]).
     pub(crate) async fn write_index_file(&self, file: IndexFile) -> Result<String> {
+        self.ensure_locks_held()?;
         let json = serde_json::to_vec(&file).expect("index serializes");
         let z = zstd::bulk::compress(&json, 3)
             .map_err(|e| RepoError::Invalid(format!("zstd failed: {e}")))?;
@@ -396,7 +402,10 @@ impl Repository {
     /// Stores a manifest: the commit point of a backup or dump.
     ///
     /// Refuses (before writing) when the body references a blob that is not indexed, so a
-    /// manifest only ever references committed data (write order: packs, index, manifest).
+    /// manifest only ever references committed data (write order: packs, index, manifest),
+    /// and when a lock taken through this handle is lost ([`RepoError::LockLost`]): the data
+    /// it references may have been removed meanwhile by a process that took the lock for
+    /// stale.
     pub async fn save_manifest<T: Serialize>(
         &self,
         cluster: &str,
@@ -405,6 +414,7 @@ impl Repository {
     ) -> Result<()> {
         check_segment("cluster name", cluster)?;
         check_segment("backup id", id)?;
+        self.ensure_locks_held()?;
         let value = serde_json::to_value(body).map_err(|e| RepoError::Invalid(e.to_string()))?;
         let mut refs = Vec::new();
         collect_stream_refs(&value, &mut refs);
