@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20}
-PGBIN=/usr/lib/postgresql/15/bin
+PGBIN=${PGKEEP_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}
 OUT=${BENCH_OUT:-bench/out}
 mkdir -p "$OUT"
 [ -n "${NO_BUILD:-}" ] || cargo build --release -q --bin pgkeep

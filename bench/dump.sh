@@ -18,7 +18,7 @@ DAYS=${2:-30}
 SCALE=${3:-10}
 PGB_DAYS=${4:-10}
 PGB_TX=${PGB_TX:-$((SCALE * 2000))}
-PGBIN=/usr/lib/postgresql/15/bin
+PGBIN=${PGKEEP_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}
 OUT=${BENCH_OUT:-bench/out}
 mkdir -p "$OUT"
 if [ -z "${PGKEEP_BIN:-}" ]; then

@@ -7,7 +7,7 @@ use pgkeep_pg::datadir::{self, EntryKind};
 use pgkeep_pg::recovery::{RecoveryConfig, RecoveryTarget, TargetAction};
 use pgkeep_pg::wal::{WalPageHeader, WalSegmentName};
 use pgkeep_pg::{ControlFile, Lsn};
-use pgkeep_testing::cluster::first_difference;
+use pgkeep_testing::cluster::{first_difference, PG_BIN_DIR};
 use pgkeep_testing::Cluster;
 use std::path::Path;
 
@@ -167,7 +167,7 @@ async fn backup_copy_restores_and_starts() {
     let writer = {
         let env = c.env();
         std::thread::spawn(move || {
-            let st = std::process::Command::new("/usr/lib/postgresql/15/bin/pgbench")
+            let st = std::process::Command::new(format!("{PG_BIN_DIR}/pgbench"))
                 .envs(env)
                 .args(["-n", "-T", "2", "-c", "2"])
                 .output()

@@ -5,12 +5,13 @@ use pgkeep_pg::checksum::{absolute_block, pg_checksum_page, verify_page, PageChe
 use pgkeep_pg::client::{ConnParams, PgClient};
 use pgkeep_pg::datadir::{self, EntryKind, ExcludeReason};
 use pgkeep_pg::{dump, ControlFile, DbState, Lsn, PgError};
+use pgkeep_testing::cluster::PG_BIN_DIR;
 use pgkeep_testing::Cluster;
 use std::collections::HashMap;
 use std::process::Command;
 
 fn controldata(c: &Cluster) -> HashMap<String, String> {
-    let out = Command::new("/usr/lib/postgresql/15/bin/pg_controldata")
+    let out = Command::new(format!("{PG_BIN_DIR}/pg_controldata"))
         .arg(c.pgdata())
         .env("LC_ALL", "C")
         .output()

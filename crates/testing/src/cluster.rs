@@ -18,8 +18,82 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Directory of the PostgreSQL 15 server binaries (initdb, postgres, pgbench).
-pub const PG_BIN_DIR: &str = "/usr/lib/postgresql/15/bin";
+/// Names a directory of PostgreSQL server binaries to use instead of the newest installed.
+pub const PG_BIN_ENV: &str = "PGKEEP_PG_BIN";
+
+/// The PostgreSQL server binaries (initdb, postgres, pg_ctl, pgbench, pg_controldata) the
+/// tests use: see [`pg_bin_dir`]. Displays as that directory, so
+/// `format!("{PG_BIN_DIR}/pgbench")` names a binary.
+pub const PG_BIN_DIR: PgBinDir = PgBinDir;
+
+/// The type of [`PG_BIN_DIR`]: resolved once, on first use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PgBinDir;
+
+impl std::fmt::Display for PgBinDir {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match pg_bin_dir() {
+            Ok(p) => write!(f, "{}", p.display()),
+            // Keeps the command's "not found" error pointing at the cause.
+            Err(_) => write!(f, "/usr/lib/postgresql/NO-SERVER-INSTALLED/bin"),
+        }
+    }
+}
+
+/// The directory of PostgreSQL server binaries: `$PGKEEP_PG_BIN` when set, else the newest
+/// major version under `/usr/lib/postgresql/<major>/bin` (Debian's layout) that holds a
+/// `postgres` binary. Resolved once per process. Fails with the fix when there is none.
+pub fn pg_bin_dir() -> Result<&'static Path> {
+    static DIR: std::sync::OnceLock<std::result::Result<PathBuf, String>> =
+        std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        find_pg_bin_dir(
+            std::env::var_os(PG_BIN_ENV),
+            Path::new("/usr/lib/postgresql"),
+        )
+    })
+    .as_deref()
+    .map_err(|e| anyhow!("{e}"))
+}
+
+fn find_pg_bin_dir(
+    from_env: Option<std::ffi::OsString>,
+    root: &Path,
+) -> std::result::Result<PathBuf, String> {
+    if let Some(dir) = from_env.filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        return if dir.join("postgres").is_file() {
+            Ok(dir)
+        } else {
+            Err(format!(
+                "{PG_BIN_ENV}={} holds no `postgres` binary. HINT: point it at a PostgreSQL \
+                 server's bin directory, or unset it to use the newest under {}",
+                dir.display(),
+                root.display()
+            ))
+        };
+    }
+    // Version-ordered, not string-ordered: 9.6 < 10 < 15 < 16.
+    let version =
+        |name: &str| -> Option<Vec<u32>> { name.split('.').map(|p| p.parse().ok()).collect() };
+    let newest = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let bin = e.path().join("bin");
+            (bin.join("postgres").is_file()).then_some((version(&name)?, bin))
+        })
+        .max();
+    newest.map(|(_, bin)| bin).ok_or_else(|| {
+        format!(
+            "no PostgreSQL server found under {}/<major>/bin. HINT: run scripts/install-deps.sh \
+             (apt-get install postgresql), or set {PG_BIN_ENV} to a server's bin directory",
+            root.display()
+        )
+    })
+}
 
 /// Operating-system user that runs the server when the tests run as root.
 const PG_OS_USER: &str = "postgres";
@@ -103,6 +177,7 @@ impl ClusterBuilder {
             .context("creating the cluster's temporary directory")?;
         let root = dir.path().to_path_buf();
         let pgdata = root.join("data");
+        pg_bin_dir()?;
         prepare_private_dirs(&root)?;
         let mut cmd = pg_command("initdb");
         cmd.arg("--no-sync").arg("-D").arg(&pgdata).args([
@@ -728,6 +803,37 @@ pub fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_newest_installed_server_is_chosen_unless_pgkeep_pg_bin_says_otherwise() {
+        let root = tempfile::tempdir().unwrap();
+        let install = |major: &str| {
+            let bin = root.path().join(major).join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            std::fs::write(bin.join("postgres"), b"").unwrap();
+            bin
+        };
+        assert!(find_pg_bin_dir(None, root.path())
+            .unwrap_err()
+            .contains("HINT"));
+        install("9.6");
+        let v15 = install("15");
+        // A client-only major (no server binary) does not count.
+        std::fs::create_dir_all(root.path().join("17/bin")).unwrap();
+        assert_eq!(find_pg_bin_dir(None, root.path()).unwrap(), v15);
+        let v16 = install("16");
+        assert_eq!(find_pg_bin_dir(None, root.path()).unwrap(), v16);
+        assert_eq!(
+            find_pg_bin_dir(Some(v15.clone().into()), root.path()).unwrap(),
+            v15
+        );
+        let err = find_pg_bin_dir(Some("/nonexistent".into()), root.path()).unwrap_err();
+        assert!(err.contains("PGKEEP_PG_BIN=/nonexistent"), "{err}");
+        // The real machine: whatever it is, it names a directory with a server.
+        assert!(PathBuf::from(PG_BIN_DIR.to_string())
+            .join("postgres")
+            .is_file());
+    }
 
     #[test]
     fn starts_and_answers_queries() -> Result<()> {
