@@ -485,20 +485,26 @@ fn check_target(dir: &Path, what: &str, opts: &RestoreOptions, is_data_dir: bool
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     if euid != 0 && meta.uid() != euid {
-        return Err(Error::usage(format!(
-            "{what} {} is owned by uid {}, not by this user (uid {euid})",
-            dir.display(),
-            meta.uid()
-        )));
+        return Err(Error::usage_hint(
+            format!(
+                "{what} {} is owned by uid {}, not by this user (uid {euid})",
+                dir.display(),
+                meta.uid()
+            ),
+            "run the restore as the user that owns it (the PostgreSQL server user), or chown it to this user",
+        ));
     }
     let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
         .map_err(|_| Error::usage(format!("{what} {} has a NUL byte", dir.display())))?;
     // SAFETY: access(2) with a valid C string.
     if unsafe { libc::access(c.as_ptr(), libc::R_OK | libc::W_OK | libc::X_OK) } != 0 {
-        return Err(Error::usage(format!(
-            "{what} {} is not readable, writable and searchable by this user",
-            dir.display()
-        )));
+        return Err(Error::usage_hint(
+            format!(
+                "{what} {} is not readable, writable and searchable by this user",
+                dir.display()
+            ),
+            format!("give its owner full access (chmod u+rwx {})", dir.display()),
+        ));
     }
     let non_empty = std::fs::read_dir(dir)
         .map_err(|e| io_err("reading", dir, e))?
