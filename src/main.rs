@@ -635,6 +635,8 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 dry_run: r.dry_run,
                 force: r.force,
                 no_safety_dump: r.no_safety_dump,
+                no_owner: false,
+                no_acl: false,
                 interactive: std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
                 temp_dir: None,
             };

@@ -88,6 +88,31 @@ fn assert_same_db(a: &Cluster, db_a: &str, b: &Cluster, db_b: &str) {
     }
 }
 
+/// Everything about database `db` that is not its contents, names instead of oids, in a
+/// stable order: owner, encoding, LC_COLLATE, LC_CTYPE, locale provider and ICU locale,
+/// connection limit, template flag, comment, privileges (grantor>grantee:privilege, `*` for
+/// the grant option) and settings (the database's `*`, then per role).
+fn db_properties(c: &Cluster, db: &str) -> String {
+    let sql = format!(
+        "SELECT concat_ws(' | ', pg_get_userbyid(d.datdba), pg_encoding_to_char(d.encoding),
+            d.datcollate, d.datctype, d.datlocprovider, coalesce(d.daticulocale, '-'),
+            d.datconnlimit, d.datistemplate, coalesce(shobj_description(d.oid, 'pg_database'), '-'),
+            coalesce((SELECT string_agg(x, ',' ORDER BY x) FROM (
+                SELECT format('%s>%s:%s%s', pg_get_userbyid(a.grantor),
+                    CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END,
+                    a.privilege_type, CASE WHEN a.is_grantable THEN '*' ELSE '' END) AS x
+                FROM aclexplode(d.datacl) a) q), 'default'),
+            coalesce((SELECT string_agg(x, ',' ORDER BY x) FROM (
+                SELECT format('%s:%s', coalesce(r.rolname, '*'), array_to_string(s.setconfig, ';')) AS x
+                FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole
+                WHERE s.setdatabase = d.oid) q), 'no settings'))
+         FROM pg_database d WHERE d.datname = '{db}'"
+    );
+    let out = c.sql(&sql).unwrap();
+    assert!(!out.is_empty(), "no database {db}");
+    out
+}
+
 fn count_dumps(v: &[pgkeep_core::commands::list::BackupSummary]) -> usize {
     v.iter().filter(|b| b.kind == "dump").count()
 }
@@ -95,7 +120,11 @@ fn count_dumps(v: &[pgkeep_core::commands::list::BackupSummary]) -> usize {
 /// A database with a bit of everything: quoted names, a sequence, a view, an index, a
 /// function, a trigger, NULLs, bytea and a 100k-row table.
 fn make_shop(c: &Cluster, db: &str) {
-    c.sql(&format!("CREATE DATABASE {db}")).unwrap();
+    // Not the cluster's locale (C): a restore must keep the database's own.
+    c.sql(&format!(
+        "CREATE DATABASE {db} TEMPLATE template0 LOCALE 'C.utf8'"
+    ))
+    .unwrap();
     c.sql_db(
         db,
         r#"
@@ -122,6 +151,27 @@ async fn dump_restore_export_and_dedup() -> TestResult {
     let t0 = Instant::now();
     let c = Cluster::new()?;
     make_shop(&c, "shop");
+    // What the database is besides its contents (pg_restore applies none of it without
+    // --create, and with --create only under the original name).
+    c.sql(
+        "CREATE ROLE shop_owner LOGIN; CREATE ROLE shop_reader LOGIN;
+         ALTER DATABASE shop OWNER TO shop_owner;
+         REVOKE CONNECT, TEMPORARY ON DATABASE shop FROM PUBLIC;
+         GRANT CONNECT ON DATABASE shop TO shop_reader;
+         COMMENT ON DATABASE shop IS 'the shop''s orders';
+         ALTER DATABASE shop CONNECTION LIMIT 50;
+         ALTER DATABASE shop SET work_mem = '7MB';
+         ALTER DATABASE shop SET search_path = sales, \"my schema\", public;
+         ALTER DATABASE shop SET app.api_key = 'CANARY-SECRET-42';
+         ALTER ROLE shop_reader IN DATABASE shop SET statement_timeout = '5s';",
+    )?;
+    let shop_props = db_properties(&c, "shop");
+    assert!(
+        shop_props.starts_with(
+            "shop_owner | UTF8 | C.utf8 | C.utf8 | c | - | 50 | f | the shop's orders"
+        ),
+        "{shop_props}"
+    );
     let rdir = tempfile::tempdir()?;
     let repo = local_repo(rdir.path()).await;
 
@@ -156,6 +206,9 @@ async fn dump_restore_export_and_dedup() -> TestResult {
         !raw.contains(&c.socket_dir().display().to_string()),
         "{raw}"
     );
+    // Nor a setting's value (it may be a secret): those are in a sealed stream.
+    assert!(!raw.contains("CANARY-SECRET-42"), "{raw}");
+    assert!(d.properties.is_some(), "{raw}");
 
     // The same unchanged database again: almost nothing new.
     let r2 = dump(&repo, &dump_opts(&c, "shop"), &NoProgress).await?;
@@ -212,6 +265,19 @@ async fn dump_restore_export_and_dedup() -> TestResult {
     assert_eq!(rd.tables_checked, 3);
     assert!(rd.row_differences.is_empty(), "{rr}");
     assert_same_db(&c, "shop", &c, "shop_copy");
+    // Under its new name, the same owner, encoding, locale, privileges, settings (the role's
+    // in this database too) and comment; the report names the setting, never its value.
+    assert_eq!(db_properties(&c, "shop_copy"), shop_props);
+    let text = rr.to_string();
+    assert!(
+        text.contains("database properties: owner shop_owner") && text.contains("app.api_key"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("CANARY-SECRET-42")
+            && !serde_json::to_string(&rr)?.contains("CANARY-SECRET-42"),
+        "{text}"
+    );
 
     // Parallel restore goes through a 0600 temporary file that is gone afterwards.
     let tmp = tempfile::tempdir()?;
@@ -229,6 +295,7 @@ async fn dump_restore_export_and_dedup() -> TestResult {
     assert!(rr.databases[0].temp_file, "{rr}");
     assert_eq!(std::fs::read_dir(tmp.path())?.count(), 0);
     assert_same_db(&c, "shop", &c, "shop_par");
+    assert_eq!(db_properties(&c, "shop_par"), shop_props);
 
     // --clean --force over a database holding changed rows brings it back to the dump.
     c.sql_db("shop_copy", "DELETE FROM sales.orders WHERE id <= 10")?;
@@ -657,13 +724,28 @@ async fn counts_match_under_write_load() -> TestResult {
 async fn all_restores_roles_and_databases_into_a_fresh_cluster() -> TestResult {
     let t0 = Instant::now();
     let a = Cluster::new()?;
-    a.sql("CREATE ROLE app_owner LOGIN; CREATE ROLE auditor NOLOGIN; CREATE DATABASE db1 OWNER app_owner; CREATE DATABASE db2")?;
+    // db1: owned by a non-superuser, LATIN1, with privileges, settings (its own and a
+    // role's in it), a connection limit and a comment; db2: the ICU locale provider.
+    a.sql(
+        "CREATE ROLE app_owner LOGIN; CREATE ROLE auditor NOLOGIN;
+         CREATE DATABASE db1 OWNER app_owner TEMPLATE template0 ENCODING 'LATIN1' LOCALE 'C' CONNECTION LIMIT 20;
+         CREATE DATABASE db2 TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'de-DE' LOCALE 'C.utf8';
+         REVOKE CONNECT, TEMPORARY ON DATABASE db1 FROM PUBLIC;
+         GRANT CONNECT ON DATABASE db1 TO auditor;
+         GRANT CREATE ON DATABASE db1 TO auditor WITH GRANT OPTION;
+         COMMENT ON DATABASE db1 IS 'items of the app';
+         ALTER DATABASE db1 SET work_mem = '7MB';
+         ALTER DATABASE db1 SET search_path = app, \"my schema\", public;
+         ALTER ROLE auditor IN DATABASE db1 SET statement_timeout = '5s';",
+    )?;
     a.sql_db("db1", "SET ROLE app_owner; CREATE TABLE items (id int PRIMARY KEY, name text); INSERT INTO items SELECT g, 'item ' || g FROM generate_series(1, 1000) g; RESET ROLE; GRANT SELECT ON items TO auditor")?;
     a.sql_db(
         "db2",
         "CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 10)",
     )?;
     a.sql("CREATE TABLE in_postgres (y text); INSERT INTO in_postgres VALUES ('kept')")?;
+    // A common safety net, restored with the roles: it must not make the restore read-only.
+    a.sql("ALTER ROLE postgres SET default_transaction_read_only = on")?;
     let rdir = tempfile::tempdir()?;
     let repo = local_repo(rdir.path()).await;
     let r = dump(
@@ -713,7 +795,24 @@ async fn all_restores_roles_and_databases_into_a_fresh_cluster() -> TestResult {
     );
     for db in ["db1", "db2", "postgres"] {
         assert_same_db(&a, db, &b, db);
+        assert_eq!(db_properties(&b, db), db_properties(&a, db), "{db}");
     }
+    let db1 = db_properties(&b, "db1");
+    assert!(
+        db1.starts_with("app_owner | LATIN1 | C | C | c | - | 20 | f | items of the app | ")
+            && db1.contains("app_owner>auditor:CREATE*")
+            && db1.contains("auditor:statement_timeout=5s"),
+        "{db1}"
+    );
+    assert!(
+        db_properties(&b, "db2").contains("| i | de-DE |"),
+        "{}",
+        db_properties(&b, "db2")
+    );
+    assert_eq!(
+        b.sql("SELECT array_to_string(rolconfig, ',') FROM pg_roles WHERE rolname = 'postgres'")?,
+        "default_transaction_read_only=on"
+    );
     assert_eq!(
         b.sql_db(
             "db1",

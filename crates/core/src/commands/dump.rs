@@ -4,7 +4,10 @@
 //! repository's, so that a day's dump deduplicates against yesterday's) and its stdout is
 //! chunked straight into a [`BlobWriter`]: no dump file is ever written to local disk.
 //! `--all` dumps every database that accepts connections (templates excluded) and
-//! `pg_dumpall --globals-only` (roles, tablespaces).
+//! `pg_dumpall --globals-only` (roles, tablespaces). Each database's own properties (owner, encoding, locale, privileges,
+//! settings, comment: what pg_restore only restores with `--create`) are read from the
+//! catalogs and stored beside its archive, so that `restore-dump` can apply them under any
+//! target name.
 //!
 //! Per-table row counts are taken inside the very snapshot pg_dump dumps (exported with
 //! `pg_export_snapshot()` and given to pg_dump with `--snapshot`), so a restore can be checked
@@ -23,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use pgkeep_pg::dump::ToolChild;
+use pgkeep_pg::dump::{DatabaseProperties, ToolChild};
 use pgkeep_pg::{ConnParams, PgClient, PgError};
 use pgkeep_repo::{BlobWriter, LockKind, Repository, StreamRef, WriterOptions};
 use serde::{Deserialize, Serialize};
@@ -108,6 +111,11 @@ pub struct DumpedDatabase {
     pub counts_in_dump_snapshot: bool,
     /// Per-table row counts (user tables; extension-owned tables excluded).
     pub tables: Vec<TableRows>,
+    /// The database's own properties ([`DatabaseProperties`] as JSON): owner, encoding and
+    /// locale, privileges, settings, comment. A stream, sealed like the archive, rather than
+    /// manifest fields: setting values may be secrets. Absent in dumps of older versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub properties: Option<StreamRef>,
     /// What pg_dump printed on stderr although it succeeded (warnings), if anything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pg_dump_warnings: Option<String>,
@@ -815,7 +823,7 @@ pub(crate) async fn dump_locked(
             None
         };
         for db in &databases {
-            dumped.push(dump_one(&writer, params, db, opts, progress).await?);
+            dumped.push(dump_one(&writer, params, db, server_version_num, opts, progress).await?);
         }
         Ok::<_, Error>((globals, dumped))
     }
@@ -957,11 +965,50 @@ async fn count_rows(
     Ok(out)
 }
 
+/// Reads `db`'s properties through `client` and stores them as a stream of their own.
+async fn store_properties(
+    writer: &BlobWriter,
+    client: &PgClient,
+    db: &str,
+    server_version_num: u32,
+) -> Result<StreamRef> {
+    let props = DatabaseProperties::read(client, db, server_version_num)
+        .await
+        .map_err(pg_err)?;
+    let json = serde_json::to_vec(&props).expect("properties serialize");
+    let w = writer.clone();
+    tokio::task::spawn_blocking(move || w.ingest_bytes(&json))
+        .await
+        .map_err(|e| Error::new(ErrorKind::Failure, format!("storing task failed: {e}")))?
+        .map_err(Error::from)
+}
+
+/// Reads the properties stored by [`store_properties`] (`None` for dumps without them).
+pub(crate) async fn load_properties(
+    repo: &Repository,
+    d: &DumpedDatabase,
+) -> Result<Option<DatabaseProperties>> {
+    let Some(stream) = &d.properties else {
+        return Ok(None);
+    };
+    let bytes = read_into(repo, stream, Vec::new(), &crate::progress::NoProgress).await?;
+    serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+        Error::new(
+            ErrorKind::Integrity,
+            format!(
+                "the stored properties of database {:?} do not parse: {e}",
+                d.name
+            ),
+        )
+    })
+}
+
 /// Dumps one database into `writer`.
 async fn dump_one(
     writer: &BlobWriter,
     params: &ConnParams,
     db: &str,
+    server_version_num: u32,
     opts: &DumpOptions,
     progress: &dyn Progress,
 ) -> Result<DumpedDatabase> {
@@ -973,6 +1020,9 @@ async fn dump_one(
         .await
         .map_err(|e| sql_err("reading the database size", client.target(), &e))?
         .get(0);
+    // Outside the snapshot transaction below: a failing query there would abort it, and
+    // with it the snapshot pg_dump imports.
+    let properties = store_properties(writer, &client, db, server_version_num).await?;
     // Export a snapshot so the row counts are those of the dump itself.
     let snapshot = match client
         .inner()
@@ -1037,6 +1087,7 @@ async fn dump_one(
         duration_secs: started.elapsed().as_secs_f64(),
         counts_in_dump_snapshot: snapshot.is_some(),
         tables,
+        properties: Some(properties),
         pg_dump_warnings: (!warnings.is_empty()).then(|| warnings.to_string()),
     })
 }

@@ -9,6 +9,15 @@
 //! - such a target is first dumped into the repository as a safety dump labelled
 //!   [`SAFETY_LABEL`] (unless `no_safety_dump`), and a failed safety dump stops the restore.
 //!
+//! A database this restore creates gets the dump's own properties, under whatever name it
+//! is restored: encoding and locale at `CREATE DATABASE`, then owner, comment and privileges
+//! before the contents, and last (so that none gets in the restore's way) the settings of
+//! the database and of roles in it, the connection limit and the template flag. pg_restore
+//! applies none of these without `--create`, and with it only under the archive's name.
+//! With `all` the existing databases (a fresh cluster's `postgres`) get them too, except
+//! encoding and locale, whose differences are warnings. What cannot be applied (a role
+//! missing on the target) is a warning; a setting's value never appears in the report.
+//!
 //! The archive is piped from the repository into `pg_restore --single-transaction
 //! --exit-on-error` (so a failing restore leaves the target as it was). `jobs > 1` needs a
 //! seekable file: only then is the archive written to a temporary file (mode 0600, removed
@@ -23,13 +32,15 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
+use pgkeep_pg::dump::{DatabaseProperties, PropertyStatement};
 use pgkeep_pg::{ConnParams, PgClient};
 use pgkeep_repo::{LockKind, Repository};
 use serde::{Deserialize, Serialize};
 
 use crate::commands::dump::{
-    self, connect_db, feed_stdin, load_dump, pg_err, quote_ident, read_into, refuse_password,
-    sql_err, wait_tool, DumpManifest, DumpOptions, DumpedDatabase, SAFETY_LABEL,
+    self, connect_db, feed_stdin, load_dump, load_properties, pg_err, quote_ident, read_into,
+    refuse_password, sql_err, sql_text, wait_tool, DumpManifest, DumpOptions, DumpedDatabase,
+    SAFETY_LABEL,
 };
 use crate::commands::export_dump::create_private;
 use crate::context::Report;
@@ -70,6 +81,11 @@ pub struct RestoreDumpOptions {
     pub force: bool,
     /// Skip the safety dump of a target that holds objects.
     pub no_safety_dump: bool,
+    /// Leave ownership to the restoring role (pg_restore `--no-owner`), the database's own
+    /// owner included.
+    pub no_owner: bool,
+    /// Restore no privileges (pg_restore `--no-acl`), the database's own included.
+    pub no_acl: bool,
     /// Whether the user may be asked on the terminal (the CLI sets it when stdin and stderr
     /// are terminals).
     #[serde(skip)]
@@ -108,6 +124,12 @@ pub struct RestoredDatabase {
     pub created: bool,
     /// Whether it was (or would be) dropped first.
     pub dropped: bool,
+    /// The database's own properties (owner, encoding, locale, privileges, settings,
+    /// comment) that were (or would be) applied, in words; `None` when none are (a restore
+    /// into an existing database without `--all`, or a dump that did not record them).
+    pub properties: Option<String>,
+    /// Why properties could not be applied, one line each (also among the warnings).
+    pub property_warnings: Vec<String>,
     /// Id of the safety dump taken of it (or, on a dry run, `would be taken`).
     pub safety_dump: Option<String>,
     /// Other sessions found on it.
@@ -214,6 +236,9 @@ impl fmt::Display for RestoreDumpReport {
             }
             if let Some(s) = &d.safety_dump {
                 writeln!(f, "    safety dump: {s} (label {SAFETY_LABEL})")?;
+            }
+            if let Some(pr) = &d.properties {
+                writeln!(f, "    database properties: {pr}")?;
             }
             if !d.objects.is_empty() {
                 let list: Vec<String> = d.objects.iter().map(|(k, v)| format!("{v} {k}")).collect();
@@ -323,7 +348,8 @@ async fn run(
         } else {
             opts.target_db.clone().unwrap_or_default()
         };
-        plans.push(plan(params, src, &target, opts).await?);
+        let props = load_properties(repo, src).await?;
+        plans.push(plan(params, src, props, &target, opts).await?);
     }
     if opts.dry_run {
         for (src, p) in sources.iter().zip(plans) {
@@ -363,6 +389,7 @@ async fn run(
                 .warnings
                 .push(format!("pg_restore into {}: {w}", d.target));
         }
+        report.warnings.extend(d.property_warnings.iter().cloned());
         report.databases.push(d);
     }
     report.duration_secs = started.elapsed().as_secs_f64();
@@ -378,6 +405,18 @@ struct Plan {
     sessions: Vec<(i32, String)>,
     create: bool,
     drop: bool,
+    /// `server_version_num` of the target server.
+    target_version: u32,
+    /// The dump's properties of this database (None: an older dump without them).
+    props: Option<DatabaseProperties>,
+    /// Whether they are applied: to a database this restore creates, and with `--all` to
+    /// the existing ones too (a cluster restored whole, e.g. a fresh cluster's `postgres`).
+    apply_props: bool,
+    /// The dump's tablespace, when the target server has none of that name.
+    missing_tablespace: Option<String>,
+    /// How an existing target's encoding or locale differs from the dump's (they cannot be
+    /// changed on an existing database).
+    locale_differences: Vec<String>,
 }
 
 impl Plan {
@@ -401,6 +440,7 @@ SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relname
 async fn plan(
     params: &ConnParams,
     src: &DumpedDatabase,
+    props: Option<DatabaseProperties>,
     target: &str,
     opts: &RestoreDumpOptions,
 ) -> Result<Plan> {
@@ -450,6 +490,33 @@ async fn plan(
         "restore plan for {} -> {target}: existed {existed}, {objects_before} objects",
         src.name
     );
+    let target_version = admin
+        .inner()
+        .query_one("SELECT current_setting('server_version_num')::int4", &[])
+        .await
+        .map_err(|e| sql_err("reading the server version", admin.target(), &e))?
+        .get::<_, i32>(0) as u32;
+    let apply_props = props.is_some() && (create || opts.all);
+    let mut missing_tablespace = None;
+    let mut locale_differences = Vec::new();
+    if let (true, Some(pr)) = (apply_props, &props) {
+        if let (true, Some(ts)) = (create, &pr.tablespace) {
+            let found = admin
+                .inner()
+                .query_opt("SELECT 1 FROM pg_tablespace WHERE spcname = $1", &[ts])
+                .await
+                .map_err(|e| sql_err("looking the tablespace up", admin.target(), &e))?;
+            if found.is_none() {
+                missing_tablespace = Some(ts.clone());
+            }
+        }
+        if !create {
+            let now = DatabaseProperties::read(&admin, target, target_version)
+                .await
+                .map_err(pg_err)?;
+            locale_differences = pr.locale_differences(&now);
+        }
+    }
     Ok(Plan {
         target: target.to_string(),
         maintenance_db: maintenance_db.to_string(),
@@ -458,6 +525,11 @@ async fn plan(
         sessions,
         create,
         drop,
+        target_version,
+        props,
+        apply_props,
+        missing_tablespace,
+        locale_differences,
     })
 }
 
@@ -612,7 +684,38 @@ fn checks_for(p: &Plan, src: &DumpedDatabase, opts: &RestoreDumpOptions) -> Vec<
         c.push(format!("drop database {:?}", p.target));
     }
     if p.create {
-        c.push(format!("create database {:?} from template0", p.target));
+        c.push(match &p.props {
+            Some(pr) => format!(
+                "create database {:?} from template0 with encoding {}, {} locale {}{}",
+                p.target,
+                pr.encoding,
+                pr.locale_provider,
+                locale_words(pr),
+                match (&pr.tablespace, &p.missing_tablespace) {
+                    (_, Some(t)) => format!(
+                        ", in the default tablespace (the target server has no tablespace {t:?})"
+                    ),
+                    (Some(t), None) => format!(", tablespace {t}"),
+                    (None, None) => String::new(),
+                }
+            ),
+            None => format!(
+                "create database {:?} from template0 with the server's defaults (this dump did not record the database's properties)",
+                p.target
+            ),
+        });
+    }
+    for d in &p.locale_differences {
+        c.push(format!(
+            "existing database {:?} keeps its {d}: encoding and locale cannot change on an existing database",
+            p.target
+        ));
+    }
+    if let (true, Some(pr)) = (p.apply_props, &p.props) {
+        c.push(format!(
+            "then apply the database's properties: {}",
+            describe_properties(pr, opts)
+        ));
     }
     c.push(if opts.jobs > 1 {
         format!(
@@ -644,6 +747,12 @@ fn summary(p: &Plan, src: &DumpedDatabase, opts: &RestoreDumpOptions) -> Restore
         objects_before: p.objects_before,
         created: p.create,
         dropped: p.drop,
+        properties: p
+            .props
+            .as_ref()
+            .filter(|_| p.apply_props)
+            .map(|pr| describe_properties(pr, opts)),
+        property_warnings: Vec::new(),
         safety_dump: None,
         sessions: p.sessions.len() as u64,
         sessions_terminated: 0,
@@ -772,7 +881,7 @@ async fn restore_one(
         d.safety_dump = Some(safety.id);
     }
     // 2. Sessions, drop, create.
-    let admin = connect_db(params, &p.maintenance_db).await?;
+    let admin = connect_rw(params, &p.maintenance_db).await?;
     if p.existed && (p.over_existing() || p.drop) {
         let now = other_sessions(&admin, &p.target).await?;
         if !now.is_empty() && !opts.force {
@@ -814,17 +923,50 @@ async fn restore_one(
         })?;
     }
     if p.create {
-        admin
-            .inner()
-            .batch_execute(&format!("CREATE DATABASE {q} TEMPLATE template0"))
-            .await
-            .map_err(|e| {
-                sql_err(
-                    &format!("creating database {:?}", p.target),
-                    admin.target(),
-                    &e,
-                )
-            })?;
+        let sql = match &p.props {
+            Some(pr) => pr
+                .create_sql(&p.target, p.target_version, p.missing_tablespace.is_none())
+                .map_err(|e| Error::new(ErrorKind::Failure, e.to_string()))?,
+            None => format!("CREATE DATABASE {q} TEMPLATE template0"),
+        };
+        admin.inner().batch_execute(&sql).await.map_err(|e| {
+            let what = format!("creating database {:?}", p.target);
+            match &p.props {
+                Some(pr) => Error::with_hint(
+                    ErrorKind::Failure,
+                    format!("{what} failed on {}: {}", admin.target(), sql_text(&e)),
+                    format!(
+                        "the dump's database has encoding {}, {} locale {}: the target server must offer that locale (`locale -a` on its machine), or create the database yourself and restore into it without --create",
+                        pr.encoding,
+                        pr.locale_provider,
+                        locale_words(pr)
+                    ),
+                ),
+                None => sql_err(&what, admin.target(), &e),
+            }
+        })?;
+        if let Some(t) = &p.missing_tablespace {
+            d.property_warnings.push(format!(
+                "{}: created in the default tablespace: the target server has no tablespace {t:?}",
+                p.target
+            ));
+        }
+        if p.props.is_none() {
+            d.property_warnings.push(format!(
+                "{}: created with the server's defaults: dump {} did not record the database's owner, encoding, locale, privileges and settings (it was taken by an older pgkeep)",
+                p.target, m.id
+            ));
+        }
+    }
+    for diff in &p.locale_differences {
+        d.property_warnings.push(format!(
+            "{}: the existing database keeps its {diff}",
+            p.target
+        ));
+    }
+    if let (true, Some(pr)) = (p.apply_props, &p.props) {
+        let stmts = pr.early_statements(&p.target, opts.no_owner, opts.no_acl);
+        apply_statements(&admin, &stmts, &mut d.property_warnings).await;
     }
     drop(admin);
     // 3. pg_restore.
@@ -875,7 +1017,7 @@ async fn restore_one(
         d.pg_restore_warnings = Some(warnings.to_string());
     }
     // 4. ANALYZE and compare row counts.
-    let t = connect_db(params, &p.target).await?;
+    let t = connect_rw(params, &p.target).await?;
     t.inner()
         .batch_execute("ANALYZE")
         .await
@@ -919,8 +1061,101 @@ async fn restore_one(
             });
         }
     }
+    drop(t);
+    // 5. What could get in the restore's way last: settings, connection limit, template.
+    if let (true, Some(pr)) = (p.apply_props, &p.props) {
+        let admin = connect_rw(params, &p.maintenance_db).await?;
+        apply_statements(
+            &admin,
+            &pr.late_statements(&p.target),
+            &mut d.property_warnings,
+        )
+        .await;
+    }
     d.duration_secs = started.elapsed().as_secs_f64();
     Ok(d)
+}
+
+/// A connection on which writes work even when the role's or database's
+/// default_transaction_read_only is on (restoring a cluster whose roles have it, say).
+async fn connect_rw(params: &ConnParams, db: &str) -> Result<PgClient> {
+    let c = connect_db(params, db).await?;
+    c.inner()
+        .batch_execute("SET default_transaction_read_only = off")
+        .await
+        .map_err(|e| sql_err("preparing the session", c.target(), &e))?;
+    Ok(c)
+}
+
+/// Runs each statement; a failure (a role missing on the target, a setting this server
+/// does not know) becomes a warning naming what could not be done, with any setting value
+/// masked, and the rest still runs.
+async fn apply_statements(
+    admin: &PgClient,
+    stmts: &[PropertyStatement],
+    warnings: &mut Vec<String>,
+) {
+    for st in stmts {
+        if let Err(e) = admin.inner().batch_execute(&st.sql).await {
+            // A statement run under SET ROLE must not leave the session in that role.
+            let _ = admin.inner().batch_execute("RESET ROLE").await;
+            let mut why = sql_text(&e);
+            if let Some(secret) = &st.secret {
+                why = why.replace(secret.as_str(), "***");
+            }
+            warnings.push(format!("could not {}: {why}", st.what));
+        }
+    }
+}
+
+/// `LC_COLLATE/LC_CTYPE` and the provider's locale, in words.
+fn locale_words(pr: &DatabaseProperties) -> String {
+    let mut s = if pr.collate == pr.ctype {
+        pr.collate.clone()
+    } else {
+        format!("{} (LC_COLLATE) / {} (LC_CTYPE)", pr.collate, pr.ctype)
+    };
+    if let Some(l) = &pr.provider_locale {
+        s.push_str(&format!(", {} locale {l}", pr.locale_provider));
+    }
+    s
+}
+
+/// What applying `pr` does, in words (setting names, never their values).
+fn describe_properties(pr: &DatabaseProperties, opts: &RestoreDumpOptions) -> String {
+    let mut parts = Vec::new();
+    parts.push(if opts.no_owner {
+        format!(
+            "owner left to the restoring role (--no-owner; was {})",
+            pr.owner
+        )
+    } else {
+        format!("owner {}", pr.owner)
+    });
+    parts.push(format!(
+        "encoding {}, locale {}",
+        pr.encoding,
+        locale_words(pr)
+    ));
+    match (&pr.grants, opts.no_acl) {
+        (_, true) => parts.push("privileges skipped (--no-acl)".into()),
+        (Some(g), false) => parts.push(format!("{} privileges", g.len())),
+        (None, false) => parts.push("default privileges".into()),
+    }
+    let names = pr.setting_names();
+    if !names.is_empty() {
+        parts.push(format!("settings {}", names.join(", ")));
+    }
+    if pr.connection_limit != -1 {
+        parts.push(format!("connection limit {}", pr.connection_limit));
+    }
+    if pr.comment.is_some() {
+        parts.push("comment".into());
+    }
+    if pr.is_template {
+        parts.push("template".into());
+    }
+    parts.join("; ")
 }
 
 struct RemoveOnDrop(PathBuf);
