@@ -744,6 +744,17 @@ async fn all_restores_roles_and_databases_into_a_fresh_cluster() -> TestResult {
         "CREATE TABLE t (x int); INSERT INTO t SELECT generate_series(1, 10)",
     )?;
     a.sql("CREATE TABLE in_postgres (y text); INSERT INTO in_postgres VALUES ('kept')")?;
+    // Templates, which pg_dumpall keeps too: template1's contents (what every new database
+    // starts with) and a user template with its own.
+    a.sql("CREATE DATABASE tmpl IS_TEMPLATE true")?;
+    a.sql_db(
+        "tmpl",
+        "CREATE TABLE invoice_lines (id int PRIMARY KEY, amount numeric); INSERT INTO invoice_lines VALUES (1, 9.5)",
+    )?;
+    a.sql_db(
+        "template1",
+        "CREATE TABLE house_rules (rule text); INSERT INTO house_rules VALUES ('no friday deploys')",
+    )?;
     // A common safety net, restored with the roles: it must not make the restore read-only.
     a.sql("ALTER ROLE postgres SET default_transaction_read_only = on")?;
     let rdir = tempfile::tempdir()?;
@@ -761,7 +772,7 @@ async fn all_restores_roles_and_databases_into_a_fresh_cluster() -> TestResult {
     .await?;
     assert!(r.globals, "{r}");
     let names: Vec<&str> = r.databases.iter().map(|d| d.name.as_str()).collect();
-    assert_eq!(names, ["db1", "db2", "postgres"]);
+    assert_eq!(names, ["template1", "db1", "db2", "postgres", "tmpl"]);
 
     // One database out of an --all dump needs to be named.
     let e = restore_dump(
@@ -793,7 +804,7 @@ async fn all_restores_roles_and_databases_into_a_fresh_cluster() -> TestResult {
         b.sql("SELECT rolname FROM pg_roles WHERE rolname IN ('app_owner', 'auditor') ORDER BY 1")?,
         "app_owner\nauditor"
     );
-    for db in ["db1", "db2", "postgres"] {
+    for db in ["template1", "db1", "db2", "postgres", "tmpl"] {
         assert_same_db(&a, db, &b, db);
         assert_eq!(db_properties(&b, db), db_properties(&a, db), "{db}");
     }
@@ -812,6 +823,21 @@ async fn all_restores_roles_and_databases_into_a_fresh_cluster() -> TestResult {
     assert_eq!(
         b.sql("SELECT array_to_string(rolconfig, ',') FROM pg_roles WHERE rolname = 'postgres'")?,
         "default_transaction_read_only=on"
+    );
+    // The user template is a template again, and new databases get its contents.
+    assert!(
+        db_properties(&b, "tmpl").contains("| t |"),
+        "{}",
+        db_properties(&b, "tmpl")
+    );
+    assert!(
+        rr.to_string().contains("template"),
+        "the report does not say tmpl is a template: {rr}"
+    );
+    b.sql("SET default_transaction_read_only = off; CREATE DATABASE from_tmpl TEMPLATE tmpl")?;
+    assert_eq!(
+        b.sql_db("from_tmpl", "SELECT amount FROM invoice_lines")?,
+        "9.5"
     );
     assert_eq!(
         b.sql_db(

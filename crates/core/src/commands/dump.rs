@@ -3,8 +3,9 @@
 //! Each database is dumped with `pg_dump --format=custom --compress=0` (compression is the
 //! repository's, so that a day's dump deduplicates against yesterday's) and its stdout is
 //! chunked straight into a [`BlobWriter`]: no dump file is ever written to local disk.
-//! `--all` dumps every database that accepts connections (templates excluded) and
-//! `pg_dumpall --globals-only` (roles, tablespaces). Each database's own properties (owner, encoding, locale, privileges,
+//! `--all` dumps, like pg_dumpall, every database that accepts connections (template1 and
+//! user templates included, template0 never) and `pg_dumpall --globals-only` (roles,
+//! tablespaces). Each database's own properties (owner, encoding, locale, privileges,
 //! settings, comment: what pg_restore only restores with `--create`) are read from the
 //! catalogs and stored beside its archive, so that `restore-dump` can apply them under any
 //! target name.
@@ -790,7 +791,10 @@ pub(crate) async fn dump_locked(
         client
             .inner()
             .query(
-                "SELECT datname FROM pg_database WHERE datallowconn AND NOT datistemplate ORDER BY datname",
+                // Like pg_dumpall: every database that accepts connections, template1 and
+                // user templates included (template0 is never changed; datconnlimit -2
+                // marks a database left invalid by an interrupted DROP), template1 first.
+                "SELECT datname FROM pg_database WHERE datallowconn AND datname <> 'template0' AND datconnlimit <> -2 ORDER BY datname <> 'template1', datname",
                 &[],
             )
             .await
