@@ -24,5 +24,6 @@ pub use format::{BlobRef, ChunkerParams, KdfParams, RepoConfig, StreamRef};
 pub use id::{BlobId, Id, PackId};
 pub use lock::{LockInfo, LockKind, RepoLock};
 pub use pgkeep_storage as storage;
+pub use reader::PositionalSink;
 pub use repository::{InitOptions, KeyInfo, ManifestKey, RepoInfo, Repository};
 pub use writer::{BlobWriter, WriteStats, WriterOptions};

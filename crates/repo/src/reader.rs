@@ -1,7 +1,9 @@
 //! Reading streams back: parallel range reads, every blob verified before use.
 
 use std::io::Write;
+use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::stream::{self, StreamExt};
 
 use crate::error::{RepoError, Result};
@@ -19,6 +21,32 @@ const READS_IN_FLIGHT: usize = 6;
 /// written, and well-compressing data (pgbench's compresses ~35x) would otherwise put
 /// hundreds of MiB of one 8 MiB range in memory (restores peaked near 300 MiB).
 const MAX_REQUEST_RAW: u64 = 8 * 1024 * 1024;
+
+/// Range reads in flight in this process, over all streams: each holds up to
+/// [`MAX_REQUEST`] stored bytes and one decoded blob, so this caps read-back memory near
+/// 12 x 12 MiB whatever the parallelism of the caller.
+static RANGE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(12);
+
+/// Decodes the blobs of one range read, handing each to a visitor with its index.
+trait DecodeRequest:
+    Fn(Bytes, &mut dyn FnMut(usize, Vec<u8>) -> Result<()>) -> Result<()> + Clone + Send + 'static
+{
+}
+
+impl<F> DecodeRequest for F where
+    F: Fn(Bytes, &mut dyn FnMut(usize, Vec<u8>) -> Result<()>) -> Result<()>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
+/// A destination written by position, from several threads at once (a file, through
+/// `pwrite`). Each byte range is written at least once, in no particular order.
+pub trait PositionalSink: Send + Sync + 'static {
+    /// Writes all of `data` at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()>;
+}
 
 struct Request {
     pack: PackId,
@@ -75,8 +103,21 @@ impl Repository {
         Ok(reqs)
     }
 
-    async fn fetch_and_decode(&self, req: &Request) -> Result<Vec<Vec<u8>>> {
+    /// Reads the request's byte range and runs `decode` on it (on the blocking pool). A
+    /// garbled or short read may be the transfer's fault, so an integrity failure is read
+    /// once more before it is reported.
+    async fn fetch_then<T, F>(&self, req: &Request, decode: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: Fn(Bytes) -> Result<T> + Clone + Send + 'static,
+    {
         let key = pack_key(&req.pack);
+        // Bounds what all streams of this process hold at once (stored and decoded bytes),
+        // however many files a restore writes in parallel.
+        let _permit = RANGE_READS
+            .acquire()
+            .await
+            .map_err(|e| RepoError::Invalid(format!("read limiter closed: {e}")))?;
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -92,28 +133,13 @@ impl Repository {
                         ),
                     ));
                 }
-                let sealer = self.sealer().clone();
-                let blobs = req.blobs.clone();
-                let (start, pack) = (req.start, req.pack);
-                tokio::task::spawn_blocking(move || {
-                    let mut d = zstd::bulk::Decompressor::new()
-                        .map_err(|e| RepoError::Invalid(format!("zstd init: {e}")))?;
-                    let name = format!("pack {pack}");
-                    blobs
-                        .iter()
-                        .map(|(id, loc)| {
-                            let s = (loc.offset as u64 - start) as usize;
-                            let stored = &data[s..s + loc.length as usize];
-                            decode_blob(&sealer, &mut d, id, loc.raw_length, stored, &name)
-                        })
-                        .collect::<Result<Vec<_>>>()
-                })
-                .await
-                .map_err(|e| RepoError::Invalid(format!("decode task failed: {e}")))?
+                let decode = decode.clone();
+                tokio::task::spawn_blocking(move || decode(data))
+                    .await
+                    .map_err(|e| RepoError::Invalid(format!("decode task failed: {e}")))?
             }
             .await;
             match res {
-                // A garbled or short read may be the network's fault: read once more.
                 Err(e) if attempt == 1 && is_integrity(&e) => {
                     tracing::warn!("{e}; reading it again");
                     continue;
@@ -121,6 +147,41 @@ impl Repository {
                 other => return other,
             }
         }
+    }
+
+    /// Verifies and decodes each blob of `req` from `data` (its byte range), in order,
+    /// handing each to `each` with its index in the request.
+    fn decode_request(&self, req: &Request) -> impl DecodeRequest {
+        let sealer = self.sealer().clone();
+        let blobs = Arc::new(req.blobs.clone());
+        let (start, pack) = (req.start, req.pack);
+        move |data: Bytes, each: &mut dyn FnMut(usize, Vec<u8>) -> Result<()>| {
+            let mut d = zstd::bulk::Decompressor::new()
+                .map_err(|e| RepoError::Invalid(format!("zstd init: {e}")))?;
+            let name = format!("pack {pack}");
+            for (i, (id, loc)) in blobs.iter().enumerate() {
+                let s = (loc.offset as u64 - start) as usize;
+                let stored = &data[s..s + loc.length as usize];
+                each(
+                    i,
+                    decode_blob(&sealer, &mut d, id, loc.raw_length, stored, &name)?,
+                )?;
+            }
+            Ok(())
+        }
+    }
+
+    async fn fetch_and_decode(&self, req: &Request) -> Result<Vec<Vec<u8>>> {
+        let decode = self.decode_request(req);
+        self.fetch_then(req, move |data| {
+            let mut out = Vec::new();
+            decode(data, &mut |_, b| {
+                out.push(b);
+                Ok(())
+            })?;
+            Ok(out)
+        })
+        .await
     }
 
     /// Writes the stream to `out`, in order. Every byte written was authenticated.
@@ -147,6 +208,64 @@ impl Repository {
                 "stream",
                 format!("restored {written} bytes, expected {}", stream.size),
             ));
+        }
+        Ok(written)
+    }
+
+    /// Writes the stream through `sink` at `base + offset in the stream`, out of order: each
+    /// blob is verified, then written from the thread that decoded it, so decoding and
+    /// writing of several ranges overlap and no decoded range waits for an earlier one.
+    /// Every byte written was authenticated; a blob may be written twice when its range is
+    /// read again after a failed verification. Returns the bytes written (the stream's size).
+    pub async fn read_stream_at(
+        &self,
+        stream: &StreamRef,
+        base: u64,
+        sink: Arc<dyn PositionalSink>,
+    ) -> Result<u64> {
+        let reqs = self.plan(stream)?;
+        let mut offset = base;
+        let mut jobs = Vec::with_capacity(reqs.len());
+        for r in &reqs {
+            jobs.push((r, offset));
+            offset += r
+                .blobs
+                .iter()
+                .map(|(_, l)| l.raw_length as u64)
+                .sum::<u64>();
+        }
+        if offset - base != stream.size {
+            return Err(RepoError::integrity(
+                "stream",
+                format!(
+                    "its blobs hold {} bytes, the stream says {}",
+                    offset - base,
+                    stream.size
+                ),
+            ));
+        }
+        let mut results = stream::iter(jobs)
+            .map(|(r, at)| {
+                let decode = self.decode_request(r);
+                let lens: Arc<Vec<u64>> =
+                    Arc::new(r.blobs.iter().map(|(_, l)| l.raw_length as u64).collect());
+                let sink = sink.clone();
+                self.fetch_then(r, move |data| {
+                    let mut pos = at;
+                    decode(data, &mut |i, b| {
+                        sink.write_at(pos, &b).map_err(|e| {
+                            RepoError::Invalid(format!("writing restored data failed: {e}"))
+                        })?;
+                        pos += lens[i];
+                        Ok(())
+                    })?;
+                    Ok(pos - at)
+                })
+            })
+            .buffer_unordered(READS_IN_FLIGHT);
+        let mut written = 0u64;
+        while let Some(n) = results.next().await {
+            written += n?;
         }
         Ok(written)
     }

@@ -57,6 +57,37 @@ async fn read_back(repo: &Repository, s: &StreamRef) -> Result<Vec<u8>, pgkeep_r
     Ok(out)
 }
 
+/// A sink that writes by position into memory, as a restore writes into a file.
+#[derive(Default)]
+struct VecSink(std::sync::Mutex<Vec<u8>>);
+
+impl pgkeep_repo::PositionalSink for VecSink {
+    fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut v = self.0.lock().unwrap();
+        let (start, end) = (offset as usize, offset as usize + data.len());
+        if v.len() < end {
+            v.resize(end, 0);
+        }
+        v[start..end].copy_from_slice(data);
+        Ok(())
+    }
+}
+
+/// Reads `s` through the out-of-order positional path, placed at `base`.
+async fn read_back_at(
+    repo: &Repository,
+    s: &StreamRef,
+    base: u64,
+) -> Result<Vec<u8>, pgkeep_repo::RepoError> {
+    let sink = Arc::new(VecSink::default());
+    let n = repo.read_stream_at(s, base, sink.clone()).await?;
+    assert_eq!(n, s.size, "read_stream_at reported a wrong length");
+    let v = std::mem::take(&mut *sink.0.lock().unwrap());
+    Ok(v.get(base as usize..)
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default())
+}
+
 async fn plain_repo(dir: &std::path::Path) -> Repository {
     Repository::init(local(dir), InitOptions::default())
         .await
@@ -95,6 +126,11 @@ async fn random_data_of_every_size_comes_back_identical() {
             assert!(
                 back == data,
                 "{len} bytes (encrypted: {encrypted}) differ after the round trip"
+            );
+            let at = read_back_at(&reopened, &s, 4096).await.unwrap();
+            assert!(
+                at == data,
+                "{len} bytes (encrypted: {encrypted}) differ after the positional round trip"
             );
         }
         assert!(repo
@@ -385,6 +421,22 @@ async fn a_garbled_read_is_retried_and_a_persistent_one_is_an_error() {
         "one short read was not retried"
     );
 
+    faulty.flip_next_reads(1);
+    assert_eq!(
+        read_back_at(&repo, &s, 0).await.unwrap(),
+        data,
+        "one flipped positional read was not retried"
+    );
+    faulty.cut_next_reads(1, 100);
+    assert_eq!(
+        read_back_at(&repo, &s, 0).await.unwrap(),
+        data,
+        "one short positional read was not retried"
+    );
+
+    faulty.flip_next_reads(1000);
+    let err = read_back_at(&repo, &s, 0).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
     faulty.flip_next_reads(1000);
     let err = read_back(&repo, &s).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
