@@ -852,3 +852,197 @@ async fn all_restores_roles_and_databases_into_a_fresh_cluster() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_count_difference_after_restore_is_a_warning() -> TestResult {
+    let c = Cluster::new()?;
+    c.sql("CREATE DATABASE ledger")?;
+    c.sql_db(
+        "ledger",
+        "CREATE TABLE entries (id int PRIMARY KEY, amount numeric NOT NULL);
+         INSERT INTO entries SELECT g, g * 0.5 FROM generate_series(1, 100) g;
+         CREATE TABLE notes (t text); INSERT INTO notes VALUES ('a'), ('b'), ('c');",
+    )?;
+    let rdir = tempfile::tempdir()?;
+    let repo = local_repo(rdir.path()).await;
+    let r = dump(&repo, &dump_opts(&c, "ledger"), &NoProgress).await?;
+
+    // The target changes rows as they load: an event trigger, as auditing or multi-tenant
+    // tooling installs them, attaches a row filter to each new table it is told about. The
+    // restore itself succeeds; only the count check can tell that rows are missing.
+    c.sql("CREATE DATABASE ledger_copy")?;
+    c.sql_db(
+        "ledger_copy",
+        r#"
+        CREATE FUNCTION public.skip_odd() RETURNS trigger LANGUAGE plpgsql AS
+            $$ BEGIN IF NEW.id % 2 = 1 THEN RETURN NULL; END IF; RETURN NEW; END $$;
+        CREATE FUNCTION public.attach_filter() RETURNS event_trigger LANGUAGE plpgsql AS $$
+        DECLARE r record;
+        BEGIN
+            FOR r IN SELECT * FROM pg_event_trigger_ddl_commands()
+                     WHERE command_tag = 'CREATE TABLE' AND object_identity = 'public.entries' LOOP
+                EXECUTE 'CREATE TRIGGER skip_odd BEFORE INSERT ON public.entries FOR EACH ROW EXECUTE FUNCTION public.skip_odd()';
+            END LOOP;
+        END $$;
+        CREATE EVENT TRIGGER attach_filter ON ddl_command_end WHEN TAG IN ('CREATE TABLE')
+            EXECUTE FUNCTION public.attach_filter();
+        "#,
+    )?;
+    let rr = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            force: true,
+            no_safety_dump: true,
+            ..restore_opts(&c, &r.id, "ledger_copy")
+        },
+        &NoProgress,
+    )
+    .await?;
+    assert_eq!(
+        c.sql_db("ledger_copy", "SELECT count(*) FROM entries")?,
+        "50",
+        "the filter did not act: the test proves nothing"
+    );
+    assert_eq!(rr.exit_code(), 3, "{rr}");
+    let d = &rr.databases[0];
+    assert_eq!(d.tables_checked, 2);
+    assert_eq!(d.row_differences.len(), 1, "{rr}");
+    let diff = &d.row_differences[0];
+    assert_eq!(
+        (diff.table.as_str(), diff.expected, diff.found, diff.exact),
+        ("entries", Some(100), Some(50), true)
+    );
+    let text = rr.to_string();
+    assert!(
+        text.contains(
+            "WARNING: ledger_copy: table public.entries has 50 rows, the dump recorded 100"
+        ) && text.contains("2 tables compared, 1 differ"),
+        "{text}"
+    );
+    Ok(())
+}
+
+/// Every file under `dir`, read whole.
+fn files_under(dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_repository_dumps_restore_and_export_identically() -> TestResult {
+    const CANARY: &str = "PLAINTEXT-CANARY-7319";
+    let c = Cluster::new()?;
+    make_shop(&c, "shop");
+    c.sql_db(
+        "shop",
+        &format!("UPDATE sales.orders SET note = '{CANARY}' WHERE id % 100 = 0"),
+    )?;
+    c.sql(&format!("ALTER DATABASE shop SET app.token = '{CANARY}'"))?;
+    let rdir = tempfile::tempdir()?;
+    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(rdir.path())?);
+    let repo = Repository::init(
+        storage.clone(),
+        InitOptions {
+            passphrase: Some("correct horse".into()),
+            kdf: pgkeep_repo::KdfParams {
+                m_kib: 256,
+                t: 1,
+                p: 1,
+            },
+            ..InitOptions::default()
+        },
+    )
+    .await?;
+    let r = dump(&repo, &dump_opts(&c, "shop"), &NoProgress).await?;
+    assert!(r.totals.logical_bytes > 1_000_000, "{r}");
+    // Nothing of the data, the settings or the row counts' table names in clear on disk.
+    for (path, bytes) in files_under(rdir.path()) {
+        for needle in [CANARY, "sales.orders", "big_customers"] {
+            assert!(
+                !bytes.windows(needle.len()).any(|w| w == needle.as_bytes()),
+                "{needle} in clear in {}",
+                path.display()
+            );
+        }
+    }
+    // Without the passphrase there is no way in.
+    let e = Repository::open(storage.clone(), Some("wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(pgkeep_core::Error::from(e).exit_code(), 12);
+    let repo = Repository::open(storage, Some("correct horse")).await?;
+
+    let rr = restore_dump(
+        &repo,
+        &RestoreDumpOptions {
+            create: true,
+            ..restore_opts(&c, "latest", "shop_copy")
+        },
+        &NoProgress,
+    )
+    .await?;
+    assert_eq!(rr.exit_code(), 0, "{rr}");
+    assert_same_db(&c, "shop", &c, "shop_copy");
+    assert_eq!(db_properties(&c, "shop_copy"), db_properties(&c, "shop"));
+
+    // The exported archive is pg_dump's own, byte for byte the stored stream: pg_restore
+    // reads it, and its plain export is what pg_restore makes of it.
+    let out = tempfile::tempdir()?;
+    let custom = out.path().join("shop.dump");
+    let e = export_dump(
+        &repo,
+        &ExportDumpOptions {
+            cluster: "main".into(),
+            id: r.id.clone(),
+            output: custom.clone(),
+            ..ExportDumpOptions::default()
+        },
+        &NoProgress,
+    )
+    .await?;
+    assert_eq!(e.bytes, r.databases[0].dump_bytes);
+    assert_eq!(&std::fs::read(&custom)?[..5], b"PGDMP");
+    c.sql("CREATE DATABASE shop_from_file")?;
+    let st = c
+        .client_command("pg_restore")
+        .args(["--exit-on-error", "-d", "shop_from_file"])
+        .arg(&custom)
+        .status()?;
+    assert!(st.success());
+    assert_same_db(&c, "shop", &c, "shop_from_file");
+    let plain = out.path().join("shop.sql");
+    export_dump(
+        &repo,
+        &ExportDumpOptions {
+            cluster: "main".into(),
+            id: r.id.clone(),
+            output: plain.clone(),
+            format: ExportFormat::Plain,
+            db: None,
+        },
+        &NoProgress,
+    )
+    .await?;
+    let via_pg_restore = c
+        .client_command("pg_restore")
+        .arg("--file=-")
+        .arg(&custom)
+        .output()?;
+    assert!(via_pg_restore.status.success());
+    assert_eq!(
+        strip_restrict_lines(&std::fs::read_to_string(&plain)?),
+        strip_restrict_lines(&String::from_utf8(via_pg_restore.stdout)?)
+    );
+    Ok(())
+}

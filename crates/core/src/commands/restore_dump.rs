@@ -467,7 +467,7 @@ async fn plan(
             .map_err(|e| sql_err("counting the objects of the target", t.target(), &e))?
             .get::<_, i64>(0) as u64;
         drop(t);
-        sessions = other_sessions(&admin, target).await?;
+        sessions = other_sessions(&admin, params, target).await?;
     }
     let (create, drop) = match (existed, opts.create || opts.all, opts.clean) {
         (false, true, _) => (true, false),
@@ -535,19 +535,41 @@ async fn plan(
 
 /// Other client sessions connected to `db` (pid, application name). Autovacuum workers do
 /// not count: they give way to the restore's locks, and DROP DATABASE stops them.
-async fn other_sessions(admin: &PgClient, db: &str) -> Result<Vec<(i32, String)>> {
-    Ok(admin
-        .inner()
-        .query(
-            "SELECT pid, coalesce(nullif(application_name, ''), usename::text, '?') FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
-            &[&db],
-        )
-        .await
-        .map_err(|e| sql_err("listing sessions", admin.target(), &e))?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect())
+///
+/// Our own connections to the target (the object count just before, a safety dump's
+/// pg_dump) end asynchronously on the server: a session under one of our application names
+/// is given up to [`OWN_SESSION_GRACE`] to go before it counts.
+async fn other_sessions(
+    admin: &PgClient,
+    params: &ConnParams,
+    db: &str,
+) -> Result<Vec<(i32, String)>> {
+    let ours = [
+        params.application_name.as_deref().unwrap_or("pgkeep"),
+        "pg_dump",
+    ];
+    let deadline = Instant::now() + OWN_SESSION_GRACE;
+    loop {
+        let sessions: Vec<(i32, String)> = admin
+            .inner()
+            .query(
+                "SELECT pid, coalesce(nullif(application_name, ''), usename::text, '?') FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'client backend'",
+                &[&db],
+            )
+            .await
+            .map_err(|e| sql_err("listing sessions", admin.target(), &e))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
+        if Instant::now() >= deadline || !sessions.iter().any(|(_, a)| ours.contains(&a.as_str())) {
+            return Ok(sessions);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
 }
+
+/// How long a session that may be one of ours that is closing is waited for.
+const OWN_SESSION_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Asks (or refuses) before touching a database that holds objects, and refuses a target in
 /// use without force.
@@ -883,7 +905,7 @@ async fn restore_one(
     // 2. Sessions, drop, create.
     let admin = connect_rw(params, &p.maintenance_db).await?;
     if p.existed && (p.over_existing() || p.drop) {
-        let now = other_sessions(&admin, &p.target).await?;
+        let now = other_sessions(&admin, params, &p.target).await?;
         if !now.is_empty() && !opts.force {
             return Err(Error::with_hint(
                 ErrorKind::Failure,
