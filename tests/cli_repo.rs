@@ -57,6 +57,50 @@ fn init_plain_then_info_and_check_as_json() {
     assert_eq!(mode(&s.repo().join("config")), 0o600);
 }
 
+/// `repo init --pack-size` is stored in the repository's config; sizes outside 4..=128 MiB
+/// are refused (exit 2) before anything is written.
+#[test]
+fn init_pack_size_is_validated_and_stored() {
+    let s = Sandbox::new();
+    for bad in ["2MiB", "129M", "16GB", "0"] {
+        let r = s
+            .run_repo(
+                &["repo", "init", "--no-encryption", "--pack-size", bad],
+                &[],
+            )
+            .expect(2);
+        assert!(r.stderr().contains("--pack-size"), "{bad}: {}", r.stderr());
+        assert!(
+            !s.repo().join("config").exists(),
+            "{bad} created a repository"
+        );
+    }
+    let r = s
+        .run_repo(
+            &["repo", "init", "--no-encryption", "--pack-size", "32MiB"],
+            &[],
+        )
+        .expect(0);
+    assert!(r.stdout().contains("packs of 32 MiB"), "{}", r.stdout());
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.repo().join("config")).unwrap()).unwrap();
+    assert_eq!(config["pack_size"], 32 << 20);
+    let info = s
+        .run_repo(&["--json", "repo", "info"], &[])
+        .expect(0)
+        .json();
+    assert_eq!(info["pack_size"], 32 << 20);
+
+    let s = Sandbox::new();
+    s.run_repo(&["repo", "init", "--no-encryption"], &[])
+        .expect(0);
+    let info = s
+        .run_repo(&["--json", "repo", "info"], &[])
+        .expect(0)
+        .json();
+    assert_eq!(info["pack_size"], 16 << 20, "default pack size");
+}
+
 #[test]
 fn init_encrypted_needs_a_passphrase_source() {
     let s = Sandbox::new();

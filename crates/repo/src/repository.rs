@@ -18,6 +18,16 @@ use crate::format::{
 use crate::id::Id;
 use crate::index::Index;
 
+/// Default target size of a pack: big enough that per-object costs (requests, index entries)
+/// are small, small enough that an interrupted upload loses little and that object stores
+/// take it as a few parallel multipart parts.
+pub const DEFAULT_PACK_SIZE: u64 = 16 << 20;
+
+/// Pack sizes [`Repository::init`] accepts. The command line offers 4..=128 MiB
+/// (`repo init --pack-size`); 1 MiB is allowed here so tests can make many packs from little
+/// data. Above 128 MiB a pack is held in memory several times over by the writer's uploads.
+pub const PACK_SIZE_LIMITS: std::ops::RangeInclusive<u64> = (1 << 20)..=(128 << 20);
+
 /// How `init` sets up a repository.
 #[derive(Debug, Clone)]
 pub struct InitOptions {
@@ -27,7 +37,8 @@ pub struct InitOptions {
     pub compression_level: i32,
     /// Chunking parameters.
     pub chunker: ChunkerParams,
-    /// Target pack size in bytes.
+    /// Target pack size in bytes, in [`PACK_SIZE_LIMITS`] (default [`DEFAULT_PACK_SIZE`]).
+    /// Fixed for the repository's life: it is stored in `config`.
     pub pack_size: u64,
     /// Argon2id parameters for the first key.
     pub kdf: KdfParams,
@@ -39,7 +50,7 @@ impl Default for InitOptions {
             passphrase: None,
             compression_level: 3,
             chunker: ChunkerParams::default(),
-            pack_size: 16 * 1024 * 1024,
+            pack_size: DEFAULT_PACK_SIZE,
             kdf: KdfParams::default(),
         }
     }
@@ -73,6 +84,8 @@ pub struct RepoInfo {
     pub compression_level: i32,
     /// Chunker parameters.
     pub chunker: ChunkerParams,
+    /// Target pack size in bytes.
+    pub pack_size: u64,
     /// Number of indexed packs.
     pub packs: usize,
     /// Bytes in indexed packs.
@@ -184,6 +197,14 @@ impl Repository {
                 "invalid chunker parameters {c:?}"
             )));
         }
+        if !PACK_SIZE_LIMITS.contains(&opts.pack_size) {
+            return Err(RepoError::Invalid(format!(
+                "pack size {} bytes is out of range {}..={} bytes (1 MiB to 128 MiB)",
+                opts.pack_size,
+                PACK_SIZE_LIMITS.start(),
+                PACK_SIZE_LIMITS.end()
+            )));
+        }
         if Self::exists(storage.as_ref()).await? {
             return Err(RepoError::AlreadyExists {
                 location: storage.location(),
@@ -196,7 +217,7 @@ impl Repository {
             encrypted: opts.passphrase.is_some(),
             compression_level: opts.compression_level,
             chunker: opts.chunker,
-            pack_size: opts.pack_size.clamp(1 << 20, 1 << 30),
+            pack_size: opts.pack_size,
         };
         let (sealer, key_id) = match &opts.passphrase {
             Some(p) => {
@@ -524,6 +545,7 @@ impl Repository {
             location: s.location(),
             compression_level: c.compression_level,
             chunker: c.chunker,
+            pack_size: c.pack_size,
             packs: index.packs().len(),
             pack_bytes: index.packs().iter().map(|p| p.1).sum(),
             blobs: index.blob_count(),

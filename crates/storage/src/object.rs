@@ -14,10 +14,14 @@ use crate::redact::redact_text;
 use crate::{validate_key, validate_prefix, ErrorKind, ObjectMeta, Result, Storage, StorageError};
 
 /// Objects up to this size are written with one PUT; larger ones with a multipart upload.
-pub const DEFAULT_MULTIPART_THRESHOLD: usize = 32 * 1024 * 1024;
-/// Part size of multipart uploads (S3 wants at least 5 MiB for all parts but the last).
-pub const DEFAULT_PART_SIZE: usize = 16 * 1024 * 1024;
-/// Parts uploaded at once during a multipart upload.
+/// Half the repository's default pack size (16 MiB), so default and larger packs go up as
+/// parts in parallel (one big PUT runs on one connection, and a failed part is retried alone
+/// instead of the whole object); packs set to 8 MiB or less go in one PUT.
+pub const DEFAULT_MULTIPART_THRESHOLD: usize = 8 * 1024 * 1024;
+/// Part size of multipart uploads. S3 wants at least 5 MiB for every part but the last
+/// (SeaweedFS enforces it too), Azure blocks and GCS parts have no such floor.
+pub const DEFAULT_PART_SIZE: usize = 8 * 1024 * 1024;
+/// Parts of one object uploaded at once.
 const PART_CONCURRENCY: usize = 4;
 
 /// A [`Storage`] over an `object_store` store, with every key below a fixed prefix.

@@ -49,7 +49,7 @@ pub struct StorageOptions {
     pub retry_max_attempts: u32,
     /// Base of the exponential backoff between attempts, in milliseconds; default 200.
     pub retry_base_delay_ms: u64,
-    /// Timeout of one HTTP request, in seconds; default 120 (a 32 MiB PUT on a slow link).
+    /// Timeout of one HTTP request, in seconds; default 120 (an 8 MiB PUT or part on a slow link).
     pub request_timeout_secs: u64,
 }
 

@@ -31,11 +31,52 @@ pub struct RepoInitOptions {
         arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=22))
     )]
     pub compression_level: Option<i32>,
+    /// Target size of the repository's packs, fixed at creation: 4MiB to 128MiB (suffixes
+    /// K/KiB, M/MiB; a plain number is bytes) [default: 16MiB]. Larger packs mean fewer objects
+    /// and requests; smaller ones lose less to an interrupted upload.
+    #[cfg_attr(
+        feature = "clap",
+        arg(long, value_name = "SIZE", value_parser = parse_pack_size)
+    )]
+    pub pack_size: Option<u64>,
     /// Create a plain, unencrypted repository. Without this flag the repository is
     /// encrypted with the passphrase from PGKEEP_PASSPHRASE, PGKEEP_PASSPHRASE_FILE or a
     /// prompt (asked twice); with none of these, init fails.
     #[cfg_attr(feature = "clap", arg(long))]
     pub no_encryption: bool,
+}
+
+/// Pack sizes `repo init --pack-size` accepts. Below 4 MiB, per-object costs of object stores
+/// dominate; the repository layer's own ceiling is 128 MiB.
+pub const PACK_SIZES: std::ops::RangeInclusive<u64> = (4 << 20)..=(128 << 20);
+
+/// Parses `--pack-size`: bytes, or a number with `K`/`KiB` or `M`/`MiB`, within [`PACK_SIZES`].
+pub fn parse_pack_size(v: &str) -> std::result::Result<u64, String> {
+    let lower = v.trim().to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = lower.strip_suffix("kib").or(lower.strip_suffix('k')) {
+        (n, 1u64 << 10)
+    } else if let Some(n) = lower.strip_suffix("mib").or(lower.strip_suffix('m')) {
+        (n, 1 << 20)
+    } else {
+        (lower.as_str(), 1)
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{v:?} is not a size such as 16MiB, 32M or 16777216"))?;
+    check_pack_size(n.saturating_mul(mult))
+}
+
+fn check_pack_size(bytes: u64) -> std::result::Result<u64, String> {
+    if PACK_SIZES.contains(&bytes) {
+        Ok(bytes)
+    } else {
+        Err(format!(
+            "{bytes} bytes is out of range 4MiB..=128MiB ({}..={})",
+            PACK_SIZES.start(),
+            PACK_SIZES.end()
+        ))
+    }
 }
 
 /// What `repo init` made.
@@ -51,13 +92,15 @@ pub struct RepoInitReport {
     pub encrypted: bool,
     /// zstd level.
     pub compression_level: i32,
+    /// Target pack size in bytes.
+    pub pack_size: u64,
 }
 
 impl fmt::Display for RepoInitReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "created {} repository {} at {} (format {}, compression level {})",
+            "created {} repository {} at {} (format {}, compression level {}, packs of {} MiB)",
             if self.encrypted {
                 "an encrypted"
             } else {
@@ -66,7 +109,8 @@ impl fmt::Display for RepoInitReport {
             self.id,
             self.location,
             self.version,
-            self.compression_level
+            self.compression_level,
+            self.pack_size as f64 / (1 << 20) as f64
         )?;
         if self.encrypted {
             writeln!(
@@ -92,6 +136,10 @@ pub async fn repo_init(ctx: &Context, opts: &RepoInitOptions) -> Result<RepoInit
             "--compression-level: {compression_level} is out of range 1..=22"
         )));
     }
+    let pack_size = match opts.pack_size {
+        Some(n) => check_pack_size(n).map_err(|e| Error::usage(format!("--pack-size: {e}")))?,
+        None => pgkeep_repo::repository::DEFAULT_PACK_SIZE,
+    };
     let passphrase = if opts.no_encryption {
         if ctx.passphrases.is_given() {
             return Err(Error::usage_hint(
@@ -117,6 +165,7 @@ pub async fn repo_init(ctx: &Context, opts: &RepoInitOptions) -> Result<RepoInit
         InitOptions {
             passphrase: passphrase.as_ref().map(|p| p.expose().to_string()),
             compression_level,
+            pack_size,
             ..InitOptions::default()
         },
     )
@@ -128,6 +177,7 @@ pub async fn repo_init(ctx: &Context, opts: &RepoInitOptions) -> Result<RepoInit
         version: c.version,
         encrypted: c.encrypted,
         compression_level: c.compression_level,
+        pack_size: c.pack_size,
     })
 }
 
@@ -155,6 +205,11 @@ impl fmt::Display for RepoInfoReport {
             if i.encrypted { "yes" } else { "no" }
         )?;
         writeln!(f, "  compression level  {}", i.compression_level)?;
+        writeln!(
+            f,
+            "  pack size          {} MiB",
+            i.pack_size as f64 / (1 << 20) as f64
+        )?;
         writeln!(f, "  backups and dumps  {}", i.manifests)?;
         writeln!(
             f,
@@ -536,4 +591,21 @@ pub async fn repo_key_remove(
     Ok(RepoKeyRemoveReport {
         removed: result?.into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_sizes_parse_with_units_and_stay_in_range() {
+        assert_eq!(parse_pack_size("16MiB"), Ok(16 << 20));
+        assert_eq!(parse_pack_size("4m"), Ok(4 << 20));
+        assert_eq!(parse_pack_size(" 131072K "), Ok(128 << 20));
+        assert_eq!(parse_pack_size("8388608"), Ok(8 << 20));
+        for bad in ["3MiB", "129MiB", "", "16GB", "x", "-4MiB"] {
+            assert!(parse_pack_size(bad).is_err(), "{bad:?} accepted");
+        }
+        assert!(parse_pack_size("1M").unwrap_err().contains("4MiB..=128MiB"));
+    }
 }
