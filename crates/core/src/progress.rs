@@ -2,9 +2,10 @@
 //!
 //! Commands call a [`Progress`] from many threads at once; the CLI picks
 //! [`TerminalProgress`] (indicatif bars: bytes, files, rate, ETA) on a terminal and
-//! [`LogProgress`] (a plain `tracing` line every few seconds) otherwise. [`NoProgress`]
+//! [`LogProgress`] (plain timestamped lines on stderr, every few seconds) otherwise. [`NoProgress`]
 //! ignores everything.
 
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -53,13 +54,27 @@ pub struct NoProgress;
 
 impl Progress for NoProgress {}
 
-/// Logs a plain line through `tracing` at most every `interval`, and at each phase's end.
-#[derive(Debug)]
+/// Plain progress lines for a log or a pipe: one when a phase begins, at most one every
+/// `interval` while it runs, one when it ends, and every note; each line is a UTC timestamp
+/// and the text, with credentials masked ([`crate::secrets::redact`]).
+///
+/// The lines are written to stderr directly rather than through `tracing`: they are the
+/// command's output for a user without a terminal (cron mail, a CI log), so the log level
+/// (`warn` by default) must not swallow them; `-q` picks [`NoProgress`] instead.
 pub struct LogProgress {
     interval: Duration,
     state: Mutex<LogState>,
     bytes: AtomicU64,
     files: AtomicU64,
+    out: Mutex<Box<dyn std::io::Write + Send>>,
+}
+
+impl std::fmt::Debug for LogProgress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogProgress")
+            .field("interval", &self.interval)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug)]
@@ -72,8 +87,13 @@ struct LogState {
 }
 
 impl LogProgress {
-    /// A logger printing at most every `interval`.
+    /// Lines on stderr, at most every `interval` while a phase runs.
     pub fn new(interval: Duration) -> Self {
+        Self::to_writer(interval, Box::new(std::io::stderr()))
+    }
+
+    /// Lines written to `out` (for tests and embedding).
+    pub fn to_writer(interval: Duration, out: Box<dyn std::io::Write + Send>) -> Self {
         let now = Instant::now();
         LogProgress {
             interval,
@@ -86,6 +106,7 @@ impl LogProgress {
             }),
             bytes: AtomicU64::new(0),
             files: AtomicU64::new(0),
+            out: Mutex::new(out),
         }
     }
 
@@ -103,6 +124,14 @@ impl LogProgress {
             human_bytes((b as f64 / secs) as u64)
         )
     }
+
+    fn emit(&self, text: &str) {
+        let ts = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%SZ");
+        let mut out = self.out.lock().unwrap();
+        // A closed stderr must not fail the backup: progress is best effort.
+        let _ = writeln!(out, "{ts} {}", crate::secrets::redact(text));
+        let _ = out.flush();
+    }
 }
 
 impl Progress for LogProgress {
@@ -115,6 +144,11 @@ impl Progress for LogProgress {
         st.last = st.started;
         self.bytes.store(0, Ordering::Relaxed);
         self.files.store(0, Ordering::Relaxed);
+        self.emit(&format!(
+            "{}: {total_files} files, {} to go",
+            phase.name(),
+            human_bytes(total_bytes)
+        ));
     }
 
     fn advance(&self, bytes: u64, files: u64) {
@@ -125,19 +159,20 @@ impl Progress for LogProgress {
         };
         if st.last.elapsed() >= self.interval {
             st.last = Instant::now();
-            tracing::info!("{}", self.line(&st));
+            self.emit(&self.line(&st));
         }
     }
 
     fn note(&self, message: &str) {
-        tracing::info!("{message}");
+        self.emit(message);
     }
 
     fn end(&self) {
-        let st = self.state.lock().unwrap();
+        let mut st = self.state.lock().unwrap();
         if st.phase.is_some() {
-            tracing::info!("{} done", self.line(&st));
+            self.emit(&format!("{} done", self.line(&st)));
         }
+        st.phase = None;
     }
 }
 
@@ -291,6 +326,64 @@ pub fn human_bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Buf(std::sync::Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn log_progress_writes_plain_lines_with_secrets_masked() {
+        let buf = Buf::default();
+        let p = LogProgress::to_writer(Duration::ZERO, Box::new(buf.clone()));
+        p.note("connecting to host=db password=hunter2");
+        p.begin(Phase::Backup, 3 << 20, 2);
+        p.advance(1 << 20, 1);
+        p.advance(2 << 20, 1);
+        p.end();
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(!text.contains('\r') && !text.contains('\u{1b}'), "{text:?}");
+        assert!(text.ends_with('\n'));
+        assert!(
+            lines[0].ends_with("connecting to host=db password=***"),
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with("backup: 2 files, 3.0 MiB to go"),
+            "{text}"
+        );
+        assert!(
+            lines[2].contains("backup: 1/2 files, 1.0 MiB/3.0 MiB"),
+            "{text}"
+        );
+        assert!(
+            lines
+                .last()
+                .unwrap()
+                .contains("backup: 2/2 files, 3.0 MiB/3.0 MiB")
+                && lines.last().unwrap().ends_with(" done"),
+            "{text}"
+        );
+        // Each line starts with a UTC timestamp.
+        for l in &lines {
+            let ts = l.split(' ').next().unwrap();
+            assert!(
+                ts.len() == 20 && ts.ends_with('Z') && ts.as_bytes()[10] == b'T',
+                "{l}"
+            );
+        }
+    }
 
     #[test]
     fn human_sizes() {
