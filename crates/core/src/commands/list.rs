@@ -37,6 +37,8 @@ pub struct BackupSummary {
     pub logical_bytes: Option<u64>,
     /// Bytes new to the repository when it was taken.
     pub new_bytes: Option<u64>,
+    /// Bytes it added to the repository (compressed and sealed): what keeping it costs.
+    pub stored_bytes: Option<u64>,
     /// Start LSN (physical).
     pub start_lsn: Option<String>,
     /// Stop LSN (physical).
@@ -58,6 +60,7 @@ impl BackupSummary {
             stop_time: h.stop_time,
             logical_bytes: u("logical_bytes"),
             new_bytes: u("new_bytes"),
+            stored_bytes: u("stored_bytes"),
             start_lsn: s("start_lsn"),
             stop_lsn: s("stop_lsn"),
             page_checksum_failures: v
