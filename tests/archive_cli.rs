@@ -352,9 +352,18 @@ fn restored_count(dir: &std::path::Path) -> String {
         .start_timeout(Duration::from_secs(120))
         .start_existing(dir)
         .unwrap();
-    let n = c.sql("SELECT count(*) FROM items").unwrap();
-    assert_eq!(c.sql("SELECT pg_is_in_recovery()").unwrap(), "f");
-    n
+    // The server accepts connections (hot standby) before recovery reaches the target and
+    // promotes: wait for the promotion, then count.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while c.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not promoted; log:\n{}",
+            c.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.sql("SELECT count(*) FROM items").unwrap()
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! wal/<cluster>/identity                    the cluster's identity (system id, major, segment size)
 //! wal/<cluster>/<TLI><LOG>/<segment>        one object per segment, e.g.
 //!                                           wal/main/0000000100000000/000000010000000000000003
+//! wal/<cluster>/<TLI><LOG>/<segment>.summary  what point-in-time recovery needs of the segment
 //! wal/<cluster>/<TLI><LOG>/<seg>.partial    last, incomplete segment of an old timeline
 //! wal/<cluster>/<TLI><LOG>/<seg>.<off>.backup   backup history file
 //! wal/<cluster>/<TLI>00000000/<TLI>.history timeline history file
@@ -15,6 +16,15 @@
 //! [`Repository::put_sealed_if_absent`] with the object's key as associated data, so an
 //! object moved under another name fails authentication. The identity is a sealed JSON
 //! [`ClusterIdentity`].
+//!
+//! A segment's summary ([`SegmentSummary`]: the span of its transaction-end times, the xids
+//! that ended in it, its restore points) is computed by `archive-push` while it has the
+//! segment in memory (a walk over its records, a few milliseconds) and stored as a sealed
+//! JSON object of its own, written once after the segment, so the pre-flight of a
+//! point-in-time restore reads kilobytes instead of the whole archive. Sealed like every
+//! object: nothing of it is readable without the key in an encrypted repository. A segment
+//! without a summary (pushed by an older pgkeep, or a push killed between the two writes and
+//! not retried) is read and scanned when needed ([`segment_summary`]).
 //!
 //! # Invariants
 //!
@@ -26,7 +36,9 @@
 //!   size recorded in `wal/<cluster>/identity` (written put-if-absent by the first push or
 //!   backup); a foreign cluster is refused with exit 15 before anything is written.
 //! - Start-up reads no index ([`Repository::open_metadata_only`]): a push costs the `config`
-//!   read (plus the key files when encrypted), the identity read and one conditional write.
+//!   read (plus the key files when encrypted), the identity read, a HEAD and two conditional
+//!   writes (segment, summary). A file already archived is compared before anything is
+//!   uploaded (HEAD, then a read of the stored copy), so a retried push sends no body.
 
 use std::fmt;
 use std::io::Write;
@@ -35,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use pgkeep_pg::wal::{WalFileName, WalPageHeader, WalSegmentName, DEFAULT_SEGMENT_SIZE};
+use pgkeep_pg::walrecords::SegmentSummary;
 use pgkeep_repo::{ErrorKind as RepoErrorKind, RepoError, Repository};
 use pgkeep_storage::ErrorKind as StorageErrorKind;
 use serde::{Deserialize, Serialize};
@@ -64,6 +77,11 @@ pub fn identity_key(cluster: &str) -> String {
 /// The key of one archived WAL file: `wal/<cluster>/<archive dir>/<name>`.
 pub fn wal_key(cluster: &str, name: &WalFileName) -> String {
     format!("wal/{cluster}/{}/{name}", name.archive_dir())
+}
+
+/// The key of a segment's summary: `wal/<cluster>/<archive dir>/<segment>.summary`.
+pub fn summary_key(cluster: &str, seg: &WalSegmentName) -> String {
+    format!("wal/{cluster}/{}/{seg}.summary", seg.archive_dir())
 }
 
 /// Parses a key below `wal/<cluster>/` back into a WAL file name (`None` for the identity
@@ -246,6 +264,9 @@ pub struct ArchivePushReport {
     pub bytes: u64,
     /// Wall time of the push inside the process (repository open excluded), milliseconds.
     pub elapsed_ms: f64,
+    /// Of which reading the segment's records for its summary, milliseconds (segments only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scan_ms: Option<f64>,
 }
 
 impl fmt::Display for ArchivePushReport {
@@ -342,24 +363,66 @@ pub async fn push_file(repo: &Repository, cluster: &str, path: &Path) -> Result<
         // History and backup history files are text without a header to check.
         WalFileName::History(_) | WalFileName::Backup(..) => {}
     }
+    // The summary is computed before anything is written: a segment this pgkeep cannot read
+    // (another major version) is still archived, only without one.
+    let scan_started = Instant::now();
+    let summary = match &name {
+        WalFileName::Segment(_) => match SegmentSummary::of_segment(&data, path) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("{name}: no record summary ({e}); point-in-time pre-flights will read the segment");
+                None
+            }
+        },
+        _ => None,
+    };
+    let scan_ms = matches!(name, WalFileName::Segment(_))
+        .then(|| scan_started.elapsed().as_secs_f64() * 1000.0);
     let key = wal_key(cluster, &name);
-    let outcome = match store_sealed(repo, &key, &data).await {
-        Ok(()) => PushOutcome::Stored,
-        Err(RepoError::Storage(e)) if e.kind == StorageErrorKind::AlreadyExists => {
-            compare_existing(repo, &key, &name, &data).await?;
-            tracing::warn!(
-                "WAL file {name} was already archived with identical content; nothing written"
-            );
-            PushOutcome::AlreadyArchived
-        }
+    // Already archived (a retry after a crash, or a duplicate): compare without uploading.
+    // Absent: put-if-absent, which still settles a race with another pusher.
+    let exists = match repo.storage().head(&key).await {
+        Ok(_) => true,
+        Err(e) if e.kind == StorageErrorKind::NotFound => false,
         Err(e) => return Err(e.into()),
     };
+    let stored = if exists {
+        false
+    } else {
+        match store_sealed(repo, &key, &data).await {
+            Ok(()) => true,
+            Err(RepoError::Storage(e)) if e.kind == StorageErrorKind::AlreadyExists => false,
+            Err(e) => return Err(e.into()),
+        }
+    };
+    let outcome = if stored {
+        PushOutcome::Stored
+    } else {
+        compare_existing(repo, &key, &name, &data).await?;
+        tracing::warn!(
+            "WAL file {name} was already archived with identical content; nothing written"
+        );
+        PushOutcome::AlreadyArchived
+    };
+    if let (Some(sum), WalFileName::Segment(seg)) = (&summary, &name) {
+        // After the segment, so a summary never describes an object that is not there; on
+        // a duplicate push it completes a push that was killed between the two writes.
+        store_summary(
+            repo,
+            cluster,
+            seg,
+            sum,
+            outcome == PushOutcome::AlreadyArchived,
+        )
+        .await?;
+    }
     Ok(ArchivePushReport {
         file: name.to_string(),
         key,
         outcome,
         bytes: data.len() as u64,
         elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+        scan_ms,
     })
 }
 
@@ -416,6 +479,74 @@ async fn store_sealed(repo: &Repository, key: &str, data: &[u8]) -> Result<(), R
         .put_if_absent(key, bytes::Bytes::from(sealed))
         .await?;
     Ok(())
+}
+
+/// Stores a segment's summary once (put-if-absent; an existing one is left as it is). With
+/// `check_first`, a HEAD avoids the write when it is already there.
+async fn store_summary(
+    repo: &Repository,
+    cluster: &str,
+    seg: &WalSegmentName,
+    summary: &SegmentSummary,
+    check_first: bool,
+) -> Result<()> {
+    let key = summary_key(cluster, seg);
+    if check_first && repo.storage().head(&key).await.is_ok() {
+        return Ok(());
+    }
+    let json = serde_json::to_vec(summary).expect("summary serializes");
+    match repo.put_sealed_if_absent(&key, key.as_bytes(), &json).await {
+        Ok(()) => Ok(()),
+        Err(RepoError::Storage(e)) if e.kind == StorageErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads the stored summary of `seg`; `None` when there is none.
+pub async fn load_summary(
+    repo: &Repository,
+    cluster: &str,
+    seg: &WalSegmentName,
+) -> Result<Option<SegmentSummary>> {
+    let key = summary_key(cluster, seg);
+    match repo.get_sealed(&key, key.as_bytes()).await {
+        Ok(plain) => serde_json::from_slice(&plain).map(Some).map_err(|e| {
+            Error::with_hint(
+                ErrorKind::Integrity,
+                format!("the WAL summary object {key} does not parse: {e}"),
+                "it was written by a newer pgkeep, or is damaged; `pgkeep verify --read-data` checks the archive",
+            )
+        }),
+        Err(e) if e.kind() == RepoErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The summary of an archived segment: the stored one, else the segment read, verified and
+/// scanned now (not stored: a restore only reads). `None` when the segment is not archived.
+pub async fn segment_summary(
+    repo: &Repository,
+    cluster: &str,
+    seg: &WalSegmentName,
+) -> Result<Option<SegmentSummary>> {
+    if let Some(s) = load_summary(repo, cluster, seg).await? {
+        return Ok(Some(s));
+    }
+    let Some(data) = fetch(repo, cluster, &WalFileName::Segment(*seg)).await? else {
+        return Ok(None);
+    };
+    summarize_bytes(&data, seg).map(Some)
+}
+
+/// Scans segment bytes (read from the archive or a backup) into a summary.
+pub fn summarize_bytes(data: &[u8], seg: &WalSegmentName) -> Result<SegmentSummary> {
+    SegmentSummary::of_segment(data, Path::new(&seg.to_string())).map_err(|e| {
+        Error::with_hint(
+            ErrorKind::Failure,
+            format!("reading the records of WAL segment {seg}: {e}"),
+            "point-in-time targets by time, xid or name are checked by reading PostgreSQL 15-17 WAL",
+        )
+    })
 }
 
 /// The stored object of `key` exists: success when its content equals `data`, else a WAL

@@ -165,6 +165,8 @@ pub async fn push_async(
                     },
                     bytes: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
                     elapsed_ms: started.elapsed().as_secs_f64() * 1000.0,
+                    // The background pusher scanned it.
+                    scan_ms: None,
                 });
             }
             // The verdict was about another file of that name (an older one): push again.

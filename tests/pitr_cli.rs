@@ -1,0 +1,467 @@
+//! Point-in-time recovery end to end with the real binary, on PostgreSQL 15 clusters that
+//! archive through `pgkeep archive-push` (run by the server as `postgres`):
+//!
+//! - fidelity: a timestamped workload over several WAL segments, then a destructive statement;
+//!   restores to the time, LSN and xid just before it and to a named restore point give the
+//!   table row for row as it was (an encrypted repository: archive-push and the restored
+//!   server's archive-get read the passphrase through `PGKEEP_PASSPHRASE_FILE`);
+//! - `latest` with an xid or name target picks the backup that ends before the target;
+//! - targets outside the reachable window are refused with exit 16 and the window in the
+//!   target's terms: a time after the last archived commit, an unknown restore point, an xid
+//!   that never ended, and anything past a segment deleted from the middle of the archive;
+//! - timelines: restores promoted twice in a row (timelines 2 then 3) archive into the same
+//!   repository; a restore of the timeline-1 backup with `--target-timeline 3` crosses both
+//!   switches; a timeline that forked before a backup's end is refused with exit 15.
+
+mod cli_support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cli_support::Sandbox;
+use pgkeep_testing::cluster::{first_difference, running_as_root};
+use pgkeep_testing::Cluster;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgkeep");
+const PASSPHRASE: &str = "pitr test passphrase 3b1f";
+
+fn chown_postgres(p: &Path) {
+    if running_as_root() {
+        let st = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(p)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
+/// A sandbox with a repository the server user can write; encrypted when `encrypted`, with
+/// the passphrase in a file only that user (and root) can read.
+struct Setup {
+    s: Sandbox,
+    pass_file: PathBuf,
+    encrypted: bool,
+}
+
+impl Setup {
+    fn new(encrypted: bool) -> Self {
+        let s = Sandbox::new();
+        let pass_file = s.path().join("passphrase");
+        std::fs::write(&pass_file, format!("{PASSPHRASE}\n")).unwrap();
+        std::fs::set_permissions(&pass_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        chown_postgres(&pass_file);
+        let st = Setup {
+            s,
+            pass_file,
+            encrypted,
+        };
+        if encrypted {
+            st.run(&["repo", "init"]).expect(0);
+        } else {
+            st.run(&["repo", "init", "--no-encryption"]).expect(0);
+        }
+        std::fs::set_permissions(st.s.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::fs::set_permissions(
+            st.s.path().join("empty.toml"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        chown_postgres(&st.s.repo());
+        st
+    }
+
+    fn env(&self) -> Vec<(&str, &str)> {
+        if self.encrypted {
+            vec![("PGKEEP_PASSPHRASE_FILE", self.pass_file.to_str().unwrap())]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> cli_support::Run {
+        self.s.run_repo(args, &self.env())
+    }
+
+    fn run_pg(&self, c: &Cluster, args: &[&str]) -> cli_support::Run {
+        let conninfo = c.conninfo();
+        let mut env = self.env();
+        env.push(("PGKEEP_PG", conninfo.as_str()));
+        self.s.run_repo(args, &env)
+    }
+
+    fn archive_command(&self) -> String {
+        let pass = if self.encrypted {
+            format!("PGKEEP_PASSPHRASE_FILE={} ", self.pass_file.display())
+        } else {
+            String::new()
+        };
+        format!(
+            "{pass}{BIN} --config {} --repo {} archive-push %p",
+            self.s.path().join("empty.toml").display(),
+            self.s.repo().display()
+        )
+    }
+
+    fn backup(&self, c: &Cluster) -> String {
+        let pgdata = c.pgdata().to_str().unwrap().to_string();
+        let b = self
+            .run_pg(c, &["--json", "backup", "--pgdata", &pgdata])
+            .expect(0)
+            .json();
+        b["id"].as_str().unwrap().to_string()
+    }
+
+    /// `restore ID --target-dir DIR ARGS --target-action promote`; returns the backup id the
+    /// restore used.
+    fn restore(&self, id: &str, dir: &Path, args: &[&str]) -> String {
+        let mut all = vec![
+            "--json",
+            "restore",
+            id,
+            "--target-dir",
+            dir.to_str().unwrap(),
+        ];
+        all.extend_from_slice(args);
+        all.extend_from_slice(&["--target-action", "promote"]);
+        let r = self.run(&all).expect(0).json();
+        r["id"].as_str().unwrap().to_string()
+    }
+
+    /// A restore that must be refused; returns stderr.
+    fn refused(&self, code: i32, id: &str, args: &[&str]) -> String {
+        let dir = self.s.path().join("refused");
+        let mut all = vec!["restore", id, "--target-dir", dir.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let r = self.run(&all).expect(code);
+        assert!(!dir.exists(), "a refused restore wrote {}", dir.display());
+        r.stderr()
+    }
+}
+
+/// Switches WAL and waits until PostgreSQL reports the switched segment archived, failing
+/// with the server log when archive_command fails. Returns the switched segment's name.
+fn switch_and_wait(c: &Cluster) -> String {
+    let seg = c.sql("SELECT pg_walfile_name(pg_switch_wal())").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let row = c
+            .sql("SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver")
+            .unwrap();
+        let (archived, failed) = row.split_once('|').unwrap();
+        assert_eq!(
+            failed,
+            "0",
+            "archive_command failed; log:\n{}",
+            c.log_tail()
+        );
+        // History files sort after segments of lower timelines; compare segments only.
+        if archived.len() == 24 && archived >= seg.as_str() {
+            return seg;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{seg} not archived; log:\n{}",
+            c.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Starts a restored data directory and waits until recovery reached its target and the
+/// server was promoted.
+fn start_promoted(dir: &Path, archive_command: Option<&str>) -> Cluster {
+    let mut b = Cluster::builder().start_timeout(Duration::from_secs(180));
+    if let Some(a) = archive_command {
+        b = b.archive_command(a);
+    }
+    let c = b.start_existing(dir).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while c.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
+        assert!(
+            Instant::now() < deadline,
+            "not promoted; log:\n{}",
+            c.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c
+}
+
+/// The table row for row: id, insertion time and the payload's hash, in id order.
+fn rows(c: &Cluster) -> String {
+    c.sql("SELECT id, at, md5(payload) FROM events ORDER BY id")
+        .unwrap()
+}
+
+fn assert_same_rows(what: &str, want: &str, got: &str) {
+    if let Some(d) = first_difference(want, got) {
+        panic!(
+            "{what}: restored rows differ ({} vs {} rows): {d}",
+            want.lines().count(),
+            got.lines().count()
+        );
+    }
+}
+
+fn files_under(root: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            if e.file_type().unwrap().is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn pitr_fidelity_latest_selection_and_unreachable_targets_in_an_encrypted_repository() {
+    let st = Setup::new(true);
+    let c = Cluster::builder()
+        .archive_command(&st.archive_command())
+        .start()
+        .unwrap();
+    c.sql(
+        "CREATE TABLE events (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(), payload text NOT NULL);
+         CREATE TABLE audit (note text); INSERT INTO audit VALUES ('kept');",
+    )
+    .unwrap();
+    let b1 = st.backup(&c);
+
+    // A timestamped workload over several seconds and WAL segments: each round a bulk
+    // transaction and single-row ones, a pause, a WAL switch.
+    let mut round_segments = Vec::new();
+    for round in 0..5 {
+        c.sql(&format!(
+            "INSERT INTO events (payload) SELECT repeat(md5(g::text || '{round}'), 24) FROM generate_series(1, 3000) g;
+             INSERT INTO events (payload) VALUES ('single a {round}');
+             INSERT INTO events (payload) VALUES ('single b {round}');"
+        ))
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(400));
+        round_segments.push(switch_and_wait(&c));
+    }
+    let xid = c
+        .sql("BEGIN; INSERT INTO events (payload) VALUES ('last before the drop'); SELECT txid_current(); COMMIT;")
+        .unwrap();
+    let time = c.sql("SELECT clock_timestamp()").unwrap();
+    let want = rows(&c);
+    assert!(want.lines().count() > 15_000);
+    // Commits after the target time must be clearly later than it.
+    std::thread::sleep(Duration::from_millis(1100));
+    c.sql("SELECT pg_create_restore_point('before_drop')")
+        .unwrap();
+    let lsn = c.sql("SELECT pg_current_wal_insert_lsn()").unwrap();
+    c.sql("DELETE FROM events WHERE id % 2 = 0; DROP TABLE audit;")
+        .unwrap();
+    // A second backup after the destruction, and commits after it.
+    let b2 = st.backup(&c);
+    c.sql("INSERT INTO events (payload) SELECT 'after' FROM generate_series(1, 100)")
+        .unwrap();
+    switch_and_wait(&c);
+
+    // Time, LSN, xid and name just before the destruction: the table as it was, row for row,
+    // and the dropped table back. `latest` picks the first backup: the second ends after.
+    for (flag, value, dir) in [
+        ("--target-time", time.as_str(), "pitr-time"),
+        ("--target-lsn", lsn.as_str(), "pitr-lsn"),
+        ("--target-xid", xid.as_str(), "pitr-xid"),
+        ("--target-name", "before_drop", "pitr-name"),
+    ] {
+        let d = st.s.path().join(dir);
+        let used = st.restore("latest", &d, &[flag, value]);
+        assert_eq!(
+            used, b1,
+            "{flag} {value}: latest must pick the backup ending before it"
+        );
+        let r = start_promoted(&d, None);
+        assert_same_rows(&format!("{flag} {value}"), &want, &rows(&r));
+        assert_eq!(r.sql("SELECT note FROM audit").unwrap(), "kept", "{flag}");
+    }
+
+    // Nothing of the WAL or its summaries is readable in the encrypted repository.
+    let files = files_under(&st.s.repo());
+    assert!(
+        files
+            .iter()
+            .any(|p| p.to_string_lossy().ends_with(".summary")),
+        "no segment summary stored"
+    );
+    for p in &files {
+        let data = std::fs::read(p).unwrap();
+        assert!(
+            !data.windows(11).any(|w| w == b"before_drop"),
+            "{} holds a restore point name in plaintext",
+            p.display()
+        );
+    }
+
+    // Outside the window: exit 16, the window in the target's terms, nothing written.
+    let future = c
+        .sql("SELECT clock_timestamp() + interval '1 hour'")
+        .unwrap();
+    let e = st.refused(16, "latest", &["--target-time", &future]);
+    assert!(
+        e.contains("after the last transaction end") && e.contains("reachable from this backup: "),
+        "{e}"
+    );
+    assert!(e.contains(&b2), "{e}");
+    let e = st.refused(16, &b1, &["--target-name", "no_such_point"]);
+    assert!(
+        e.contains("no restore point named \"no_such_point\""),
+        "{e}"
+    );
+    assert!(
+        e.contains("\"before_drop\" at "),
+        "the window's restore points: {e}"
+    );
+    st.refused(16, "latest", &["--target-name", "no_such_point"]);
+    let e = st.refused(16, "latest", &["--target-xid", "3999999999"]);
+    assert!(
+        e.contains("transaction 3999999999 did not commit or abort"),
+        "{e}"
+    );
+    assert!(e.contains("transactions ended there, xids "), "{e}");
+    // The second backup ends after the restore point and the transaction.
+    let e = st.refused(16, &b2, &["--target-name", "before_drop"]);
+    assert!(e.contains(&b2), "{e}");
+    st.refused(16, &b2, &["--target-xid", &xid]);
+    st.refused(16, &b2, &["--target-time", &time]);
+
+    // A segment deleted from the middle of the archive: targets past it are unreachable.
+    let victim = &round_segments[2];
+    let key =
+        st.s.repo()
+            .join("wal/main")
+            .join(&victim[..16])
+            .join(victim);
+    std::fs::remove_file(&key).unwrap();
+    for (flag, value) in [
+        ("--target-time", time.as_str()),
+        ("--target-lsn", lsn.as_str()),
+        ("--target-xid", xid.as_str()),
+        ("--target-name", "before_drop"),
+    ] {
+        let e = st.refused(16, &b1, &[flag, value]);
+        assert!(
+            e.contains(&format!("cut short by the missing segment {victim}")),
+            "{flag}: {e}"
+        );
+    }
+}
+
+fn timeline_of(c: &Cluster) -> String {
+    c.sql("SELECT substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8)")
+        .unwrap()
+}
+
+#[test]
+fn timelines_restored_twice_in_a_row_are_followed_and_a_fork_before_the_backup_is_refused() {
+    let st = Setup::new(false);
+    let a = Cluster::builder()
+        .archive_command(&st.archive_command())
+        .start()
+        .unwrap();
+    a.sql("CREATE TABLE events (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(), payload text NOT NULL)")
+        .unwrap();
+    let b1 = st.backup(&a);
+    a.sql("INSERT INTO events (payload) SELECT 'timeline 1 ' || g FROM generate_series(1, 500) g")
+        .unwrap();
+    a.sql("SELECT pg_create_restore_point('p1')").unwrap();
+    // The original cluster goes on writing on timeline 1 after p1.
+    a.sql("INSERT INTO events (payload) SELECT 'timeline 1 after p1 ' || g FROM generate_series(1, 300) g")
+        .unwrap();
+    switch_and_wait(&a);
+
+    // First restore, promoted onto timeline 2, archiving into the same repository.
+    let d2 = st.s.path().join("tl2");
+    st.restore(&b1, &d2, &["--target-name", "p1"]);
+    let c2 = start_promoted(&d2, Some(&st.archive_command()));
+    assert_eq!(timeline_of(&c2), "00000002");
+    c2.sql("INSERT INTO events (payload) SELECT 'timeline 2 ' || g FROM generate_series(1, 400) g")
+        .unwrap();
+    c2.sql("SELECT pg_create_restore_point('p2')").unwrap();
+    let want2 = rows(&c2);
+    switch_and_wait(&c2);
+
+    // Second restore of the same timeline-1 backup: the latest timeline is 2, where p2 is;
+    // promoted, it becomes timeline 3 and archives too.
+    let d3 = st.s.path().join("tl3");
+    st.restore(&b1, &d3, &["--target-name", "p2"]);
+    let c3 = start_promoted(&d3, Some(&st.archive_command()));
+    assert_eq!(timeline_of(&c3), "00000003");
+    assert_same_rows("p2 via timeline 2", &want2, &rows(&c3));
+    c3.sql("INSERT INTO events (payload) SELECT 'timeline 3 ' || g FROM generate_series(1, 300) g")
+        .unwrap();
+    c3.sql("SELECT pg_create_restore_point('p3')").unwrap();
+    let want3 = rows(&c3);
+    switch_and_wait(&c3);
+    drop(c2);
+    assert!(st
+        .s
+        .repo()
+        .join("wal/main/0000000300000000/00000003.history")
+        .exists());
+
+    // From the timeline-1 backup across both switches to a point on timeline 3.
+    let d4 = st.s.path().join("tl3-again");
+    let used = st.restore(
+        "latest",
+        &d4,
+        &["--target-timeline", "3", "--target-name", "p3"],
+    );
+    assert_eq!(used, b1);
+    let c4 = start_promoted(&d4, None);
+    assert_same_rows("p3 via timelines 2 and 3", &want3, &rows(&c4));
+    drop(c4);
+
+    // A backup of the original cluster, still on timeline 1 after the fork at p1: timelines
+    // 2 and 3 forked before its end. Refused with exit 15 and the hint, explicitly or as the
+    // latest timeline; `current` stays on timeline 1.
+    let late = st.backup(&a);
+    let e = st.refused(
+        15,
+        &late,
+        &["--target-timeline", "2", "--target-name", "p2"],
+    );
+    assert!(
+        e.contains("target timeline 2 forked from timeline 1 at")
+            && e.contains(&format!("before the end of backup {late}"))
+            && e.contains("HINT: was timeline 2 created by promoting"),
+        "{e}"
+    );
+    // No target: recovery to the end of the latest timeline.
+    let e = st.refused(15, &late, &["--target-action", "promote"]);
+    assert!(
+        e.contains("target timeline 3 forked from timeline 1"),
+        "{e}"
+    );
+    st.refused(15, "latest", &["--target-name", "p3"]);
+    // With the timeline named, `latest` passes over the backup that cannot reach it.
+    let d5 = st.s.path().join("tl3-latest");
+    let used = st.restore(
+        "latest",
+        &d5,
+        &["--target-timeline", "3", "--target-name", "p3"],
+    );
+    assert_eq!(used, b1);
+    let d6 = st.s.path().join("tl1-current");
+    st.run(&[
+        "restore",
+        &late,
+        "--target-dir",
+        d6.to_str().unwrap(),
+        "--target-timeline",
+        "current",
+    ])
+    .expect(0);
+    // A timeline with no history file in the archive is unreachable.
+    st.refused(16, &b1, &["--target-timeline", "9"]);
+}
