@@ -13,6 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::crashpoint::kill_self;
 use crate::{ErrorKind, ObjectMeta, Result, Storage, StorageError};
 
 /// Test hook: when this variable holds a number N, [`wrap_from_env`] makes the process
@@ -210,15 +211,6 @@ impl<S: Storage> Faulty<S> {
         }
         Ok(data)
     }
-}
-
-fn kill_self() {
-    // SAFETY: kill(2) on our own pid has no memory-safety preconditions.
-    unsafe {
-        libc::kill(libc::getpid(), libc::SIGKILL);
-    }
-    // SIGKILL cannot be caught; if it somehow returned, never let the operation proceed.
-    std::process::abort();
 }
 
 #[async_trait]

@@ -31,6 +31,7 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
 pub mod conformance;
+pub mod crashpoint;
 mod faulty;
 mod local;
 mod object;

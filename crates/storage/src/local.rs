@@ -202,6 +202,8 @@ fn write_temp(target: &Path, data: &[u8]) -> Result<(PathBuf, TempGuard)> {
     }
     f.sync_all()
         .map_err(|e| io_err(e, "fsync temporary file", &tmp))?;
+    // Crash tests kill here: a complete temp file that never got its final name.
+    crate::crashpoint::reached(crate::crashpoint::KillPoint::BeforeRename);
     Ok((tmp, guard))
 }
 

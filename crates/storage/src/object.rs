@@ -125,8 +125,16 @@ impl ObjectStoreStorage {
             parts.push(upload.put_part(PutPayload::from_bytes(data.slice(off..end))));
             off = end;
         }
+        let mut stored = 0usize;
         let uploaded: std::result::Result<Vec<()>, _> = futures::stream::iter(parts)
             .buffer_unordered(PART_CONCURRENCY)
+            .inspect_ok(|()| {
+                stored += 1;
+                if stored == 1 {
+                    // Crash tests kill here: parts on the server, the upload never completed.
+                    crate::crashpoint::reached(crate::crashpoint::KillPoint::MidMultipart);
+                }
+            })
             .try_collect()
             .await;
         let result = match uploaded {
