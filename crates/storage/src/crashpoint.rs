@@ -10,12 +10,20 @@
 //!     renamed to its final name;
 //!   - `mid-multipart`: a multipart upload with at least one part stored, before it is
 //!     completed.
+//!
+//! **Armed only in builds with debug assertions** (`cargo build`, `cargo test`): a release build
+//! (`cargo build --release`, `cargo install`, what users run) ignores both variables and logs a
+//! warning if one is set, so a stray variable in a production environment cannot kill a backup.
+//! The test builds that run the binary are debug builds, so the crash tests keep working.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
 /// `PGKEEP_TEST_KILL_AT=<point>:<k>`: see the module documentation.
 pub const KILL_AT_ENV: &str = "PGKEEP_TEST_KILL_AT";
+
+/// True when this build honours the kill hooks (it has debug assertions).
+pub const HOOKS_ARMED: bool = cfg!(debug_assertions);
 
 /// A place inside a write where [`KILL_AT_ENV`] can kill the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,6 +55,9 @@ fn plan() -> Option<&'static Plan> {
     static PLAN: OnceLock<Option<Plan>> = OnceLock::new();
     PLAN.get_or_init(|| {
         let value = std::env::var(KILL_AT_ENV).ok()?;
+        if !armed(KILL_AT_ENV) {
+            return None;
+        }
         let parsed = value.split_once(':').and_then(|(p, k)| {
             Some((KillPoint::parse(p.trim())?, k.trim().parse::<u64>().ok()?))
         });
@@ -68,6 +79,15 @@ fn plan() -> Option<&'static Plan> {
         }
     })
     .as_ref()
+}
+
+/// Whether a hook variable that is set may act: only in builds with debug assertions. Warns
+/// when a release build meets one.
+pub(crate) fn armed(var: &str) -> bool {
+    if !HOOKS_ARMED {
+        tracing::warn!("ignoring the test hook {var}: release builds never honour it");
+    }
+    HOOKS_ARMED
 }
 
 /// Called by the backends at each [`KillPoint`]; kills the process when the plan says so.

@@ -18,7 +18,8 @@ use crate::{ErrorKind, ObjectMeta, Result, Storage, StorageError};
 
 /// Test hook: when this variable holds a number N, [`wrap_from_env`] makes the process
 /// SIGKILL itself once N mutating storage operations (put, put_if_absent, delete) have
-/// completed. Crash-loop tests set it on the real binary; it has no other use.
+/// completed. Crash-loop tests set it on the real binary; it has no other use, and release
+/// builds ignore it (see [`crate::crashpoint`]).
 pub const KILL_AFTER_OPS_ENV: &str = "PGKEEP_TEST_KILL_AFTER_OPS";
 
 #[derive(Debug, Default)]
@@ -268,11 +269,15 @@ impl<S: Storage> Storage for Faulty<S> {
 /// Applies the crash-loop test hook: when [`KILL_AFTER_OPS_ENV`] (`PGKEEP_TEST_KILL_AFTER_OPS`)
 /// is set to N, returns `s` wrapped so that the process SIGKILLs itself after N mutating
 /// operations; otherwise returns `s` unchanged. A value that is not a number is ignored
-/// with a warning. Meant for tests only: production runs never set the variable.
+/// with a warning. Release builds ignore the variable (with a warning): only builds with
+/// debug assertions, i.e. test builds, honour it, so it cannot fire in production by accident.
 pub fn wrap_from_env(s: Arc<dyn Storage>) -> Arc<dyn Storage> {
     let Ok(value) = std::env::var(KILL_AFTER_OPS_ENV) else {
         return s;
     };
+    if !crate::crashpoint::armed(KILL_AFTER_OPS_ENV) {
+        return s;
+    }
     match value.trim().parse::<u64>() {
         Ok(n) => {
             tracing::warn!("test hook {KILL_AFTER_OPS_ENV}={n}: will SIGKILL after {n} writes");

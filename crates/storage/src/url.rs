@@ -113,7 +113,8 @@ fn config_err(message: String) -> StorageError {
 }
 
 /// Opens the storage a repository URL names, wrapped in [`Retry`] (counting into
-/// [`global_retry_counter`]) and in the crash-test hook [`crate::wrap_from_env`].
+/// [`global_retry_counter`]) and in the crash-test hook [`crate::wrap_from_env`], which is
+/// inert in release builds and unless its variable is set (see [`crate::crashpoint`]).
 ///
 /// Accepted: a plain path (relative allowed) or `file:///path` → [`LocalStorage`];
 /// `s3://bucket/prefix`, `az://container/prefix` (also `azure://`) and `gs://bucket/prefix` →
