@@ -321,6 +321,24 @@ struct RestoreDumpArgs {
     /// Restore into a database that already holds objects.
     #[arg(long)]
     force: bool,
+    /// Objects (and a created database) owned by the restoring role, as pg_restore
+    /// --no-owner.
+    #[arg(long)]
+    no_owner: bool,
+    /// Restore no privileges (GRANT/REVOKE), the database's own included, as pg_restore
+    /// --no-acl.
+    #[arg(long)]
+    no_acl: bool,
+    /// Restore only this schema (repeatable); created from the dump when the target lacks it.
+    #[arg(long = "schema", value_name = "NAME")]
+    schemas: Vec<String>,
+    /// Leave this schema out (repeatable).
+    #[arg(long = "exclude-schema", value_name = "NAME")]
+    exclude_schemas: Vec<String>,
+    /// Restore only this table, its definition and data (repeatable; with --schema, in those
+    /// schemas only).
+    #[arg(long = "table", value_name = "NAME")]
+    tables: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -635,8 +653,11 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 dry_run: r.dry_run,
                 force: r.force,
                 no_safety_dump: r.no_safety_dump,
-                no_owner: false,
-                no_acl: false,
+                no_owner: r.no_owner,
+                no_acl: r.no_acl,
+                schemas: r.schemas.clone(),
+                exclude_schemas: r.exclude_schemas.clone(),
+                tables: r.tables.clone(),
                 interactive: std::io::stdin().is_terminal() && std::io::stderr().is_terminal(),
                 temp_dir: None,
             };

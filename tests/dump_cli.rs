@@ -143,4 +143,36 @@ fn dump_list_info_and_a_refused_restore_through_the_binary() {
     );
     let l = s.run_repo(&["--json", "list"], &[]).expect(0).json();
     assert_eq!(kinds(&l).len(), 3, "no safety dump: {l}");
+
+    // pg_restore's options that scripts use reach it: one schema, no owner, no privileges.
+    let r = s
+        .run_repo(
+            &[
+                "--json",
+                "restore-dump",
+                &dump_id,
+                "--target-db",
+                "shop_public",
+                "--create",
+                "--schema",
+                "public",
+                "--no-owner",
+                "--no-acl",
+            ],
+            &pg,
+        )
+        .expect(0)
+        .json();
+    let checks = r["databases"][0]["checks"].to_string();
+    assert!(
+        checks.contains("--no-owner")
+            && checks.contains("--no-acl")
+            && checks.contains("only schemas public"),
+        "{r}"
+    );
+    assert_eq!(
+        c.sql_db("shop_public", "SELECT count(*) FROM orders")
+            .unwrap(),
+        "250"
+    );
 }

@@ -1046,3 +1046,173 @@ async fn encrypted_repository_dumps_restore_and_export_identically() -> TestResu
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn schema_and_table_selection_no_owner_and_no_acl() -> TestResult {
+    let c = Cluster::new()?;
+    c.sql(
+        "CREATE ROLE app_owner; CREATE ROLE sales_owner; CREATE ROLE reader;
+         CREATE DATABASE app OWNER app_owner;
+         GRANT CONNECT ON DATABASE app TO reader;",
+    )?;
+    c.sql_db(
+        "app",
+        "CREATE SCHEMA sales AUTHORIZATION sales_owner;
+         COMMENT ON SCHEMA sales IS 'what we sold';
+         GRANT USAGE ON SCHEMA sales TO reader;
+         CREATE TABLE sales.orders (id int PRIMARY KEY, total numeric);
+         INSERT INTO sales.orders SELECT g, g FROM generate_series(1, 100) g;
+         ALTER TABLE sales.orders OWNER TO app_owner;
+         GRANT SELECT ON sales.orders TO reader;
+         CREATE SCHEMA hr;
+         CREATE TABLE hr.people (id int PRIMARY KEY, name text);
+         INSERT INTO hr.people SELECT g, 'p' || g FROM generate_series(1, 10) g;
+         CREATE TABLE public.config (k text PRIMARY KEY, v text);
+         INSERT INTO public.config VALUES ('a', '1'), ('b', '2'), ('c', '3');",
+    )?;
+    let rdir = tempfile::tempdir()?;
+    let repo = local_repo(rdir.path()).await;
+    let r = dump(&repo, &dump_opts(&c, "app"), &NoProgress).await?;
+    let schemas = |db: &str| {
+        c.sql_db(
+            db,
+            "SELECT string_agg(nspname || ':' || pg_get_userbyid(nspowner) || ':' || coalesce(obj_description(oid, 'pg_namespace'), '-'), ',' ORDER BY nspname) FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'",
+        )
+        .unwrap()
+    };
+    let tables = |db: &str| {
+        c.sql_db(
+            db,
+            "SELECT string_agg(schemaname || '.' || tablename || ':' || tableowner, ',' ORDER BY 1) FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
+        )
+        .unwrap()
+    };
+    let restore = |target: &str, f: &dyn Fn(&mut RestoreDumpOptions)| {
+        let mut o = RestoreDumpOptions {
+            create: true,
+            ..restore_opts(&c, &r.id, target)
+        };
+        f(&mut o);
+        o
+    };
+
+    // A dry run says what a selection restores, and creates nothing.
+    let dry = restore_dump(
+        &repo,
+        &restore("only_sales", &|o| {
+            o.schemas = vec!["sales".into()];
+            o.dry_run = true;
+        }),
+        &NoProgress,
+    )
+    .await?;
+    let d = &dry.databases[0];
+    assert_eq!(d.objects.get("SCHEMA").copied(), Some(1), "{:?}", d.objects);
+    assert_eq!(d.objects.get("TABLE").copied(), Some(1), "{:?}", d.objects);
+    assert!(
+        d.checks
+            .iter()
+            .any(|c| c.contains("only schemas sales") && c.contains("created from the dump")),
+        "{dry}"
+    );
+    assert_eq!(
+        c.sql("SELECT count(*) FROM pg_database WHERE datname = 'only_sales'")?,
+        "0"
+    );
+
+    // One schema into a new database: pg_restore --schema alone would fail here (it leaves
+    // out CREATE SCHEMA); the schema comes with its owner and comment, nothing else comes.
+    let rr = restore_dump(
+        &repo,
+        &restore("only_sales", &|o| o.schemas = vec!["sales".into()]),
+        &NoProgress,
+    )
+    .await?;
+    assert_eq!(rr.exit_code(), 0, "{rr}");
+    assert_eq!(rr.databases[0].tables_checked, 1, "{rr}");
+    assert_eq!(
+        schemas("only_sales"),
+        "public:pg_database_owner:standard public schema,sales:sales_owner:what we sold"
+    );
+    assert_eq!(tables("only_sales"), "sales.orders:app_owner");
+    assert_eq!(
+        c.sql_db("only_sales", "SELECT count(*) FROM sales.orders")?,
+        "100"
+    );
+    assert_eq!(
+        c.sql_db(
+            "only_sales",
+            "SELECT has_table_privilege('reader', 'sales.orders', 'SELECT')"
+        )?,
+        "t"
+    );
+
+    // One table by name: its schema is created for it.
+    let rr = restore_dump(
+        &repo,
+        &restore("only_people", &|o| o.tables = vec!["people".into()]),
+        &NoProgress,
+    )
+    .await?;
+    assert_eq!(rr.exit_code(), 0, "{rr}");
+    assert_eq!(rr.databases[0].tables_checked, 1, "{rr}");
+    assert_eq!(tables("only_people"), "hr.people:postgres");
+    assert_eq!(
+        c.sql_db("only_people", "SELECT count(*) FROM hr.people")?,
+        "10"
+    );
+
+    // A schema left out is not even created empty.
+    let rr = restore_dump(
+        &repo,
+        &restore("no_hr", &|o| o.exclude_schemas = vec!["hr".into()]),
+        &NoProgress,
+    )
+    .await?;
+    assert_eq!(rr.exit_code(), 0, "{rr}");
+    assert_eq!(rr.databases[0].tables_checked, 2, "{rr}");
+    assert!(!schemas("no_hr").contains("hr:"), "{}", schemas("no_hr"));
+    assert_eq!(
+        tables("no_hr"),
+        "public.config:postgres,sales.orders:app_owner"
+    );
+
+    // --no-owner --no-acl: everything (the database too) owned by the restoring role, no
+    // privileges granted, the same contents.
+    let rr = restore_dump(
+        &repo,
+        &restore("plain_copy", &|o| {
+            o.no_owner = true;
+            o.no_acl = true;
+        }),
+        &NoProgress,
+    )
+    .await?;
+    assert_eq!(rr.exit_code(), 0, "{rr}");
+    assert_eq!(
+        tables("plain_copy"),
+        "hr.people:postgres,public.config:postgres,sales.orders:postgres"
+    );
+    assert!(
+        schemas("plain_copy").contains("sales:postgres:what we sold"),
+        "{}",
+        schemas("plain_copy")
+    );
+    assert_eq!(
+        c.sql_db(
+            "plain_copy",
+            "SELECT has_table_privilege('reader', 'sales.orders', 'SELECT')"
+        )?,
+        "f"
+    );
+    let props = db_properties(&c, "plain_copy");
+    assert!(
+        props.starts_with("postgres | ") && props.contains("| default |"),
+        "{props}"
+    );
+    let text = |db: &str| pg_dump_text(&c, db, &["--no-owner", "--no-acl"]);
+    if let Some(d) = first_difference(&text("app"), &text("plain_copy")) {
+        panic!("contents differ: {d}");
+    }
+    Ok(())
+}

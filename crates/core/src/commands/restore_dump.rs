@@ -86,6 +86,15 @@ pub struct RestoreDumpOptions {
     pub no_owner: bool,
     /// Restore no privileges (pg_restore `--no-acl`), the database's own included.
     pub no_acl: bool,
+    /// Restore only the objects of these schemas (pg_restore `--schema`). Unlike
+    /// pg_restore, a schema the target lacks is created from the dump (with its owner,
+    /// comment and privileges) rather than failing the restore.
+    pub schemas: Vec<String>,
+    /// Leave out the objects of these schemas, and the schemas themselves.
+    pub exclude_schemas: Vec<String>,
+    /// Restore only these tables (their definition and data; pg_restore `--table`), of the
+    /// selected schemas when `schemas` is given. Their schemas are created when missing.
+    pub tables: Vec<String>,
     /// Whether the user may be asked on the terminal (the CLI sets it when stdin and stderr
     /// are terminals).
     #[serde(skip)]
@@ -353,7 +362,9 @@ async fn run(
     }
     if opts.dry_run {
         for (src, p) in sources.iter().zip(plans) {
-            report.databases.push(dry_run(repo, src, p, opts).await?);
+            report
+                .databases
+                .push(dry_run(repo, params, src, p, opts).await?);
         }
         report.duration_secs = started.elapsed().as_secs_f64();
         return Ok(report);
@@ -629,9 +640,12 @@ async fn confirm(p: &Plan, opts: &RestoreDumpOptions) -> Result<()> {
     }
 }
 
-/// Object types in the archive, from `pg_restore --list`.
-async fn list_objects(repo: &Repository, src: &DumpedDatabase) -> Result<BTreeMap<String, u64>> {
-    let mut child = pgkeep_pg::dump::pg_restore_to_sql(&["--list"]).map_err(pg_err)?;
+/// The archive's table of contents, `pg_restore --list` with `args` (e.g. a selection).
+async fn toc_list(repo: &Repository, src: &DumpedDatabase, args: &[String]) -> Result<String> {
+    let mut all = vec!["--list".to_string()];
+    all.extend(args.iter().cloned());
+    let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let mut child = pgkeep_pg::dump::pg_restore_to_sql(&refs).map_err(pg_err)?;
     let stdout = child
         .take_stdout()
         .ok_or_else(|| Error::new(ErrorKind::Failure, "pg_restore's stdout is not a pipe"))?;
@@ -647,8 +661,13 @@ async fn list_objects(repo: &Repository, src: &DumpedDatabase) -> Result<BTreeMa
     let _ = feed_stdin(repo, &src.stream, &mut child, &NoProgress).await;
     let text = reader.await.unwrap_or_default();
     wait_tool(child, &format!("listing database {}", src.name)).await?;
+    Ok(text)
+}
+
+/// Object types of a `pg_restore --list` text, counted.
+fn count_objects(list: &str) -> BTreeMap<String, u64> {
     let mut out = BTreeMap::new();
-    for line in text.lines() {
+    for line in list.lines() {
         if line.starts_with(';') || line.trim().is_empty() {
             continue;
         }
@@ -666,7 +685,115 @@ async fn list_objects(repo: &Repository, src: &DumpedDatabase) -> Result<BTreeMa
             *out.entry(kind.join(" ")).or_insert(0) += 1;
         }
     }
+    out
+}
+
+/// Whether a selection (`--schema`, `--exclude-schema`, `--table`) narrows the restore.
+fn selective(opts: &RestoreDumpOptions) -> bool {
+    !opts.schemas.is_empty() || !opts.exclude_schemas.is_empty() || !opts.tables.is_empty()
+}
+
+/// pg_restore's own selection arguments.
+fn selection_args(opts: &RestoreDumpOptions) -> Vec<String> {
+    let mut a = Vec::new();
+    a.extend(opts.schemas.iter().map(|s| format!("--schema={s}")));
+    a.extend(
+        opts.exclude_schemas
+            .iter()
+            .map(|s| format!("--exclude-schema={s}")),
+    );
+    a.extend(opts.tables.iter().map(|t| format!("--table={t}")));
+    a
+}
+
+/// Whether the restore brings table `schema.table` (pg_restore's rules: every condition
+/// given must hold).
+fn table_selected(opts: &RestoreDumpOptions, schema: &str, table: &str) -> bool {
+    (opts.schemas.is_empty() || opts.schemas.iter().any(|s| s == schema))
+        && !opts.exclude_schemas.iter().any(|s| s == schema)
+        && (opts.tables.is_empty() || opts.tables.iter().any(|t| t == table))
+}
+
+/// The schemas a selective restore needs that the target lacks: the chosen ones, and those
+/// of the chosen tables.
+fn schemas_to_create(
+    opts: &RestoreDumpOptions,
+    src: &DumpedDatabase,
+    existing: &[String],
+) -> Vec<String> {
+    let mut want: Vec<String> = opts.schemas.clone();
+    if !opts.tables.is_empty() {
+        for t in &src.tables {
+            if table_selected(opts, &t.schema, &t.table) && !want.contains(&t.schema) {
+                want.push(t.schema.clone());
+            }
+        }
+    }
+    want.retain(|s| !existing.contains(s) && !opts.exclude_schemas.contains(s));
+    want
+}
+
+/// The pg_restore use-list (`--use-list`) of a selective restore: the entries pg_restore's
+/// own selection picks, plus the SCHEMA entries (and their comments and privileges) of
+/// `create_schemas`, which `pg_restore --schema` leaves out so that a restore into a
+/// database without them fails. Lines are copied from pg_restore's own list, in its order,
+/// so nothing is parsed but the entry type.
+async fn use_list(
+    repo: &Repository,
+    src: &DumpedDatabase,
+    opts: &RestoreDumpOptions,
+    create_schemas: &[String],
+) -> Result<String> {
+    let full = toc_list(repo, src, &[]).await?;
+    let chosen = toc_list(repo, src, &selection_args(opts)).await?;
+    let chosen: std::collections::HashSet<&str> = chosen
+        .lines()
+        .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+        .collect();
+    let mut out = String::new();
+    for line in full.lines() {
+        let wanted =
+            chosen.contains(line) || create_schemas.iter().any(|s| is_schema_entry(line, s));
+        // pg_restore --exclude-schema still creates the (empty) schema itself.
+        let excluded = opts
+            .exclude_schemas
+            .iter()
+            .any(|s| is_schema_entry(line, s));
+        if wanted && !excluded {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
     Ok(out)
+}
+
+/// Whether a `pg_restore --list` line is the SCHEMA entry of `schema`, or its comment or
+/// privileges: after `<dump id>; <catalog oid> <oid> ` come `SCHEMA - name owner`,
+/// `COMMENT - SCHEMA name owner`, `ACL - SCHEMA name owner`.
+fn is_schema_entry(line: &str, schema: &str) -> bool {
+    let Some((_, rest)) = line.split_once("; ") else {
+        return false;
+    };
+    let entry = rest.splitn(3, ' ').nth(2).unwrap_or("");
+    [
+        format!("SCHEMA - {schema} "),
+        format!("COMMENT - SCHEMA {schema} "),
+        format!("ACL - SCHEMA {schema} "),
+    ]
+    .iter()
+    .any(|p| entry.starts_with(p.as_str()))
+}
+
+/// Schemas of the connected database.
+async fn schema_names(client: &PgClient) -> Result<Vec<String>> {
+    Ok(client
+        .inner()
+        .query("SELECT nspname::text FROM pg_namespace", &[])
+        .await
+        .map_err(|e| sql_err("listing schemas", client.target(), &e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
 }
 
 fn checks_for(p: &Plan, src: &DumpedDatabase, opts: &RestoreDumpOptions) -> Vec<String> {
@@ -751,12 +878,39 @@ fn checks_for(p: &Plan, src: &DumpedDatabase, opts: &RestoreDumpOptions) -> Vec<
     if opts.clean {
         c.push("pg_restore --clean --if-exists".into());
     }
-    let exact = src.tables.iter().filter(|t| t.exact).count();
+    if opts.no_owner {
+        c.push("pg_restore --no-owner: objects owned by the restoring role".into());
+    }
+    if opts.no_acl {
+        c.push("pg_restore --no-acl: no privileges restored".into());
+    }
+    if selective(opts) {
+        let mut what = Vec::new();
+        if !opts.schemas.is_empty() {
+            what.push(format!("schemas {}", opts.schemas.join(", ")));
+        }
+        if !opts.tables.is_empty() {
+            what.push(format!("tables {}", opts.tables.join(", ")));
+        }
+        if !opts.exclude_schemas.is_empty() {
+            what.push(format!("not schemas {}", opts.exclude_schemas.join(", ")));
+        }
+        c.push(format!(
+            "only {} (schemas the target lacks are created from the dump)",
+            what.join("; ")
+        ));
+    }
+    let tables: Vec<_> = src
+        .tables
+        .iter()
+        .filter(|t| table_selected(opts, &t.schema, &t.table))
+        .collect();
+    let exact = tables.iter().filter(|t| t.exact).count();
     c.push(format!(
         "ANALYZE, then compare row counts of {} tables ({} exact, {} estimated)",
-        src.tables.len(),
+        tables.len(),
         exact,
-        src.tables.len() - exact
+        tables.len() - exact
     ));
     c
 }
@@ -793,12 +947,23 @@ fn summary(p: &Plan, src: &DumpedDatabase, opts: &RestoreDumpOptions) -> Restore
 
 async fn dry_run(
     repo: &Repository,
+    params: &ConnParams,
     src: &DumpedDatabase,
     p: Plan,
     opts: &RestoreDumpOptions,
 ) -> Result<RestoredDatabase> {
     let mut d = summary(&p, src, opts);
-    d.objects = list_objects(repo, src).await?;
+    d.objects = if selective(opts) {
+        let existing = if p.existed {
+            schema_names(&connect_db(params, &p.target).await?).await?
+        } else {
+            vec!["public".to_string()]
+        };
+        let create = schemas_to_create(opts, src, &existing);
+        count_objects(&use_list(repo, src, opts, &create).await?)
+    } else {
+        count_objects(&toc_list(repo, src, &[]).await?)
+    };
     if p.over_existing() && !opts.no_safety_dump {
         d.safety_dump = Some("would be taken".into());
     }
@@ -998,9 +1163,34 @@ async fn restore_one(
         args.push("--clean".into());
         args.push("--if-exists".into());
     }
+    if opts.no_owner {
+        args.push("--no-owner".into());
+    }
+    if opts.no_acl {
+        args.push("--no-acl".into());
+    }
+    let dir = opts.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let mut _list_guard = None;
+    if selective(opts) {
+        let existing = schema_names(&connect_db(params, &p.target).await?).await?;
+        let create = schemas_to_create(opts, src, &existing);
+        let list = use_list(repo, src, opts, &create).await?;
+        // Object names only, but still private: 0600, removed afterwards.
+        let path = dir.join(format!(
+            "pgkeep-restore-{}-{}.list",
+            m.id,
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        _list_guard = Some(RemoveOnDrop(path.clone()));
+        let mut f = create_private(&path)?;
+        f.write_all(list.as_bytes())
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
+        drop(f);
+        args.push(format!("--use-list={}", path.display()));
+    }
     progress.note(&format!("pg_restore {} -> {}", src.name, p.target));
     let warnings = if opts.jobs > 1 {
-        let dir = opts.temp_dir.clone().unwrap_or_else(std::env::temp_dir);
         let path = dir.join(format!(
             "pgkeep-restore-{}-{}.dump",
             m.id,
@@ -1044,7 +1234,11 @@ async fn restore_one(
         .batch_execute("ANALYZE")
         .await
         .map_err(|e| sql_err("ANALYZE", t.target(), &e))?;
-    for tr in &src.tables {
+    for tr in src
+        .tables
+        .iter()
+        .filter(|t| table_selected(opts, &t.schema, &t.table))
+    {
         let name = dump::qualified(&tr.schema, &tr.table);
         let found: Option<i64> = if tr.exact {
             let sql = format!("SELECT count(*) FROM ONLY {name}");
