@@ -196,7 +196,12 @@ fn split_time(t: SystemTime) -> (i64, u32) {
 /// Whether a file can be taken from the previous backup without reading it: same size, same
 /// mtime to the nanosecond, and that mtime older than the previous backup's start minus
 /// [`MTIME_SAFETY_MARGIN`]. Any write after the previous backup read the file moves the mtime
-/// to at least that start, so it cannot match an mtime older than it.
+/// to at least that start, so it cannot match an mtime older than it; the margin covers file
+/// systems whose timestamps are coarse and clocks that step back a little.
+///
+/// What it cannot see: a file rewritten with the same size and then given back an mtime older
+/// than the margin (`touch -d`, a copy tool preserving times). PostgreSQL never does that;
+/// `full_read` reads every file regardless. `crates/core/tests/physical_more.rs` pins both.
 pub fn unchanged_since(
     prev: &FileEntry,
     prev_start: DateTime<Utc>,
