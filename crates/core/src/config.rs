@@ -129,6 +129,8 @@ pub mod env {
     pub const LOG: &str = "PGKEEP_LOG";
     /// `options.relation_chunk_size`.
     pub const RELATION_CHUNK_SIZE: &str = "PGKEEP_RELATION_CHUNK_SIZE";
+    /// `options.spool_dir` (also read by `archive-push` / `archive-get --spool-dir`).
+    pub const SPOOL_DIR: &str = "PGKEEP_SPOOL_DIR";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -151,6 +153,7 @@ struct RawOptions {
     threads: Option<Spanned<i64>>,
     log_level: Option<Spanned<String>>,
     relation_chunk_size: Option<Spanned<toml::Value>>,
+    spool_dir: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -205,6 +208,8 @@ pub struct FileOptions {
     pub log_level: Option<String>,
     /// How backups cut relation files, see [`check_relation_chunk_size`].
     pub relation_chunk_size: Option<u32>,
+    /// Asynchronous WAL archiving: the spool directory, see [`check_spool_dir`].
+    pub spool_dir: Option<PathBuf>,
 }
 
 /// Storage settings of a repository, passed to the storage layer as
@@ -487,6 +492,17 @@ pub fn check_relation_chunk_size(v: &str) -> std::result::Result<u32, String> {
     Ok(bytes as u32)
 }
 
+/// `options.spool_dir` / `PGKEEP_SPOOL_DIR`: the spool directory of asynchronous
+/// `archive-push` (and prefetching `archive-get`). Absolute: archive_command runs in the data
+/// directory, where a relative path would land.
+pub fn check_spool_dir(v: &str) -> std::result::Result<PathBuf, String> {
+    let p = Path::new(v);
+    if v.is_empty() || !p.is_absolute() {
+        return Err(format!("{v:?} is not an absolute path"));
+    }
+    Ok(p.to_path_buf())
+}
+
 fn check_log_level(level: &str) -> std::result::Result<String, String> {
     let l = level.to_ascii_lowercase();
     if LOG_LEVELS.contains(&l.as_str()) {
@@ -556,6 +572,11 @@ impl ConfigFile {
             let n = check_relation_chunk_size(&text)
                 .map_err(|m| src.error(c.span(), format!("options.relation_chunk_size: {m}")))?;
             cfg.options.relation_chunk_size = Some(n);
+        }
+        if let Some(d) = raw.options.spool_dir {
+            let p = check_spool_dir(d.get_ref())
+                .map_err(|m| src.error(d.span(), format!("options.spool_dir: {m}")))?;
+            cfg.options.spool_dir = Some(p);
         }
 
         let mut seen: BTreeMap<String, usize> = BTreeMap::new();
@@ -783,6 +804,8 @@ pub struct Settings {
     /// How backups cut relation files (see [`check_relation_chunk_size`]); `None` = the
     /// backup command's default.
     pub relation_chunk_size: Option<u32>,
+    /// Spool directory of asynchronous archiving (`None`: synchronous).
+    pub spool_dir: Option<PathBuf>,
     /// Names of the file's repositories (for the hint when none was selected).
     pub configured_repositories: Vec<String>,
 }
@@ -991,6 +1014,10 @@ impl Settings {
                 Some(n) => Some(n),
                 None => file.and_then(|f| f.options.relation_chunk_size),
             };
+        let spool_dir = match env_parse(env, env::SPOOL_DIR, check_spool_dir)? {
+            Some(p) => Some(p),
+            None => file.and_then(|f| f.options.spool_dir.clone()),
+        };
 
         Ok(Settings {
             config_file: file.map(|f| f.path.clone()),
@@ -1003,6 +1030,7 @@ impl Settings {
             threads,
             log_level,
             relation_chunk_size,
+            spool_dir,
             configured_repositories: file
                 .map(|f| f.repositories.iter().map(|r| r.name.clone()).collect())
                 .unwrap_or_default(),
@@ -1096,7 +1124,7 @@ repository = "offsite"
         let table: Vec<(&str, String)> = vec![
             (
                 "[options]\nthreds = 4\n",
-                format!("{f}:2:1: unknown field `threds`, expected one of `threads`, `log_level`, `relation_chunk_size` in [options]"),
+                format!("{f}:2:1: unknown field `threds`, expected one of `threads`, `log_level`, `relation_chunk_size`, `spool_dir` in [options]"),
             ),
             (
                 "[[repository]]\nname = \"a\"\nurl = \"/x\"\ncompresion_level = 3\n",
@@ -1428,6 +1456,43 @@ repository = "offsite"
             e.to_string()
                 .starts_with("/x.toml:2:23: options.relation_chunk_size"),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn spool_dir_must_be_absolute_in_file_and_environment() {
+        let c = ConfigFile::parse(
+            "[options]\nspool_dir = \"/var/spool/pgkeep\"\n",
+            Path::new("/x.toml"),
+            0,
+        )
+        .unwrap();
+        assert_eq!(
+            c.options.spool_dir.as_deref(),
+            Some(Path::new("/var/spool/pgkeep"))
+        );
+        let e = ConfigFile::parse(
+            "[options]\nspool_dir = \"spool\"\n",
+            Path::new("/x.toml"),
+            0,
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/x.toml:2:13: options.spool_dir: \"spool\" is not an absolute path"
+        );
+        assert_eq!(e.exit_code(), 2);
+        let s = Settings::resolve(Some(&c), &Env::default(), &Overrides::default()).unwrap();
+        assert_eq!(s.spool_dir.as_deref(), Some(Path::new("/var/spool/pgkeep")));
+        // The environment wins over the file, and is checked the same way.
+        let env = Env::from_pairs([(env::SPOOL_DIR, "/run/pgkeep")]);
+        let s = Settings::resolve(Some(&c), &env, &Overrides::default()).unwrap();
+        assert_eq!(s.spool_dir.as_deref(), Some(Path::new("/run/pgkeep")));
+        let env = Env::from_pairs([(env::SPOOL_DIR, "rel")]);
+        let e = Settings::resolve(Some(&c), &env, &Overrides::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "PGKEEP_SPOOL_DIR: \"rel\" is not an absolute path"
         );
     }
 }
