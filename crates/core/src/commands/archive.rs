@@ -290,6 +290,20 @@ pub async fn archive_push(ctx: &Context, opts: &ArchivePushOptions) -> Result<Ar
             "archive_command must pass %p, the path of a WAL file PostgreSQL archives",
         )
     })?;
+    // `options.spool_dir` in the configuration file (the flag and PGKEEP_SPOOL_DIR reach
+    // the asynchronous mode directly) makes the push asynchronous.
+    if let Some(spool_dir) = &ctx.settings.spool_dir {
+        use crate::commands::archive_async::{
+            push_async, AsyncPushOptions, DEFAULT_JOBS, DEFAULT_TIMEOUT,
+        };
+        let a = AsyncPushOptions {
+            cluster: opts.cluster.clone(),
+            spool_dir: spool_dir.clone(),
+            jobs: DEFAULT_JOBS,
+            timeout: DEFAULT_TIMEOUT,
+        };
+        return push_async(ctx, &a, &opts.path).await;
+    }
     let repo = open_repository_fast(ctx).await?;
     push_file(&repo, &opts.cluster, &opts.path).await
 }
@@ -637,6 +651,15 @@ pub async fn archive_get(ctx: &Context, opts: &ArchiveGetOptions) -> Result<Arch
             "restore_command must pass %f (the WAL file name) and %p (where to write it)",
         )
     })?;
+    if let Some(spool_dir) = &ctx.settings.spool_dir {
+        use crate::commands::archive_async::{get_async, AsyncGetOptions, DEFAULT_PREFETCH};
+        let a = AsyncGetOptions {
+            cluster: opts.cluster.clone(),
+            spool_dir: spool_dir.clone(),
+            prefetch: DEFAULT_PREFETCH,
+        };
+        return get_async(ctx, &a, &opts.walname, &opts.dest).await;
+    }
     let repo = open_repository_fast(ctx).await?;
     match get_file(&repo, &opts.cluster, &name, &opts.dest).await? {
         Some(r) => Ok(r),
