@@ -223,6 +223,32 @@ fn a_cluster_archives_through_pgkeep_check_get_refusals_and_verify() {
     );
     let j = s.run_repo(&["--json", "verify"], &[]).expect(13).json();
     assert_eq!(j["gaps"][0]["breaks"][0], id.as_str());
+
+    // check sees the same gap (RELIABILITY 15): the range, the backup whose window it cuts,
+    // exit 13, although the switched segment still arrives.
+    let r = s.run_repo(&["check"], &pg).expect(13);
+    assert!(
+        r.stdout()
+            .contains(&format!("GAP on timeline 1: {victim} .. {victim}")),
+        "{}",
+        r.stdout()
+    );
+    assert!(
+        r.stdout().contains("reached the repository"),
+        "{}",
+        r.stdout()
+    );
+    assert!(
+        r.stderr()
+            .contains("gaps that break point-in-time recovery")
+            && r.stderr()
+                .contains(&format!("{victim}..{victim} (breaks {id})")),
+        "{}",
+        r.stderr()
+    );
+    let j = s.run_repo(&["--json", "check"], &pg).expect(13).json();
+    assert_eq!(j["gaps"][0]["first"], victim.as_str());
+    assert_eq!(j["arrived"], true);
 }
 
 #[test]

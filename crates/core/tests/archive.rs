@@ -8,6 +8,9 @@
 //! files are never overwritten, `get_file` gives back identical bytes and `None` for a
 //! missing file, `verify` finds a segment deleted in the middle and names the backup whose
 //! recovery window it breaks, and a backup's WAL wait is bounded. Once against SeaweedFS.
+//! A duplicate push uploads nothing (counted by the fault layer, which is a pass-through
+//! here); segment summaries missing from the archive are computed from the segments, equal
+//! to the stored ones, and give the point-in-time pre-flight the same answers.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::PermissionsExt;
@@ -16,16 +19,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use pgkeep_core::commands::archive::{
-    fetch, get_file, list_archive, load_identity, push_file, wait_for_wal_archived, wal_key,
-    PushOutcome,
+    fetch, get_file, list_archive, load_identity, load_summary, push_file, segment_summary,
+    summary_key, wait_for_wal_archived, wal_key, PushOutcome,
 };
 use pgkeep_core::commands::backup::{backup, BackupOptions};
+use pgkeep_core::commands::pitr::{ArchiveReach, PitrOptions};
 use pgkeep_core::commands::verify::{recovery_window, verify_repository, VerifyOptions};
 use pgkeep_core::progress::NoProgress;
 use pgkeep_core::Report;
+use pgkeep_pg::recovery::RecoveryTarget;
 use pgkeep_pg::wal::{WalFileName, WalSegmentName};
 use pgkeep_repo::{InitOptions, Repository};
-use pgkeep_storage::{LocalStorage, Storage};
+use pgkeep_storage::{Faulty, LocalStorage, Storage};
 use pgkeep_testing::Cluster;
 
 type TestResult = anyhow::Result<()>;
@@ -382,5 +387,130 @@ async fn push_and_get_on_seaweedfs() -> TestResult {
     assert!(std::fs::read(&dest)? == original, "restored bytes differ");
     let missing = WalFileName::parse("0000000100000000000000EE")?;
     assert!(get_file(&repo, "main", &missing, &dest).await?.is_none());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_push_uploads_nothing_and_completes_a_missing_summary() -> TestResult {
+    let (c, archive) = archiving_cluster()?;
+    switch_and_wait(&c, &archive, 1)?;
+    let seg = archived_segments(&archive)[0].clone();
+    let name = WalFileName::from_path(&seg)?;
+    let WalFileName::Segment(segname) = name else {
+        unreachable!()
+    };
+    let dir = tempfile::tempdir()?;
+    let faulty = Arc::new(Faulty::new(LocalStorage::new(dir.path())?));
+    let storage: Arc<dyn Storage> = faulty.clone();
+    let repo = Repository::init(storage, InitOptions::default()).await?;
+    assert_eq!(
+        push_file(&repo, "main", &seg).await?.outcome,
+        PushOutcome::Stored
+    );
+    assert!(load_summary(&repo, "main", &segname).await?.is_some());
+    // PostgreSQL retrying: compared with the stored copy, nothing sent.
+    let before = faulty.mutations();
+    assert_eq!(
+        push_file(&repo, "main", &seg).await?.outcome,
+        PushOutcome::AlreadyArchived
+    );
+    assert_eq!(
+        faulty.mutations(),
+        before,
+        "a duplicate push wrote or uploaded"
+    );
+    // A push killed between the segment and its summary: the retry writes the summary only.
+    repo.storage()
+        .delete(&summary_key("main", &segname))
+        .await?;
+    let before = faulty.mutations();
+    push_file(&repo, "main", &seg).await?;
+    assert_eq!(faulty.mutations(), before + 1);
+    assert!(load_summary(&repo, "main", &segname).await?.is_some());
+    Ok(())
+}
+
+fn target(t: RecoveryTarget) -> PitrOptions {
+    PitrOptions {
+        target: t,
+        action: None,
+        timeline: None,
+        restore_command: "false".into(),
+    }
+}
+
+/// The verdicts of the pre-flight for a few targets, as exit codes (0 = reachable).
+async fn verdicts(
+    repo: &Repository,
+    m: &pgkeep_core::manifest::BackupManifest,
+    targets: &[PitrOptions],
+) -> anyhow::Result<Vec<i32>> {
+    let reach = ArchiveReach::load(repo, "main").await?;
+    let mut v = Vec::new();
+    for t in targets {
+        v.push(match reach.check(m, t).await {
+            Ok(()) => 0,
+            Err(e) => e.exit_code(),
+        });
+    }
+    Ok(v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_summaries_are_computed_from_the_segments_with_the_same_answers() -> TestResult {
+    let (c, archive) = archiving_cluster()?;
+    let repo_dir = tempfile::tempdir()?;
+    let repo = local_repo(repo_dir.path()).await;
+    switch_and_wait(&c, &archive, 1)?;
+    let b = backup(
+        &repo,
+        &BackupOptions {
+            cluster: "main".into(),
+            pgdata: Some(c.pgdata().to_path_buf()),
+            conninfo: Some(c.conninfo()),
+            ..BackupOptions::default()
+        },
+        &NoProgress,
+    )
+    .await?;
+    let xid = c.sql(
+        "BEGIN; CREATE TABLE u (i int); INSERT INTO u VALUES (1); SELECT txid_current(); COMMIT;",
+    )?;
+    let time = c.sql("SELECT clock_timestamp()")?;
+    c.sql("SELECT pg_create_restore_point('rp1')")?;
+    switch_and_wait(&c, &archive, 3)?;
+    let future = c.sql("SELECT clock_timestamp() + interval '1 day'")?;
+    for s in archived_segments(&archive) {
+        push_file(&repo, "main", &s).await?;
+    }
+    let m = pgkeep_core::manifest::load_physical(&repo, "main", &b.id).await?;
+    let targets = [
+        target(RecoveryTarget::Name("rp1".into())),
+        target(RecoveryTarget::Name("nope".into())),
+        target(RecoveryTarget::Xid(xid.clone())),
+        target(RecoveryTarget::Xid("4000000000".into())),
+        target(RecoveryTarget::Time(time.clone())),
+        target(RecoveryTarget::Time(future.clone())),
+    ];
+    let want = vec![0, 16, 0, 16, 0, 16];
+    assert_eq!(verdicts(&repo, &m, &targets).await?, want);
+
+    // As if pushed by an older pgkeep: no summaries at all.
+    let listing = list_archive(&repo, "main").await?;
+    let mut stored = Vec::new();
+    for s in &listing.segments {
+        stored.push(
+            load_summary(&repo, "main", s)
+                .await?
+                .expect("stored summary"),
+        );
+        repo.storage().delete(&summary_key("main", s)).await?;
+    }
+    for (s, want) in listing.segments.iter().zip(&stored) {
+        assert!(load_summary(&repo, "main", s).await?.is_none());
+        let computed = segment_summary(&repo, "main", s).await?.expect("segment");
+        assert_eq!(&computed, want, "{s}");
+    }
+    assert_eq!(verdicts(&repo, &m, &targets).await?, want);
     Ok(())
 }

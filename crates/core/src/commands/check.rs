@@ -4,11 +4,14 @@
 //! the repository knows under this name, forces a WAL switch (`pg_switch_wal()`, after a
 //! restore point so there is something to switch), and waits, bounded, for the switched
 //! segment to appear in the repository. Reports the archive's last segment and the lag
-//! between the server's current WAL position and the end of that segment.
+//! between the server's current WAL position and the end of that segment, and the gaps in the
+//! archive (the analysis of `pgkeep verify`, without reading data): each as a range, with the
+//! backups whose point-in-time-recovery window it cuts short.
 //!
-//! Exit codes: 0 when the segment arrived; 1 when archiving is off or the segment did not
-//! arrive in time (naming `pg_stat_archiver`'s last failure); 15 when the server is another
-//! cluster than the one archived under the name; 10/12 for the repository as usual.
+//! Exit codes: 0 when the segment arrived and no gap breaks a recovery window; 13 when a gap
+//! does (RELIABILITY row 15); 1 when archiving is off or the segment did not arrive in time
+//! (naming `pg_stat_archiver`'s last failure); 3 when gaps break nothing; 15 when the server
+//! is another cluster than the one archived under the name; 10/12 for the repository as usual.
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -21,6 +24,7 @@ use crate::commands::archive::{
     is_archived, list_archive, load_identity, open_repository_fast, ClusterIdentity,
 };
 use crate::commands::backup::pg_error;
+use crate::commands::verify::{verify_repository, BackupWindow, VerifyOptions, WalGap};
 use crate::context::{Context, Report};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -76,6 +80,10 @@ pub struct ArchiveCheckReport {
     pub last_failed_wal: Option<String>,
     /// `pg_stat_archiver.failed_count`.
     pub failed_count: i64,
+    /// Gaps in the archive (missing segments), by timeline and position.
+    pub gaps: Vec<WalGap>,
+    /// Physical backups with how far their recovery windows reach.
+    pub backups: Vec<BackupWindow>,
     /// Problems worth attention that did not fail the check.
     pub warnings: Vec<String>,
     #[serde(skip)]
@@ -125,6 +133,33 @@ impl fmt::Display for ArchiveCheckReport {
                 self.failed_count
             )?;
         }
+        for g in &self.gaps {
+            write!(
+                f,
+                "GAP on timeline {}: {} .. {} ({} segment{} missing)",
+                g.timeline,
+                g.first,
+                g.last,
+                g.count,
+                if g.count == 1 { "" } else { "s" }
+            )?;
+            if g.breaks.is_empty() {
+                writeln!(f, "; breaks no backup's recovery window")?;
+            } else {
+                writeln!(
+                    f,
+                    "; breaks point-in-time recovery of {}",
+                    g.breaks.join(", ")
+                )?;
+            }
+        }
+        for b in self.backups.iter().filter(|b| b.broken_by.is_some()) {
+            writeln!(
+                f,
+                "backup {} (timeline {}): recoverable only from {} to {}",
+                b.id, b.timeline, b.stop_lsn, b.reachable_until
+            )?;
+        }
         for w in &self.warnings {
             writeln!(f, "warning: {w}")?;
         }
@@ -134,6 +169,32 @@ impl fmt::Display for ArchiveCheckReport {
 
 impl Report for ArchiveCheckReport {
     fn failure(&self) -> Option<Error> {
+        let breaking: Vec<String> = self
+            .gaps
+            .iter()
+            .filter(|g| !g.breaks.is_empty())
+            .map(|g| format!("{}..{} (breaks {})", g.first, g.last, g.breaks.join(", ")))
+            .collect();
+        if !breaking.is_empty() {
+            // The more lasting problem: WAL that is gone. Arriving or not is said too.
+            return Some(Error::with_hint(
+                ErrorKind::Integrity,
+                format!(
+                    "the WAL archive of cluster {} has gaps that break point-in-time recovery: {}{}",
+                    self.cluster,
+                    breaking.join("; "),
+                    if self.arrived {
+                        String::new()
+                    } else {
+                        format!(
+                            "; and WAL segment {} did not reach the repository within {}s",
+                            self.switched_segment, self.timeout_secs
+                        )
+                    }
+                ),
+                "a missing segment cannot be recreated unless pg_wal still holds it (push it with `pgkeep archive-push`): take a new backup to start a clean recovery window",
+            ));
+        }
         if self.arrived {
             return None;
         }
@@ -155,7 +216,7 @@ impl Report for ArchiveCheckReport {
     }
 
     fn has_warnings(&self) -> bool {
-        !self.warnings.is_empty()
+        !self.warnings.is_empty() || !self.gaps.is_empty()
     }
 }
 
@@ -314,6 +375,9 @@ pub async fn check_archiving(
 
     let listing = list_archive(&repo, &cluster).await?;
     let last = listing.last_segment();
+    // The gap analysis of `verify` (a listing and the manifests; no data read).
+    let analysis = verify_repository(&repo, &cluster, &VerifyOptions { read_data: false }).await?;
+    warnings.extend(analysis.warnings.iter().cloned());
     let seg_size = info.wal_segment_size;
     let lag_bytes = last.map(|l| {
         let end = l.next(seg_size).start_lsn(seg_size);
@@ -333,6 +397,8 @@ pub async fn check_archiving(
         lag_bytes,
         last_failed_wal,
         failed_count,
+        gaps: analysis.gaps,
+        backups: analysis.backups,
         warnings,
         timeout_secs: opts.archive_timeout,
     })
