@@ -41,11 +41,14 @@ fn refill(c: &Cluster, round: u32) {
     .unwrap();
 }
 
+/// Objects under `dir`: files, not counting the local backend's temporary files (`.tmp-…`,
+/// which a kill in the middle of a write leaves and the storage never lists).
 fn count_files(dir: &Path) -> usize {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return 0;
     };
     rd.flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with(".tmp-"))
         .map(|e| {
             if e.path().is_dir() {
                 count_files(&e.path())
@@ -115,7 +118,12 @@ fn stored_bytes(r: &Run) -> u64 {
 
 #[test]
 fn backup_killed_at_every_stage_leaves_a_usable_repository_and_a_clean_server() {
-    let src = Cluster::new().unwrap();
+    // Each round writes ~70 MiB of WAL: keep pg_wal small on a shared disk.
+    let src = Cluster::builder()
+        .setting("max_wal_size", "64MB")
+        .setting("min_wal_size", "32MB")
+        .start()
+        .unwrap();
     src.sql("create table r(id int, b bytea) with (autovacuum_enabled = off)")
         .unwrap();
     let s = Sandbox::new();
@@ -206,7 +214,7 @@ fn backup_killed_at_every_stage_leaves_a_usable_repository_and_a_clean_server() 
                 reused_after_index += 1;
             }
         }
-        // The next N: the first writes, a few pack uploads, then every other write from
+        // The next N: the first writes, a few pack uploads, then every third write from
         // around the first index file (after 32 packs) on, and the last ones before
         // completion always.
         if let Some(done) = completed_at {
@@ -222,15 +230,15 @@ fn backup_killed_at_every_stage_leaves_a_usable_repository_and_a_clean_server() 
             }
         } else {
             n = match n {
-                1..=2 => n + 1,
-                3..=31 => n + 7,
-                _ => n + 2,
+                1 => 2,
+                2..=30 => n + 11,
+                _ => n + 3,
             };
         }
         assert!(round < 60, "the backup never completed under the hook");
     }
     eprintln!("{kills} kills; completed at {completed_at:?}");
-    assert!(kills >= 8, "only {kills} kill points");
+    assert!(kills >= 7, "only {kills} kill points");
     assert!(
         reused_after_index >= 1,
         "no kill left an index behind: the test did not exercise reuse"
