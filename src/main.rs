@@ -169,6 +169,9 @@ enum RepoCommand {
     Check(RepoCheckOptions),
     /// Remove stale locks (dead holders on this host, or not refreshed for 30 minutes).
     Unlock(RepoUnlockOptions),
+    /// Rebuild the index from the pack headers, after `repo check` named a damaged or missing
+    /// index file. Takes the exclusive lock; safe to interrupt and rerun.
+    RepairIndex,
     /// Add, list or remove passphrases (keys) of an encrypted repository.
     Key {
         #[command(subcommand)]
@@ -463,6 +466,7 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
             RepoCommand::Info => Ok(emit(json, &repo::repo_info(ctx).await?)),
             RepoCommand::Check(o) => Ok(emit(json, &repo::repo_check(ctx, o).await?)),
             RepoCommand::Unlock(o) => Ok(emit(json, &repo::repo_unlock(ctx, o).await?)),
+            RepoCommand::RepairIndex => Ok(emit(json, &repo::repo_repair_index(ctx).await?)),
             RepoCommand::Key { command } => match command {
                 KeyCommand::Add => Ok(emit(json, &repo::repo_key_add(ctx).await?)),
                 KeyCommand::List => Ok(emit(json, &repo::repo_key_list(ctx).await?)),

@@ -1,6 +1,7 @@
 //! Damage seen through the binary, on local disk and on a real S3-compatible server: a flipped
 //! byte, a truncated pack and a missing pack each make `repo check --read-data` and `info`-style
-//! reads exit 13 naming the pack; a wrong passphrase exits 12 and changes nothing.
+//! reads exit 13 naming the pack; a wrong passphrase exits 12 and changes nothing; a damaged
+//! index file makes `repo check` exit 13 naming it, and `repo repair-index` mends it.
 
 use std::process::{Command, Output};
 use std::sync::Arc;
@@ -130,6 +131,46 @@ async fn damage_scenarios(t: Target) {
     assert_eq!(
         pgkeep(&t, &["repo", "check", "--read-data"]).status.code(),
         Some(0)
+    );
+
+    // A damaged index file (RELIABILITY 13): check names it and the backup it breaks, exit
+    // 13; repo repair-index rebuilds the index from the pack headers; then all is clean and
+    // the backup restores.
+    let index = t.storage.list("index/").await.unwrap()[0].key.clone();
+    let good = t.storage.get(&index).await.unwrap();
+    t.storage.delete(&index).await.unwrap();
+    t.storage
+        .put(&index, good.slice(..good.len() - 1))
+        .await
+        .unwrap();
+    let out = pgkeep(&t, &["repo", "check"]);
+    assert_eq!(out.status.code(), Some(13), "{}", text(&out));
+    assert!(text(&out).contains(&index), "{}", text(&out));
+    assert!(text(&out).contains("repo repair-index"), "{}", text(&out));
+    assert!(text(&out).contains("20260101T000000Z"), "{}", text(&out));
+    let out = pgkeep(&t, &["--json", "repo", "repair-index"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["removed_index_files"], serde_json::json!([index]));
+    assert!(v["packs_indexed"].as_u64().unwrap() >= 1, "{v}");
+    let out = pgkeep(&t, &["repo", "check", "--read-data"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let repo = Repository::open(t.storage.clone(), Some("canary-passphrase-7f3a"))
+        .await
+        .unwrap();
+    let body = repo
+        .load_manifest("main", "20260101T000000Z")
+        .await
+        .unwrap();
+    let s: pgkeep_repo::StreamRef = serde_json::from_value(body["data"].clone()).unwrap();
+    let mut restored = Vec::new();
+    repo.read_stream(&s, &mut restored).await.unwrap();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
+    assert!(
+        restored == data,
+        "the backup does not restore after repair-index"
     );
 }
 

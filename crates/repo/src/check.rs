@@ -99,6 +99,13 @@ impl Repository {
                         indexed.insert(p.id, (p.size, p.blobs));
                     }
                 }
+                Err(RepoError::Integrity { reason, .. }) => r.problem(
+                    &m.key,
+                    format!(
+                        "index file is damaged: {reason}. HINT: `pgkeep repo repair-index` \
+                         rebuilds the index from the packs"
+                    ),
+                ),
                 Err(e) => r.problem(&m.key, e.to_string()),
             }
         }

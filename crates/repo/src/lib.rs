@@ -15,6 +15,7 @@ pub mod index;
 pub mod lock;
 pub mod pack;
 pub mod reader;
+pub mod repair;
 pub mod repository;
 pub mod writer;
 
@@ -25,5 +26,6 @@ pub use id::{BlobId, Id, PackId};
 pub use lock::{LockInfo, LockKind, RepoLock};
 pub use pgkeep_storage as storage;
 pub use reader::PositionalSink;
+pub use repair::RepairReport;
 pub use repository::{InitOptions, KeyInfo, ManifestKey, RepoInfo, Repository};
 pub use writer::{BlobWriter, WriteStats, WriterOptions};

@@ -139,20 +139,48 @@ impl PackWriter {
     }
 }
 
+/// Bytes at the end of a pack that give the header's length: u32 LE length, then the magic.
+pub const TRAILER_LEN: u64 = 8;
+
 /// Parses and verifies the header of a whole pack.
 pub fn read_pack_header(sealer: &Sealer, pack: &[u8], name: &str) -> Result<Vec<IndexBlob>> {
+    parse_pack_header(sealer, pack, pack.len() as u64, name)
+}
+
+/// The length of the sealed header, from the last [`TRAILER_LEN`] bytes of a pack.
+pub fn header_len_from_trailer(trailer: &[u8], name: &str) -> Result<u64> {
+    if trailer.len() != TRAILER_LEN as usize || &trailer[4..] != MAGIC {
+        return Err(RepoError::integrity(
+            format!("pack {name}"),
+            "no pack trailer (truncated or not a pack)",
+        ));
+    }
+    Ok(u32::from_le_bytes(trailer[..4].try_into().unwrap()) as u64)
+}
+
+/// Parses and verifies a pack header from `tail`, the last bytes of a pack of `pack_len`
+/// bytes (the whole pack, or at least the header and trailer). Lets the index be rebuilt
+/// from two range reads per pack instead of whole downloads.
+pub fn parse_pack_header(
+    sealer: &Sealer,
+    tail: &[u8],
+    pack_len: u64,
+    name: &str,
+) -> Result<Vec<IndexBlob>> {
     let bad = |r: &str| RepoError::integrity(format!("pack {name}"), r.to_string());
-    if pack.len() < 8 || &pack[pack.len() - 4..] != MAGIC {
+    let t = tail.len();
+    if t < 8 || t as u64 > pack_len || &tail[t - 4..] != MAGIC {
         return Err(bad("no pack trailer (truncated or not a pack)"));
     }
-    let hlen =
-        u32::from_le_bytes(pack[pack.len() - 8..pack.len() - 4].try_into().unwrap()) as usize;
-    if hlen + 8 > pack.len() {
+    let hlen = u32::from_le_bytes(tail[t - 8..t - 4].try_into().unwrap()) as usize;
+    if hlen + 8 > t {
         return Err(bad("header length out of range"));
     }
-    let start = pack.len() - 8 - hlen;
+    // Where the header starts, as an offset in the tail and in the pack.
+    let start_in_tail = t - 8 - hlen;
+    let start = pack_len - (t - start_in_tail) as u64;
     let header = sealer
-        .open_meta(HEADER_AAD, &pack[start..pack.len() - 8])
+        .open_meta(HEADER_AAD, &tail[start_in_tail..t - 8])
         .ok_or_else(|| bad("header authentication failed"))?;
     if header.len() < 4 {
         return Err(bad("short header"));
@@ -171,7 +199,7 @@ pub fn read_pack_header(sealer: &Sealer, pack: &[u8], name: &str) -> Result<Vec<
             length: u32::from_le_bytes(e[36..40].try_into().unwrap()),
             raw_length: u32::from_le_bytes(e[40..44].try_into().unwrap()),
         };
-        if b.offset as usize + b.length as usize > start {
+        if b.offset as u64 + b.length as u64 > start {
             return Err(bad("blob extends past the data area"));
         }
         out.push(b);

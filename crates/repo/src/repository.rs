@@ -129,6 +129,8 @@ pub(crate) struct RepoInner {
     pub(crate) index_files: RwLock<Vec<String>>,
     /// Locks held through this handle, and the lock timing.
     pub(crate) locks: crate::lock::LockState,
+    /// Index files that failed verification at the last load (key, reason).
+    pub(crate) damaged_index: RwLock<Vec<(String, String)>>,
 }
 
 /// An open repository. Cheap to clone; all clones share the index.
@@ -246,6 +248,7 @@ impl Repository {
                 index: RwLock::new(Index::default()),
                 index_files: RwLock::new(Vec::new()),
                 locks: Default::default(),
+                damaged_index: RwLock::new(Vec::new()),
             }),
         })
     }
@@ -307,11 +310,19 @@ impl Repository {
                 index: RwLock::new(Index::default()),
                 index_files: RwLock::new(Vec::new()),
                 locks: Default::default(),
+                damaged_index: RwLock::new(Vec::new()),
             }),
         })
     }
 
     /// Reads every index file again (to see what other processes added).
+    ///
+    /// An index file that fails verification (altered, truncated, unreadable) does not stop
+    /// the repository from opening: it is skipped with a loud warning and listed by
+    /// [`Repository::damaged_index_files`]. Its blobs then look absent, which is safe for
+    /// writers (they store them again) and shows up in `check`; `repo repair-index`
+    /// ([`Repository::repair_index`]) rebuilds what it described from the pack headers. Storage
+    /// failures still fail the load.
     pub async fn reload_index(&self) -> Result<()> {
         let names: Vec<String> = self
             .inner
@@ -321,23 +332,53 @@ impl Repository {
             .into_iter()
             .map(|m| m.key)
             .collect();
-        let files: Vec<(String, IndexFile)> = stream::iter(names)
+        // Per file: the index, or None when it vanished meanwhile (a concurrent repair), or
+        // why it failed verification.
+        type Loaded = std::result::Result<Option<IndexFile>, String>;
+        let loaded: Vec<(String, Loaded)> = stream::iter(names)
             .map(|key| async move {
-                let f = self.read_index_file(&key).await?;
-                Ok::<_, RepoError>((key, f))
+                match self.read_index_file(&key).await {
+                    Ok(f) => Ok((key, Ok(Some(f)))),
+                    Err(RepoError::Storage(e)) if e.kind == SErr::NotFound => Ok((key, Ok(None))),
+                    Err(RepoError::Integrity { reason, .. }) => Ok((key, Err(reason))),
+                    Err(e) => Err(e),
+                }
             })
             .buffer_unordered(8)
             .try_collect()
             .await?;
         let mut index = Index::default();
-        let mut keys = Vec::with_capacity(files.len());
-        for (k, f) in &files {
-            index.add_file(f);
-            keys.push(k.clone());
+        let mut keys = Vec::with_capacity(loaded.len());
+        let mut damaged = Vec::new();
+        for (key, f) in loaded {
+            match f {
+                Ok(Some(f)) => {
+                    index.add_file(&f);
+                    keys.push(key);
+                }
+                Ok(None) => {}
+                Err(reason) => {
+                    tracing::warn!(
+                        "index file {key} is damaged ({reason}) and was skipped; the blobs it \
+                         lists look absent until `pgkeep repo repair-index` rebuilds it from the \
+                         packs"
+                    );
+                    damaged.push((key, reason));
+                }
+            }
         }
+        damaged.sort();
+        *self.inner.damaged_index.write().unwrap() = damaged;
         *self.inner.index.write().unwrap() = index;
         *self.inner.index_files.write().unwrap() = keys;
         Ok(())
+    }
+
+    /// Index files skipped at the last load because they failed verification, with why.
+    /// Anything that removes data must refuse to run while this is not empty: packs listed
+    /// only there would look unreferenced.
+    pub fn damaged_index_files(&self) -> Vec<(String, String)> {
+        self.inner.damaged_index.read().unwrap().clone()
     }
 
     pub(crate) async fn read_index_file(&self, key: &str) -> Result<IndexFile> {

@@ -1,4 +1,4 @@
-//! `pgkeep repo init | info | check | unlock | key add|list|remove`.
+//! `pgkeep repo init | info | check | unlock | repair-index | key add|list|remove`.
 //!
 //! Each function takes the run's [`Context`] and its typed options and returns a
 //! serializable report. Nothing is written before the repository opened with the right key:
@@ -9,7 +9,8 @@ use std::path::Path;
 
 use chrono::{DateTime, Utc};
 use pgkeep_repo::{
-    CheckOptions, CheckReport, InitOptions, KeyInfo, LockInfo, LockKind, RepoInfo, Repository,
+    CheckOptions, CheckReport, InitOptions, KeyInfo, LockInfo, LockKind, RepairReport, RepoInfo,
+    Repository,
 };
 use serde::{Deserialize, Serialize};
 
@@ -436,6 +437,63 @@ pub async fn repo_unlock(ctx: &Context, opts: &RepoUnlockOptions) -> Result<Repo
     let removed = repo.unlock(opts.all).await?;
     let remaining = repo.list_locks().await?;
     Ok(RepoUnlockReport { removed, remaining })
+}
+
+// ---------------------------------------------------------------------------------------------
+// repo repair-index
+
+/// What `repo repair-index` did. Exit 3 when some pack could not be read.
+#[derive(Debug, Clone, Serialize)]
+pub struct RepoRepairIndexReport {
+    /// Where (no credentials).
+    pub location: String,
+    /// The repository layer's account.
+    #[serde(flatten)]
+    pub repair: RepairReport,
+}
+
+impl fmt::Display for RepoRepairIndexReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.repair;
+        for k in &r.written_index_files {
+            writeln!(f, "wrote   {k}")?;
+        }
+        for k in &r.removed_index_files {
+            writeln!(f, "removed {k} (damaged)")?;
+        }
+        for (p, why) in &r.unreadable_packs {
+            writeln!(f, "warning: {p} left out of the index: {why}")?;
+        }
+        writeln!(
+            f,
+            "read the headers of {} pack(s) no index covered, indexed {} pack(s) with {} blob(s), removed {} damaged index file(s)",
+            r.packs_scanned,
+            r.packs_indexed,
+            r.blobs_indexed,
+            r.removed_index_files.len()
+        )
+    }
+}
+
+impl Report for RepoRepairIndexReport {
+    fn has_warnings(&self) -> bool {
+        !self.repair.unreadable_packs.is_empty()
+    }
+}
+
+/// Rebuilds the index from the pack headers under the exclusive lock: new index files for
+/// every pack no good index file covers, then the damaged index files are removed.
+pub async fn repo_repair_index(ctx: &Context) -> Result<RepoRepairIndexReport> {
+    let repo = ctx.open_repository().await?;
+    let lock = repo
+        .lock(LockKind::Exclusive, None, "repo repair-index")
+        .await?;
+    let result = repo.repair_index().await;
+    lock.release().await?;
+    Ok(RepoRepairIndexReport {
+        location: repo.storage().location(),
+        repair: result?,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
