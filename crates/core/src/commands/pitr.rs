@@ -287,7 +287,7 @@ pub fn timeline_path(
 pub struct Window {
     /// The path.
     pub path: TimelinePath,
-    /// Backup start and stop.
+    /// The backup's start LSN: where replay begins.
     pub start: Lsn,
     /// The backup's stop LSN: the earliest target.
     pub stop: Lsn,
