@@ -39,6 +39,10 @@ pub struct WriterOptions {
     pub uploads: usize,
     /// Write an index file after this many packs (bounds what a crash leaves unindexed).
     pub index_every_packs: usize,
+    /// ... or once a stored pack has waited this long for an index file: a backup killed
+    /// after a few slow minutes should find its uploads again on the rerun, not only after
+    /// `index_every_packs` packs (512 MiB at the default pack size).
+    pub index_every: std::time::Duration,
 }
 
 impl Default for WriterOptions {
@@ -47,6 +51,7 @@ impl Default for WriterOptions {
             threads: 0,
             uploads: 4,
             index_every_packs: 32,
+            index_every: std::time::Duration::from_secs(30),
         }
     }
 }
@@ -99,7 +104,8 @@ struct Shared {
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
     uploads: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     seen: Mutex<HashSet<BlobId>>,
-    pending_index: Mutex<Vec<IndexPack>>,
+    /// Stored packs no index file names yet, and when the first of them was stored.
+    pending_index: Mutex<(Vec<IndexPack>, Option<std::time::Instant>)>,
     error: Mutex<Option<RepoError>>,
     failed: AtomicBool,
     counters: Counters,
@@ -152,7 +158,7 @@ impl BlobWriter {
             threads: Mutex::new(Vec::new()),
             uploads: Mutex::new(Vec::new()),
             seen: Mutex::new(HashSet::new()),
-            pending_index: Mutex::new(Vec::new()),
+            pending_index: Mutex::new((Vec::new(), None)),
             error: Mutex::new(None),
             failed: AtomicBool::new(false),
             counters: Counters::default(),
@@ -349,10 +355,11 @@ fn upload(sh: &Arc<Shared>, pack: PackWriter, tokens: &Receiver<()>, give_back: 
             Ok(()) => {
                 sh2.counters.packs.fetch_add(1, Ordering::Relaxed);
                 sh2.counters.stored_bytes.fetch_add(size, Ordering::Relaxed);
-                sh2.pending_index
-                    .lock()
-                    .unwrap()
-                    .push(IndexPack { id, size, blobs });
+                {
+                    let mut p = sh2.pending_index.lock().unwrap();
+                    p.0.push(IndexPack { id, size, blobs });
+                    p.1.get_or_insert_with(std::time::Instant::now);
+                }
                 if let Err(e) = flush_index(&sh2, sh2.opts.index_every_packs).await {
                     sh2.fail(e);
                 }
@@ -364,15 +371,17 @@ fn upload(sh: &Arc<Shared>, pack: PackWriter, tokens: &Receiver<()>, give_back: 
     sh.uploads.lock().unwrap().push(task);
 }
 
-/// Writes an index file for the uploaded packs when at least `min_packs` are waiting
-/// (0: whenever any are).
+/// Writes an index file for the uploaded packs when at least `min_packs` are waiting, or
+/// the oldest has waited `index_every` (0: whenever any are).
 async fn flush_index(sh: &Arc<Shared>, min_packs: usize) -> Result<()> {
     let packs = {
         let mut p = sh.pending_index.lock().unwrap();
-        if p.is_empty() || p.len() < min_packs {
+        let overdue = p.1.is_some_and(|t| t.elapsed() >= sh.opts.index_every);
+        if p.0.is_empty() || (p.0.len() < min_packs && !overdue) {
             return Ok(());
         }
-        std::mem::take(&mut *p)
+        p.1 = None;
+        std::mem::take(&mut p.0)
     };
     sh.repo
         .write_index_file(IndexFile {

@@ -445,3 +445,44 @@ async fn a_garbled_read_is_retried_and_a_persistent_one_is_an_error() {
         "{err}"
     );
 }
+
+/// A pack that waited `index_every` for an index file gets one without waiting for
+/// `index_every_packs` more: what a killed backup stored is found again by its rerun.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_packs_are_indexed_after_index_every_even_below_the_pack_count() {
+    for (every, at_most) in [
+        (std::time::Duration::ZERO, usize::MAX),
+        (std::time::Duration::from_secs(3600), 1),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = InitOptions {
+            pack_size: 1 << 20,
+            ..Default::default()
+        };
+        let repo = Repository::init(local(dir.path()), opts).await.unwrap();
+        let w = repo.writer(WriterOptions {
+            index_every_packs: 1000,
+            uploads: 1,
+            index_every: every,
+            ..Default::default()
+        });
+        let w2 = w.clone();
+        let data = mixed_data(12 << 20, 5);
+        tokio::task::spawn_blocking(move || w2.ingest_bytes(&data))
+            .await
+            .unwrap()
+            .unwrap();
+        let stats = w.finish().await.unwrap();
+        assert!(stats.packs >= 4, "{stats:?}");
+        let index_files = stats.index_files as usize;
+        if at_most == 1 {
+            assert_eq!(index_files, 1, "no pack was overdue: one index at the end");
+        } else {
+            assert!(
+                index_files >= 3,
+                "every pack was overdue at once, yet only {index_files} index files for {} packs",
+                stats.packs
+            );
+        }
+    }
+}
