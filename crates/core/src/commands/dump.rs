@@ -87,8 +87,8 @@ pub struct TableRows {
     pub schema: String,
     /// Table name.
     pub table: String,
-    /// Rows: exact `count(*)` in the dump's snapshot, or `pg_class.reltuples` (None when the
-    /// table was never analyzed).
+    /// Rows: exact `count(*)` in the dump's snapshot, or the planner's estimate
+    /// (`reltuples / relpages` times the pages now; None when the table was never analyzed).
     pub rows: Option<i64>,
     /// Whether `rows` is an exact count (false: planner estimate of a table too big to count).
     pub exact: bool,
@@ -896,9 +896,16 @@ pub(crate) async fn connect_db(params: &ConnParams, db: &str) -> Result<PgClient
         })
 }
 
-/// User tables of the connected database with their main fork size and estimate.
+/// User tables of the connected database with their main fork size and estimate. The
+/// estimate is the planner's: the density of the last VACUUM/ANALYZE times the table's size
+/// now, so that rows loaded since (autovacuum has not been by yet) are counted too; NULL for
+/// a table never analyzed.
 const TABLES_SQL: &str = "
-SELECT n.nspname::text, c.relname::text, pg_relation_size(c.oid), c.reltuples::float8,
+SELECT n.nspname::text, c.relname::text, pg_relation_size(c.oid),
+       CASE WHEN c.reltuples < 0 THEN NULL
+            WHEN c.relpages > 0 THEN c.reltuples::float8 / c.relpages
+                 * (pg_relation_size(c.oid) / current_setting('block_size')::float8)
+            ELSE c.reltuples::float8 END,
        has_table_privilege(c.oid, 'SELECT')
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.relkind = 'r' AND c.relpersistence <> 't'
@@ -926,7 +933,7 @@ async fn count_rows(
     for r in rows {
         let (schema, table): (String, String) = (r.get(0), r.get(1));
         let size: i64 = r.get(2);
-        let estimate: f64 = r.get(3);
+        let estimate: Option<f64> = r.get(3);
         let readable: bool = r.get(4);
         let mut exact = None;
         if readable && size as u64 <= max_exact_bytes {
@@ -962,7 +969,7 @@ async fn count_rows(
         out.push(TableRows {
             schema,
             table,
-            rows: exact.or((estimate >= 0.0).then_some(estimate.round() as i64)),
+            rows: exact.or(estimate.map(|e| e.round() as i64)),
             exact: exact.is_some(),
         });
     }
