@@ -123,10 +123,12 @@ fn a_damaged_shared_chunk_marks_every_backup_that_uses_it() {
             "backup {id} is named: {out}"
         );
     }
-    // Not asserted: that the other cluster's backup, which shares undamaged chunks of the
-    // same pack, is left out. `check` counts every blob of a pack whose hash fails as damaged
-    // (even those it verified one by one), so it names that backup too although it restores
-    // (below).
+    // The other cluster's backup shares undamaged chunks of the same pack: each blob of that
+    // pack was verified on its own, so it is not called damaged (it restores, below).
+    assert!(
+        !out.contains(&format!("backups/other/{id3}")),
+        "a backup using only intact blobs of the damaged pack is named: {out}"
+    );
     let j = s
         .run_repo(&["--json", "repo", "check", "--read-data"], &[])
         .expect(13)
@@ -140,6 +142,7 @@ fn a_damaged_shared_chunk_marks_every_backup_that_uses_it() {
     for id in [&id1, &id2] {
         assert!(damaged.contains(&format!("main/{id}")), "{damaged:?}");
     }
+    assert!(!damaged.contains(&format!("other/{id3}")), "{damaged:?}");
 
     // verify --read-data says the same for the cluster.
     let v = s.run_repo(&["verify", "--read-data"], &[]).expect(13);
@@ -157,6 +160,18 @@ fn a_damaged_shared_chunk_marks_every_backup_that_uses_it() {
     let vdamaged = vj["repository"]["damaged_manifests"].to_string();
     for id in [&id1, &id2] {
         assert!(vdamaged.contains(&format!("main/{id}")), "{vj}");
+        // The backup's own line says it cannot be restored, not "recoverable from".
+        assert!(
+            vout.contains(&format!("backup {id} (timeline 1): DAMAGED")),
+            "verify's line for {id}: {vout}"
+        );
+        let w = vj["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == id.as_str())
+            .unwrap_or_else(|| panic!("{id} in {vj}"));
+        assert_eq!(w["damaged"], true, "{w}");
     }
 
     // Restoring an affected backup: exit 13, the chunk and the relation file named.

@@ -10,8 +10,9 @@ use crate::id::{BlobId, Id, PackId};
 use crate::pack::{decode_blob, pack_key, read_pack_header};
 use crate::repository::Repository;
 
-/// A pack's id, the bytes read, and each problem found (with the blob concerned, if any).
-type PackVerdict = (PackId, u64, Vec<(Option<BlobId>, String)>);
+/// A pack's id, the bytes read, each problem found (with the blob concerned, if any), and
+/// whether every indexed blob was decoded and verified one by one.
+type PackVerdict = (PackId, u64, Vec<(Option<BlobId>, String)>, bool);
 
 /// What `check` does.
 #[derive(Debug, Clone, Copy, Default)]
@@ -153,22 +154,27 @@ impl Repository {
                         let key = pack_key(&id);
                         let data = match repo.storage().get(&key).await {
                             Ok(d) => d,
-                            Err(e) => return (id, 0, vec![(None, e.to_string())]),
+                            Err(e) => return (id, 0, vec![(None, e.to_string())], false),
                         };
                         let n = data.len() as u64;
                         let sealer = repo.sealer().clone();
-                        let found = tokio::task::spawn_blocking(move || {
+                        let (found, each) = tokio::task::spawn_blocking(move || {
                             verify_pack(&sealer, &id, &data, &blobs)
                         })
                         .await
-                        .unwrap_or_else(|e| vec![(None, format!("verification task failed: {e}"))]);
-                        (id, n, found)
+                        .unwrap_or_else(|e| {
+                            (
+                                vec![(None, format!("verification task failed: {e}"))],
+                                false,
+                            )
+                        });
+                        (id, n, found, each)
                     }
                 })
                 .buffer_unordered(4)
                 .collect()
                 .await;
-            for (id, n, found) in results {
+            for (id, n, found, each_blob_checked) in results {
                 r.bytes_read += n;
                 for (blob, msg) in found {
                     match blob {
@@ -177,7 +183,13 @@ impl Repository {
                             r.problem(format!("{} blob {}", pack_key(&id), b), msg);
                         }
                         None => {
-                            bad_packs.insert(id);
+                            // A pack whose hash or header fails is a problem either way, but
+                            // when each of its blobs was verified on its own, a backup is
+                            // damaged only by the blobs that failed: restores read blobs by
+                            // their index entries and verify each, so the intact ones serve.
+                            if !each_blob_checked {
+                                bad_packs.insert(id);
+                            }
                             r.problem(pack_key(&id), msg);
                         }
                     }
@@ -244,12 +256,15 @@ impl Repository {
     }
 }
 
+/// Checks a whole pack: its hash, its header against the index, and every indexed blob
+/// (authenticated, decompressed, id recomputed). The flag says whether every blob was
+/// decoded, so that per-blob verdicts are complete.
 fn verify_pack(
     sealer: &crate::crypto::Sealer,
     id: &PackId,
     data: &[u8],
     indexed: &[crate::format::IndexBlob],
-) -> Vec<(Option<BlobId>, String)> {
+) -> (Vec<(Option<BlobId>, String)>, bool) {
     let mut out = Vec::new();
     if blake3::hash(data).as_bytes() != &id.0 {
         out.push((
@@ -276,7 +291,7 @@ fn verify_pack(
     }
     let mut d = match zstd::bulk::Decompressor::new() {
         Ok(d) => d,
-        Err(e) => return vec![(None, format!("zstd init: {e}"))],
+        Err(e) => return (vec![(None, format!("zstd init: {e}"))], false),
     };
     let name = format!("pack {id}");
     for b in indexed {
@@ -293,5 +308,5 @@ fn verify_pack(
             out.push((Some(b.id), msg));
         }
     }
-    out
+    (out, true)
 }

@@ -69,6 +69,9 @@ pub struct BackupWindow {
     pub reachable_until: String,
     /// The first gap after its stop, if any (`first..last` on the timeline).
     pub broken_by: Option<String>,
+    /// With `--read-data`: its data failed verification (a damaged or missing chunk), so it
+    /// cannot be restored whatever the archive holds.
+    pub damaged: bool,
 }
 
 /// The archive of one timeline.
@@ -153,6 +156,15 @@ impl fmt::Display for VerifyReport {
             }
         }
         for b in &self.backups {
+            if b.damaged {
+                writeln!(
+                    f,
+                    "backup {} (timeline {}): DAMAGED: its data fails verification and it cannot \
+                     be restored (see the repository problems below)",
+                    b.id, b.timeline
+                )?;
+                continue;
+            }
             write!(
                 f,
                 "backup {} (timeline {}): recoverable from {} to {}",
@@ -400,6 +412,7 @@ pub fn analyse(
                 stop_lsn: bk.stop.to_string(),
                 reachable_until: reach.to_string(),
                 broken_by,
+                damaged: false,
             }
         })
         .collect();
@@ -480,7 +493,7 @@ pub async fn verify_repository(
             Err(e) => warnings.push(format!("history file of timeline {tli}: {e}")),
         }
     }
-    let (timelines, gaps, windows) = analyse(&listing, &backups, &starts, seg_size);
+    let (timelines, gaps, mut windows) = analyse(&listing, &backups, &starts, seg_size);
     for t in &timelines {
         if !t.history {
             warnings.push(format!(
@@ -544,7 +557,13 @@ pub async fn verify_repository(
         wal_problems = results.into_iter().flatten().collect();
         wal_problems.sort();
         wal_files_read = Some(total);
-        repository = Some(repo.check(CheckOptions { read_data: true }).await?);
+        let check = repo.check(CheckOptions { read_data: true }).await?;
+        for w in &mut windows {
+            w.damaged = check
+                .damaged_manifests
+                .contains(&format!("{cluster}/{}", w.id));
+        }
+        repository = Some(check);
     }
 
     Ok(VerifyReport {
