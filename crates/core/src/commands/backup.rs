@@ -796,8 +796,9 @@ pub(crate) fn ingest_pieces<R: Read>(
     piece: usize,
 ) -> pgkeep_repo::Result<StreamRef> {
     let mut out = StreamRef::default();
-    let mut buf = vec![0u8; piece];
     loop {
+        // A fresh buffer per piece, handed over without a copy: its chunks are slices of it.
+        let mut buf = bytes::BytesMut::zeroed(piece);
         let mut n = 0;
         while n < piece {
             match reader.read(&mut buf[n..]) {
@@ -814,7 +815,8 @@ pub(crate) fn ingest_pieces<R: Read>(
         if n == 0 {
             break;
         }
-        let s = writer.ingest_bytes(&buf[..n])?;
+        buf.truncate(n);
+        let s = writer.ingest_shared(buf.freeze())?;
         out.size += s.size;
         out.blobs.extend(s.blobs);
         if n < piece {
