@@ -58,29 +58,47 @@ pub fn decode_blob(
     stored: &[u8],
     where_: &str,
 ) -> Result<Vec<u8>> {
+    let mut plain = vec![0u8; raw_length as usize];
+    decode_blob_into(sealer, decompressor, id, stored, &mut plain, where_)?;
+    Ok(plain)
+}
+
+/// Opens, decompresses and verifies one stored blob into `dst`, which must be exactly its
+/// raw length. On error `dst` holds garbage that must not be used.
+pub fn decode_blob_into(
+    sealer: &Sealer,
+    decompressor: &mut zstd::bulk::Decompressor<'_>,
+    id: &BlobId,
+    stored: &[u8],
+    dst: &mut [u8],
+    where_: &str,
+) -> Result<()> {
+    let raw_length = dst.len();
     let bad =
         |reason: &str| RepoError::integrity(format!("blob {} in {where_}", id), reason.to_string());
     let framed = sealer
         .open_blob(id, stored)
         .ok_or_else(|| bad("authentication failed (data altered or wrong key)"))?;
     let (flag, payload) = framed.split_first().ok_or_else(|| bad("empty blob"))?;
-    let plain = match *flag {
-        FRAME_RAW => payload.to_vec(),
+    let n = match *flag {
+        FRAME_RAW => {
+            if payload.len() == raw_length {
+                dst.copy_from_slice(payload);
+            }
+            payload.len()
+        }
         FRAME_ZSTD => decompressor
-            .decompress(payload, raw_length as usize)
+            .decompress_to_buffer(payload, dst)
             .map_err(|e| bad(&format!("zstd: {e}")))?,
         other => return Err(bad(&format!("unknown frame type {other}"))),
     };
-    if plain.len() != raw_length as usize {
-        return Err(bad(&format!(
-            "length {} instead of {raw_length}",
-            plain.len()
-        )));
+    if n != raw_length {
+        return Err(bad(&format!("length {n} instead of {raw_length}")));
     }
-    if sealer.blob_id(&plain) != *id {
+    if sealer.blob_id(dst) != *id {
         return Err(bad("content does not match its id"));
     }
-    Ok(plain)
+    Ok(())
 }
 
 /// Accumulates sealed blobs into one pack.

@@ -10,8 +10,9 @@ use crate::error::{RepoError, Result};
 use crate::format::StreamRef;
 use crate::id::{BlobId, PackId};
 use crate::index::BlobLocation;
-use crate::pack::{decode_blob, pack_key};
+use crate::pack::{decode_blob, decode_blob_into, pack_key};
 use crate::repository::Repository;
+use pgkeep_storage::{AlignedBuf, DIRECT_IO_ALIGN};
 
 /// Reads larger than this are not coalesced further.
 const MAX_REQUEST: u64 = 8 * 1024 * 1024;
@@ -23,9 +24,57 @@ const READS_IN_FLIGHT: usize = 6;
 const MAX_REQUEST_RAW: u64 = 8 * 1024 * 1024;
 
 /// Range reads in flight in this process, over all streams: each holds up to
-/// [`MAX_REQUEST`] stored bytes and one decoded blob, so this caps read-back memory near
-/// 12 x 12 MiB whatever the parallelism of the caller.
+/// [`MAX_REQUEST`] stored bytes and [`MAX_REQUEST_RAW`] decoded ones, so this caps read-back
+/// memory near 12 x 16 MiB whatever the parallelism of the caller.
 static RANGE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(12);
+
+/// Size of the pooled decode buffers: one request's decoded bytes plus alignment slack.
+const POOLED_BUF: usize = MAX_REQUEST_RAW as usize + 2 * DIRECT_IO_ALIGN;
+
+/// Decode buffers kept for reuse: fresh memory costs a page fault and zeroing per page,
+/// about as much as the decoding itself.
+static BUF_POOL: std::sync::Mutex<Vec<AlignedBuf>> = std::sync::Mutex::new(Vec::new());
+
+fn take_buffer(len: usize) -> AlignedBuf {
+    if len > POOLED_BUF {
+        return AlignedBuf::new(len);
+    }
+    BUF_POOL
+        .lock()
+        .unwrap()
+        .pop()
+        .unwrap_or_else(|| AlignedBuf::new(POOLED_BUF))
+}
+
+fn give_back(buf: AlignedBuf) {
+    let mut pool = BUF_POOL.lock().unwrap();
+    // As many as reads can be in flight; the rest are freed.
+    if buf.len() == POOLED_BUF && pool.len() < 12 {
+        pool.push(buf);
+    }
+}
+
+thread_local! {
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` with this thread's zstd decompression context (made once per thread: making one
+/// per range read showed in profiles).
+fn with_decompressor<T>(
+    f: impl FnOnce(&mut zstd::bulk::Decompressor<'static>) -> Result<T>,
+) -> Result<T> {
+    DECOMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.is_none() {
+            *slot = Some(
+                zstd::bulk::Decompressor::new()
+                    .map_err(|e| RepoError::Invalid(format!("zstd init: {e}")))?,
+            );
+        }
+        f(slot.as_mut().expect("just set"))
+    })
+}
 
 /// Decodes the blobs of one range read, handing each to a visitor with its index.
 trait DecodeRequest:
@@ -44,7 +93,9 @@ impl<F> DecodeRequest for F where
 /// A destination written by position, from several threads at once (a file, through
 /// `pwrite`). Each byte range is written at least once, in no particular order.
 pub trait PositionalSink: Send + Sync + 'static {
-    /// Writes all of `data` at `offset`.
+    /// Writes all of `data` at `offset`. The address of `data` is congruent to `offset`
+    /// modulo [`DIRECT_IO_ALIGN`], so its whole pages can go to a file opened with
+    /// `O_DIRECT` as they are.
     fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()>;
 }
 
@@ -156,18 +207,18 @@ impl Repository {
         let blobs = Arc::new(req.blobs.clone());
         let (start, pack) = (req.start, req.pack);
         move |data: Bytes, each: &mut dyn FnMut(usize, Vec<u8>) -> Result<()>| {
-            let mut d = zstd::bulk::Decompressor::new()
-                .map_err(|e| RepoError::Invalid(format!("zstd init: {e}")))?;
-            let name = format!("pack {pack}");
-            for (i, (id, loc)) in blobs.iter().enumerate() {
-                let s = (loc.offset as u64 - start) as usize;
-                let stored = &data[s..s + loc.length as usize];
-                each(
-                    i,
-                    decode_blob(&sealer, &mut d, id, loc.raw_length, stored, &name)?,
-                )?;
-            }
-            Ok(())
+            with_decompressor(|d| {
+                let name = format!("pack {pack}");
+                for (i, (id, loc)) in blobs.iter().enumerate() {
+                    let s = (loc.offset as u64 - start) as usize;
+                    let stored = &data[s..s + loc.length as usize];
+                    each(
+                        i,
+                        decode_blob(&sealer, d, id, loc.raw_length, stored, &name)?,
+                    )?;
+                }
+                Ok(())
+            })
         }
     }
 
@@ -212,11 +263,12 @@ impl Repository {
         Ok(written)
     }
 
-    /// Writes the stream through `sink` at `base + offset in the stream`, out of order: each
-    /// blob is verified, then written from the thread that decoded it, so decoding and
-    /// writing of several ranges overlap and no decoded range waits for an earlier one.
-    /// Every byte written was authenticated; a blob may be written twice when its range is
-    /// read again after a failed verification. Returns the bytes written (the stream's size).
+    /// Writes the stream through `sink` at `base + offset in the stream`, out of order: the
+    /// blobs of each range read are verified and decoded into one page-aligned buffer, which
+    /// the decoding thread writes at once, so decoding and writing of several ranges overlap
+    /// and no decoded range waits for an earlier one. Every byte written was authenticated; a
+    /// range may be written twice when it is read again after a failed verification. Returns
+    /// the bytes written (the stream's size).
     pub async fn read_stream_at(
         &self,
         stream: &StreamRef,
@@ -246,20 +298,42 @@ impl Repository {
         }
         let mut results = stream::iter(jobs)
             .map(|(r, at)| {
-                let decode = self.decode_request(r);
-                let lens: Arc<Vec<u64>> =
-                    Arc::new(r.blobs.iter().map(|(_, l)| l.raw_length as u64).collect());
+                let sealer = self.sealer().clone();
+                let blobs = Arc::new(r.blobs.clone());
+                let (start, pack) = (r.start, r.pack);
                 let sink = sink.clone();
                 self.fetch_then(r, move |data| {
-                    let mut pos = at;
-                    decode(data, &mut |i, b| {
-                        sink.write_at(pos, &b).map_err(|e| {
-                            RepoError::Invalid(format!("writing restored data failed: {e}"))
-                        })?;
-                        pos += lens[i];
+                    let total: usize = blobs.iter().map(|(_, l)| l.raw_length as usize).sum();
+                    // The decoded range sits in its buffer at the same offset modulo the page
+                    // size as in the file, so that the sink can hand its whole pages to the
+                    // file system without a copy (direct I/O).
+                    let pad = (at % DIRECT_IO_ALIGN as u64) as usize;
+                    let mut buf = take_buffer(pad + total);
+                    let dst = &mut buf.as_mut_slice()[pad..pad + total];
+                    with_decompressor(|d| {
+                        let name = format!("pack {pack}");
+                        let mut pos = 0usize;
+                        for (id, loc) in blobs.iter() {
+                            let s = (loc.offset as u64 - start) as usize;
+                            let stored = &data[s..s + loc.length as usize];
+                            let n = loc.raw_length as usize;
+                            decode_blob_into(
+                                &sealer,
+                                d,
+                                id,
+                                stored,
+                                &mut dst[pos..pos + n],
+                                &name,
+                            )?;
+                            pos += n;
+                        }
                         Ok(())
                     })?;
-                    Ok(pos - at)
+                    sink.write_at(at, dst).map_err(|e| {
+                        RepoError::Invalid(format!("writing restored data failed: {e}"))
+                    })?;
+                    give_back(buf);
+                    Ok(total as u64)
                 })
             })
             .buffer_unordered(READS_IN_FLIGHT);

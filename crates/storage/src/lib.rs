@@ -30,6 +30,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 
+mod aligned;
 pub mod conformance;
 pub mod crashpoint;
 mod faulty;
@@ -40,6 +41,7 @@ mod retry;
 mod url;
 
 pub use crate::url::{open_storage, open_storage_unwrapped, StorageOptions};
+pub use aligned::{AlignedBuf, DIRECT_IO_ALIGN};
 pub use faulty::{wrap_from_env, Faulty, KILL_AFTER_OPS_ENV};
 pub use local::LocalStorage;
 pub use object::{ObjectStoreStorage, DEFAULT_MULTIPART_THRESHOLD, DEFAULT_PART_SIZE};

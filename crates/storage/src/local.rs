@@ -209,45 +209,13 @@ fn write_temp(target: &Path, data: &[u8]) -> Result<(PathBuf, TempGuard)> {
 
 /// Objects at least this large (packs, WAL segments) are written with `O_DIRECT`.
 const DIRECT_MIN: usize = 1 << 20;
-/// Alignment of `O_DIRECT` buffers, offsets and lengths (the page size; a multiple of every
-/// logical block size in use).
-const DIRECT_ALIGN: usize = 4096;
+/// Alignment of `O_DIRECT` buffers, offsets and lengths.
+const DIRECT_ALIGN: usize = crate::DIRECT_IO_ALIGN;
 /// Size of the aligned staging buffer that each writing thread keeps.
 const DIRECT_PIECE: usize = 4 << 20;
 
-/// A page-aligned heap buffer for `O_DIRECT` writes.
-struct AlignedBuf {
-    ptr: std::ptr::NonNull<u8>,
-}
-
-impl AlignedBuf {
-    fn layout() -> std::alloc::Layout {
-        std::alloc::Layout::from_size_align(DIRECT_PIECE, DIRECT_ALIGN).expect("valid layout")
-    }
-
-    fn new() -> Self {
-        // SAFETY: the layout has a non-zero size.
-        let raw = unsafe { std::alloc::alloc_zeroed(Self::layout()) };
-        let ptr = std::ptr::NonNull::new(raw)
-            .unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout()));
-        AlignedBuf { ptr }
-    }
-
-    fn as_mut_slice(&mut self) -> &mut [u8] {
-        // SAFETY: `ptr` owns DIRECT_PIECE initialised bytes for the life of `self`.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), DIRECT_PIECE) }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        // SAFETY: allocated in `new` with the same layout.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout()) }
-    }
-}
-
 thread_local! {
-    static DIRECT_BUF: std::cell::RefCell<Option<AlignedBuf>> = const { std::cell::RefCell::new(None) };
+    static DIRECT_BUF: std::cell::RefCell<Option<crate::AlignedBuf>> = const { std::cell::RefCell::new(None) };
 }
 
 /// Writes `data` to the empty file `f` with `O_DIRECT`, staged through this thread's aligned
@@ -268,7 +236,9 @@ fn write_direct(f: &File, data: &[u8]) -> bool {
     }
     let ok = DIRECT_BUF.with(|cell| {
         let mut slot = cell.borrow_mut();
-        let buf = slot.get_or_insert_with(AlignedBuf::new).as_mut_slice();
+        let buf = slot
+            .get_or_insert_with(|| crate::AlignedBuf::new(DIRECT_PIECE))
+            .as_mut_slice();
         let mut offset = 0usize;
         for piece in data.chunks(DIRECT_PIECE) {
             let padded = piece.len().div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
