@@ -23,7 +23,7 @@ OUT=${BENCH_OUT:-bench/out}
 mkdir -p "$OUT"
 if [ -z "${PGKEEP_BIN:-}" ]; then
   cargo build --release -q -p pgkeep
-  # Each engineer builds into their own CARGO_TARGET_DIR (docs/HELPERS.md).
+  # Honour CARGO_TARGET_DIR, where cargo put the binary.
   PGKEEP_BIN=${CARGO_TARGET_DIR:-$PWD/target}/release/pgkeep
 fi
 

@@ -52,8 +52,8 @@ async fn temp_files_are_never_listed() {
     assert_eq!(keys, vec!["a/b"]);
 }
 
-/// A small tmpfs mounted over a temp dir; unmounted on drop. Tests run as root (see
-/// docs/HELPERS.md); without the privilege to mount, the test fails saying so.
+/// A small tmpfs mounted over a temp dir; unmounted on drop. The tests run as root (as
+/// `.ci/run` does); without the privilege to mount, the test fails saying so.
 struct SmallFs {
     dir: tempfile::TempDir,
 }
