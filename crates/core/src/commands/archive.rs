@@ -304,8 +304,44 @@ pub async fn archive_push(ctx: &Context, opts: &ArchivePushOptions) -> Result<Ar
         };
         return push_async(ctx, &a, &opts.path).await;
     }
-    let repo = open_repository_fast(ctx).await?;
-    push_file(&repo, &opts.cluster, &opts.path).await
+    // One process per segment: opening the repository (for an encrypted one, the passphrase
+    // derivation, tens of milliseconds on one core) runs while the segment is read and
+    // compressed on the other cores, which is most of a push. Compression needs no key; the
+    // identity check still comes before anything is written.
+    let path = opts.path.clone();
+    let prepare = tokio::task::spawn_blocking(move || WalFileContent::read_compressed(&path));
+    let repo = open_repository_fast(ctx).await;
+    let content = prepare
+        .await
+        .map_err(|e| Error::new(ErrorKind::Failure, format!("compression task failed: {e}")));
+    // A repository that does not open is the error to report, as before any read.
+    let repo = repo?;
+    push_content(&repo, &opts.cluster, &opts.path, content??).await
+}
+
+/// A WAL file read into memory, with its compressed form when it was computed ahead.
+pub struct WalFileContent {
+    data: Vec<u8>,
+    compressed: Option<Vec<u8>>,
+}
+
+impl WalFileContent {
+    /// Reads the file at `path`.
+    pub fn read(path: &Path) -> Result<Self> {
+        let data =
+            std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+        Ok(Self {
+            data,
+            compressed: None,
+        })
+    }
+
+    /// Reads the file at `path` and compresses it as [`push_content`] would store it.
+    pub fn read_compressed(path: &Path) -> Result<Self> {
+        let mut c = Self::read(path)?;
+        c.compressed = Some(compress_parallel(&c.data, WAL_COMPRESSION_LEVEL)?);
+        Ok(c)
+    }
 }
 
 /// Reads the identity a segment's long page header carries, checking that the header
@@ -358,12 +394,23 @@ fn segment_identity(path: &Path, data: &[u8], seg: &WalSegmentName) -> Result<Cl
 /// Pushes one WAL file (segment, `.partial`, `.backup` or `.history`) into `repo` under
 /// `cluster`. Library form of `archive-push`, also used by the asynchronous pusher.
 pub async fn push_file(repo: &Repository, cluster: &str, path: &Path) -> Result<ArchivePushReport> {
+    check_cluster_name(cluster)?;
+    WalFileName::from_path(path).map_err(|e| Error::usage(format!("{}: {e}", path.display())))?;
+    push_content(repo, cluster, path, WalFileContent::read(path)?).await
+}
+
+/// [`push_file`] for content already read from `path` (and maybe compressed).
+pub async fn push_content(
+    repo: &Repository,
+    cluster: &str,
+    path: &Path,
+    content: WalFileContent,
+) -> Result<ArchivePushReport> {
     let started = Instant::now();
     check_cluster_name(cluster)?;
     let name = WalFileName::from_path(path)
         .map_err(|e| Error::usage(format!("{}: {e}", path.display())))?;
-    let data =
-        std::fs::read(path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let WalFileContent { data, compressed } = content;
     match &name {
         WalFileName::Segment(seg) => {
             let found = segment_identity(path, &data, seg)?;
@@ -403,7 +450,7 @@ pub async fn push_file(repo: &Repository, cluster: &str, path: &Path) -> Result<
     let stored = if exists {
         false
     } else {
-        match store_sealed(repo, &key, &data).await {
+        match store_sealed(repo, &key, &data, compressed).await {
             Ok(()) => true,
             Err(RepoError::Storage(e)) if e.kind == StorageErrorKind::AlreadyExists => false,
             Err(e) => return Err(e.into()),
@@ -484,9 +531,19 @@ pub fn compress_parallel(data: &[u8], level: i32) -> Result<Vec<u8>> {
 
 /// Stores `data` under `key` put-if-absent, compressed in parallel and sealed with the key as
 /// associated data (readable with [`Repository::get_sealed`]).
-async fn store_sealed(repo: &Repository, key: &str, data: &[u8]) -> Result<(), RepoError> {
-    let z = compress_parallel(data, WAL_COMPRESSION_LEVEL)
-        .map_err(|e| RepoError::Invalid(e.to_string()))?;
+/// `compressed` is `data` as [`compress_parallel`] at [`WAL_COMPRESSION_LEVEL`] gives it, when
+/// the caller computed it ahead.
+async fn store_sealed(
+    repo: &Repository,
+    key: &str,
+    data: &[u8],
+    compressed: Option<Vec<u8>>,
+) -> Result<(), RepoError> {
+    let z = match compressed {
+        Some(z) => z,
+        None => compress_parallel(data, WAL_COMPRESSION_LEVEL)
+            .map_err(|e| RepoError::Invalid(e.to_string()))?,
+    };
     let sealed = repo.sealer().seal_meta(key.as_bytes(), &z);
     drop(z);
     repo.storage()
