@@ -176,8 +176,9 @@ async fn stream_bytes(repo: &Repository, s: &StreamRef) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn aligned_pieces_under_load_restore_exactly_amcheck_clean_and_full_read_rereads(
 ) -> TestResult {
-    let created = Instant::now();
     let src = Cluster::builder().setting("max_wal_size", "1GB").start()?;
+    // After the start: see backup_under_load_restores_exactly_with_tablespace_incremental_and_delta.
+    let created = Instant::now();
     src.pgbench(&["-i", "-s", "4", "-q"])?;
     wait_past_margin(created);
     let repo_dir = tempfile::tempdir()?;
@@ -656,7 +657,6 @@ async fn force_empties_the_target_and_postmaster_pid_is_always_refused() -> Test
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn another_tools_archiving_backup_restores_without_any_archive() -> TestResult {
-    let created = Instant::now();
     // The archive directory must exist before the server archives into it; it lives outside
     // the cluster so the test can empty it while the cluster runs.
     let archive_root = tempfile::tempdir()?;
@@ -670,6 +670,7 @@ async fn another_tools_archiving_backup_restores_without_any_archive() -> TestRe
             archive.display()
         ))
         .start()?;
+    let created = Instant::now();
     src.pgbench(&["-i", "-s", "2", "-q"])?;
     wait_past_margin(created);
     let repo_dir = tempfile::tempdir()?;

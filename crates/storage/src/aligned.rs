@@ -8,6 +8,9 @@ use std::ptr::NonNull;
 /// use.
 pub const DIRECT_IO_ALIGN: usize = 4096;
 
+/// Size of a transparent huge page on x86-64 and most aarch64 kernels.
+const HUGE_PAGE: usize = 2 << 20;
+
 /// A zero-initialised heap buffer whose start is aligned to [`DIRECT_IO_ALIGN`].
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
@@ -24,8 +27,41 @@ impl AlignedBuf {
         Layout::from_size_align(len.max(1), DIRECT_IO_ALIGN).expect("valid layout")
     }
 
+    /// Whether a buffer of `len` bytes is mapped directly (see [`AlignedBuf::new`]).
+    fn mapped(len: usize) -> bool {
+        cfg!(target_os = "linux") && len >= HUGE_PAGE
+    }
+
     /// A buffer of `len` zero bytes.
+    ///
+    /// One of 2 MiB or more is an anonymous mapping of its own, with transparent huge pages
+    /// asked for: the allocator zeroes an over-aligned allocation with a memset that touches
+    /// every page at once (a restore spent 8% of its CPU faulting in ~28 000 pages that way),
+    /// while a fresh mapping is zero already and is faulted in one 2 MiB page at a time as it
+    /// is first written.
     pub fn new(len: usize) -> Self {
+        #[cfg(target_os = "linux")]
+        if Self::mapped(len) {
+            // SAFETY: an anonymous private mapping, checked below; `drop` unmaps it.
+            let raw = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if raw == libc::MAP_FAILED {
+                std::alloc::handle_alloc_error(Self::layout(len));
+            }
+            // SAFETY: the range is the mapping just made; a refusal (THP disabled) only
+            // loses the hint.
+            unsafe { libc::madvise(raw, len, libc::MADV_HUGEPAGE) };
+            let ptr = NonNull::new(raw.cast()).expect("mmap does not return null");
+            return AlignedBuf { ptr, len };
+        }
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { std::alloc::alloc_zeroed(Self::layout(len)) };
         let ptr =
@@ -58,6 +94,12 @@ impl AlignedBuf {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
+        #[cfg(target_os = "linux")]
+        if Self::mapped(self.len) {
+            // SAFETY: mapped in `new` with this length and not used after this.
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+            return;
+        }
         // SAFETY: allocated in `new` with the same layout.
         unsafe { std::alloc::dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
     }
@@ -69,7 +111,7 @@ mod tests {
 
     #[test]
     fn buffers_are_aligned_zeroed_and_writable() {
-        for len in [0, 1, 4095, 4096, 3 << 20] {
+        for len in [0, 1, 4095, 4096, (2 << 20) - 1, 2 << 20, 3 << 20] {
             let mut b = AlignedBuf::new(len);
             assert_eq!(b.as_slice().as_ptr() as usize % DIRECT_IO_ALIGN, 0);
             assert_eq!(b.len(), len);
