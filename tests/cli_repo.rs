@@ -426,6 +426,33 @@ fn check_warns_about_a_group_readable_repository() {
     );
 }
 
+/// RELIABILITY row 24: a storage whose clock is an hour off this host's is reported (exit 0,
+/// a warning naming both clocks) by any command that takes a lock.
+#[test]
+fn a_store_clock_an_hour_ahead_is_warned_about() {
+    let s = Sandbox::new();
+    s.run_repo(&["repo", "init", "--no-encryption"], &[])
+        .expect(0);
+    let r = s
+        .run_repo(
+            &["repo", "check"],
+            &[(pgkeep_storage::CLOCK_OFFSET_ENV, "3600")],
+        )
+        .expect(0);
+    assert!(
+        r.stderr().contains(
+            "this host's clock is about 3600 s behind the repository storage's clock; \
+             backup ids, backup times and recovery targets are taken from this host's clock"
+        ) || r
+            .stderr()
+            .contains("this host's clock is about 3599 s behind"),
+        "{}",
+        r.stderr()
+    );
+    let r = s.run_repo(&["repo", "check"], &[]).expect(0);
+    assert!(!r.stderr().contains("clock"), "{}", r.stderr());
+}
+
 #[test]
 fn secrets_never_reach_stdout_or_stderr_even_at_trace_level() {
     let s = Sandbox::new();

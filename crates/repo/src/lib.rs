@@ -23,7 +23,7 @@ pub use check::{CheckOptions, CheckProblem, CheckReport};
 pub use error::{ErrorKind, RepoError, Result};
 pub use format::{BlobRef, ChunkerParams, KdfParams, RepoConfig, StreamRef};
 pub use id::{BlobId, Id, PackId};
-pub use lock::{LockInfo, LockKind, RepoLock};
+pub use lock::{clock_skew, LockInfo, LockKind, RepoLock, CLOCK_SKEW_WARN};
 pub use pgkeep_storage as storage;
 pub use reader::PositionalSink;
 pub use repair::RepairReport;

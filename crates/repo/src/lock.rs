@@ -34,6 +34,41 @@ use crate::error::{RepoError, Result};
 use crate::format::LockFile;
 use crate::repository::Repository;
 
+/// Skew between this host's clock and the store's beyond which taking a lock warns.
+pub const CLOCK_SKEW_WARN: Duration = Duration::from_secs(60);
+
+/// How far the store's clock (`store`, the modification time of an object written between
+/// `local_before` and `local_after` by this host's clock) is from this host's: `None` within
+/// [`CLOCK_SKEW_WARN`] of that interval (object stores keep whole seconds, so a second of slack
+/// is normal), else the offset, positive when the store is ahead.
+pub fn clock_skew(
+    local_before: DateTime<Utc>,
+    local_after: DateTime<Utc>,
+    store: DateTime<Utc>,
+) -> Option<chrono::TimeDelta> {
+    let limit = chrono::TimeDelta::from_std(CLOCK_SKEW_WARN).expect("small");
+    if store > local_after + limit {
+        Some(store - local_after)
+    } else if store < local_before - limit {
+        Some(store - local_before)
+    } else {
+        None
+    }
+}
+
+/// The warning printed when [`clock_skew`] finds an offset.
+pub fn clock_skew_warning(skew: chrono::TimeDelta) -> String {
+    let secs = skew.num_seconds();
+    let (n, side) = if secs > 0 {
+        (secs, "behind")
+    } else {
+        (-secs, "ahead of")
+    };
+    format!(
+        "this host's clock is about {n} s {side} the repository storage's clock; backup ids,          backup times and recovery targets are taken from this host's clock, so check it          (timedatectl, NTP) and the storage's"
+    )
+}
+
 /// How often a held lock is refreshed, by default.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5 * 60);
 /// Age (by the store's clock) after which an unrefreshed lock is stale, by default.
@@ -261,6 +296,7 @@ pub struct RepoLock {
     slot: u64,
     refresher: tokio::task::JoinHandle<()>,
     released: bool,
+    store_clock_skew: Option<chrono::TimeDelta>,
 }
 
 impl std::fmt::Debug for RepoLock {
@@ -292,6 +328,12 @@ impl RepoLock {
     /// The storage key of the lock object now (it changes with every refresh).
     pub fn key(&self) -> String {
         self.repo.inner.locks.key(self.slot).unwrap_or_default()
+    }
+
+    /// The offset of the store's clock from this host's found when the lock was taken, when
+    /// it exceeded [`CLOCK_SKEW_WARN`] (positive: the store is ahead). Taking the lock warned.
+    pub fn store_clock_skew(&self) -> Option<chrono::TimeDelta> {
+        self.store_clock_skew
     }
 }
 
@@ -354,8 +396,16 @@ impl Repository {
         };
         let written = Instant::now();
         let key = write_lock(self, &file).await?;
+        let local_after = Utc::now();
+        let mut skew = None;
         let result = async {
-            let locks = self.list_locks_at(Some(&key), timing).await?;
+            // The lock just written carries the store's "now".
+            let now = self.storage().head(&key).await?.last_modified;
+            skew = clock_skew(file.created, local_after, now);
+            if let Some(d) = skew {
+                tracing::warn!("{}", clock_skew_warning(d));
+            }
+            let locks = self.list_locks_with_now(now, timing).await?;
             for l in locks
                 .iter()
                 .filter(|l| format!("locks/{}", l.id) != key && !l.stale)
@@ -381,6 +431,7 @@ impl Repository {
             slot,
             refresher,
             released: false,
+            store_clock_skew: skew,
         })
     }
 
@@ -414,19 +465,6 @@ impl Repository {
             tracing::warn!("could not remove the clock probe {key}: {e}");
         }
         Ok(head?.last_modified)
-    }
-
-    /// `reference`: a lock object we just wrote, whose mtime is the store's "now".
-    async fn list_locks_at(
-        &self,
-        reference: Option<&str>,
-        timing: LockTiming,
-    ) -> Result<Vec<LockInfo>> {
-        let now = match reference {
-            Some(r) => self.storage().head(r).await?.last_modified,
-            None => self.store_now().await?,
-        };
-        self.list_locks_with_now(now, timing).await
     }
 
     async fn list_locks_with_now(
@@ -491,7 +529,8 @@ impl Repository {
     pub async fn unlock(&self, all: bool) -> Result<Vec<LockInfo>> {
         let timing = self.inner.locks.timing();
         let mut removed = Vec::new();
-        for l in self.list_locks_at(None, timing).await? {
+        let now = self.store_now().await?;
+        for l in self.list_locks_with_now(now, timing).await? {
             if all || l.stale {
                 self.storage().delete(&format!("locks/{}", l.id)).await?;
                 removed.push(l);

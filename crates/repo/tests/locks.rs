@@ -268,3 +268,54 @@ async fn a_holder_that_cannot_refresh_its_lock_fails_before_others_may_call_it_s
     lock.release().await.unwrap();
     assert!(lock_keys(observer.storage().as_ref()).await.is_empty());
 }
+
+/// RELIABILITY row 24: a store whose clock runs an hour ahead of (or behind) this host's is
+/// reported when a lock is taken, and does not make this host's own fresh lock look stale to
+/// another process of this host, nor a conflicting lock be missed.
+#[tokio::test]
+async fn a_store_clock_an_hour_off_is_reported_and_locks_still_conflict() {
+    let dir = tempfile::tempdir().unwrap();
+    Repository::init(local(dir.path()), InitOptions::default())
+        .await
+        .unwrap();
+    for offset in [3600i64, -3600] {
+        let faulty = Arc::new(Faulty::new(LocalStorage::new(dir.path()).unwrap()));
+        faulty.with_clock_offset(offset);
+        let repo = Repository::open(faulty.clone(), None).await.unwrap();
+        let lock = repo
+            .lock(LockKind::Shared, Some("backup:main"), "backup")
+            .await
+            .unwrap();
+        let skew = lock
+            .store_clock_skew()
+            .expect("skew reported")
+            .num_seconds();
+        assert!((skew - offset).abs() <= 2, "offset {offset}: found {skew}");
+        // Judged by the same skewed store, the live lock is fresh and still conflicts.
+        let e = repo
+            .lock(LockKind::Shared, Some("backup:main"), "backup")
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Locked, "{e}");
+        lock.release().await.unwrap();
+    }
+    // An exact store clock: nothing to report.
+    let repo = Repository::open(local(dir.path()), None).await.unwrap();
+    let lock = repo.lock(LockKind::Shared, None, "check").await.unwrap();
+    assert_eq!(lock.store_clock_skew(), None);
+    lock.release().await.unwrap();
+}
+
+#[test]
+fn clock_skew_allows_a_minute_around_the_write_and_signs_the_offset() {
+    use chrono::{TimeDelta, TimeZone, Utc};
+    let before = Utc.with_ymd_and_hms(2026, 12, 1, 12, 0, 0).unwrap();
+    let after = before + TimeDelta::seconds(2);
+    let skew = |store| pgkeep_repo::clock_skew(before, after, store).map(|d| d.num_seconds());
+    assert_eq!(skew(before + TimeDelta::seconds(1)), None);
+    // Object stores truncate to whole seconds: a store second before the write is fine.
+    assert_eq!(skew(before - TimeDelta::seconds(1)), None);
+    assert_eq!(skew(after + TimeDelta::seconds(60)), None);
+    assert_eq!(skew(after + TimeDelta::seconds(61)), Some(61));
+    assert_eq!(skew(before - TimeDelta::seconds(3600)), Some(-3600));
+}

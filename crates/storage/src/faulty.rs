@@ -35,6 +35,9 @@ struct Plan {
     flip_next: u64,
     latency: Duration,
     kill_after_mutations: Option<u64>,
+    /// Seconds added to every modification time the store reports (a store whose clock
+    /// runs ahead, or behind when negative).
+    clock_offset_secs: i64,
 }
 
 /// A storage decorator that injects faults; every knob is set through `&self` so a test
@@ -129,6 +132,19 @@ impl<S: Storage> Faulty<S> {
     /// The wrapped storage.
     pub fn inner(&self) -> &S {
         &self.inner
+    }
+
+    /// Makes the store's clock run `secs` seconds ahead of this host's (behind when
+    /// negative): every modification time it reports is shifted by that much.
+    pub fn with_clock_offset(&self, secs: i64) -> &Self {
+        self.plan().clock_offset_secs = secs;
+        self
+    }
+
+    fn shift(&self, mut m: ObjectMeta) -> ObjectMeta {
+        let secs = self.plan().clock_offset_secs;
+        m.last_modified += chrono::TimeDelta::seconds(secs);
+        m
     }
 
     fn plan(&self) -> std::sync::MutexGuard<'_, Plan> {
@@ -246,12 +262,13 @@ impl<S: Storage> Storage for Faulty<S> {
 
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         self.enter("list", prefix, false).await?;
-        self.inner.list(prefix).await
+        let metas = self.inner.list(prefix).await?;
+        Ok(metas.into_iter().map(|m| self.shift(m)).collect())
     }
 
     async fn head(&self, key: &str) -> Result<ObjectMeta> {
         self.enter("head", key, false).await?;
-        self.inner.head(key).await
+        self.inner.head(key).await.map(|m| self.shift(m))
     }
 
     async fn delete(&self, key: &str) -> Result<()> {
@@ -272,6 +289,7 @@ impl<S: Storage> Storage for Faulty<S> {
 /// with a warning. Release builds ignore the variable (with a warning): only builds with
 /// debug assertions, i.e. test builds, honour it, so it cannot fire in production by accident.
 pub fn wrap_from_env(s: Arc<dyn Storage>) -> Arc<dyn Storage> {
+    let s = clock_offset_from_env(s);
     let Ok(value) = std::env::var(KILL_AFTER_OPS_ENV) else {
         return s;
     };
@@ -287,6 +305,31 @@ pub fn wrap_from_env(s: Arc<dyn Storage>) -> Arc<dyn Storage> {
         }
         Err(_) => {
             tracing::warn!("ignoring {KILL_AFTER_OPS_ENV}={value:?}: not a number");
+            s
+        }
+    }
+}
+
+/// Test hook: when this variable holds a number of seconds, [`wrap_from_env`] makes the
+/// store's clock run that far ahead of this host's (behind when negative), as a fake S3 with
+/// an offset `Date` would. Like the kill hooks, only builds with debug assertions honour it.
+pub const CLOCK_OFFSET_ENV: &str = "PGKEEP_TEST_STORE_CLOCK_OFFSET_SECS";
+
+fn clock_offset_from_env(s: Arc<dyn Storage>) -> Arc<dyn Storage> {
+    let Ok(value) = std::env::var(CLOCK_OFFSET_ENV) else {
+        return s;
+    };
+    if !crate::crashpoint::armed(CLOCK_OFFSET_ENV) {
+        return s;
+    }
+    match value.trim().parse::<i64>() {
+        Ok(secs) => {
+            let f = Faulty::new(s);
+            f.with_clock_offset(secs);
+            Arc::new(f)
+        }
+        Err(_) => {
+            tracing::warn!("ignoring {CLOCK_OFFSET_ENV}={value:?}: not a number of seconds");
             s
         }
     }
