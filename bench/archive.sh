@@ -9,23 +9,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${1:-20}
-PGBIN=${PGKEEP_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)}
-OUT=${BENCH_OUT:-bench/out}
-mkdir -p "$OUT"
-[ -n "${NO_BUILD:-}" ] || cargo build --release -q --bin pgkeep
-BIN=$PWD/target/release/pgkeep
-
-W=$(mktemp -d /tmp/pgkeep-bench-archive.XXXXXX)
-chmod 711 "$W"
-chown postgres:postgres "$W"
-as_pg() { runuser -u postgres -- "$@"; }
-cleanup() {
-  as_pg "$PGBIN/pg_ctl" -D "$W/data" -m immediate stop >/dev/null 2>&1 || true
-  rm -rf "$W"
-}
-trap cleanup EXIT
-
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+# shellcheck source=bench/common.sh
+. bench/common.sh
+bench_setup archive
 as_pg mkdir -p "$W/segs" "$W/sock" "$W/pgbr-log" "$W/pgbr-lock" "$W/pgbr-spool"
 as_pg "$PGBIN/initdb" --no-sync -D "$W/data" -U postgres --auth=trust >/dev/null
 as_pg "$PGBIN/pg_ctl" -D "$W/data" -l "$W/pg.log" -w -o "-p $PORT -c unix_socket_directories=$W/sock \
