@@ -36,6 +36,24 @@ use pgkeep_testing::Cluster;
 type TestResult = anyhow::Result<()>;
 
 /// A cluster whose archive_command copies each WAL file into `<cluster dir>/cp-archive`.
+/// A physical backup of `c` under the cluster name `main`.
+async fn backup_of(
+    repo: &pgkeep_repo::Repository,
+    c: &Cluster,
+) -> anyhow::Result<pgkeep_core::commands::backup::BackupReport> {
+    Ok(backup(
+        repo,
+        &BackupOptions {
+            cluster: "main".into(),
+            pgdata: Some(c.pgdata().to_path_buf()),
+            conninfo: Some(c.conninfo()),
+            ..BackupOptions::default()
+        },
+        &NoProgress,
+    )
+    .await?)
+}
+
 fn archiving_cluster() -> anyhow::Result<(Cluster, PathBuf)> {
     let c = Cluster::builder()
         .archive_command("cp %p ../cp-archive/%f")
@@ -257,17 +275,7 @@ async fn verify_finds_a_deleted_segment_and_the_backup_it_breaks() -> TestResult
     let repo_dir = tempfile::tempdir()?;
     let repo = local_repo(repo_dir.path()).await;
     switch_and_wait(&c, &archive, 1)?;
-    let b = backup(
-        &repo,
-        &BackupOptions {
-            cluster: "main".into(),
-            pgdata: Some(c.pgdata().to_path_buf()),
-            conninfo: Some(c.conninfo()),
-            ..BackupOptions::default()
-        },
-        &NoProgress,
-    )
-    .await?;
+    let b = backup_of(&repo, &c).await?;
     switch_and_wait(&c, &archive, 5)?;
     for s in archived_segments(&archive) {
         push_file(&repo, "main", &s).await?;
@@ -462,17 +470,7 @@ async fn missing_summaries_are_computed_from_the_segments_with_the_same_answers(
     let repo_dir = tempfile::tempdir()?;
     let repo = local_repo(repo_dir.path()).await;
     switch_and_wait(&c, &archive, 1)?;
-    let b = backup(
-        &repo,
-        &BackupOptions {
-            cluster: "main".into(),
-            pgdata: Some(c.pgdata().to_path_buf()),
-            conninfo: Some(c.conninfo()),
-            ..BackupOptions::default()
-        },
-        &NoProgress,
-    )
-    .await?;
+    let b = backup_of(&repo, &c).await?;
     let xid = c.sql(
         "BEGIN; CREATE TABLE u (i int); INSERT INTO u VALUES (1); SELECT txid_current(); COMMIT;",
     )?;

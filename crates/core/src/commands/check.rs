@@ -134,24 +134,7 @@ impl fmt::Display for ArchiveCheckReport {
             )?;
         }
         for g in &self.gaps {
-            write!(
-                f,
-                "GAP on timeline {}: {} .. {} ({} segment{} missing)",
-                g.timeline,
-                g.first,
-                g.last,
-                g.count,
-                if g.count == 1 { "" } else { "s" }
-            )?;
-            if g.breaks.is_empty() {
-                writeln!(f, "; breaks no backup's recovery window")?;
-            } else {
-                writeln!(
-                    f,
-                    "; breaks point-in-time recovery of {}",
-                    g.breaks.join(", ")
-                )?;
-            }
+            writeln!(f, "{g}")?;
         }
         for b in self.backups.iter().filter(|b| b.broken_by.is_some()) {
             writeln!(

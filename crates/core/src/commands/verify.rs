@@ -53,6 +53,30 @@ pub struct WalGap {
     pub breaks: Vec<String>,
 }
 
+/// One line, as `check` and `verify` print it.
+impl fmt::Display for WalGap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "GAP on timeline {}: {} .. {} ({} segment{} missing)",
+            self.timeline,
+            self.first,
+            self.last,
+            self.count,
+            if self.count == 1 { "" } else { "s" }
+        )?;
+        if self.breaks.is_empty() {
+            write!(f, "; breaks no backup's recovery window")
+        } else {
+            write!(
+                f,
+                "; breaks point-in-time recovery of {}",
+                self.breaks.join(", ")
+            )
+        }
+    }
+}
+
 /// One physical backup and how far recovery from it can go with the archive as it is.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BackupWindow {
@@ -136,24 +160,7 @@ impl fmt::Display for VerifyReport {
             )?;
         }
         for g in &self.gaps {
-            write!(
-                f,
-                "GAP on timeline {}: {} .. {} ({} segment{} missing)",
-                g.timeline,
-                g.first,
-                g.last,
-                g.count,
-                if g.count == 1 { "" } else { "s" }
-            )?;
-            if g.breaks.is_empty() {
-                writeln!(f, "; breaks no backup's recovery window")?;
-            } else {
-                writeln!(
-                    f,
-                    "; breaks point-in-time recovery of {}",
-                    g.breaks.join(", ")
-                )?;
-            }
+            writeln!(f, "{g}")?;
         }
         for b in &self.backups {
             if b.damaged {
