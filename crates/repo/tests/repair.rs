@@ -71,7 +71,9 @@ async fn a_damaged_or_deleted_index_file_is_rebuilt_from_pack_headers_and_backup
     let sa = backup(&repo, "a", &a).await;
     let sb = backup(&repo, "b", &b).await;
     let keys = index_keys(&storage).await;
-    assert!(keys.len() >= 6, "expected an index file per pack: {keys:?}");
+    // How many packs 9 MiB makes varies with the order the parallel compressors hand blobs
+    // to the packer (5 to 7 here); the test needs two files to lose and one that stays.
+    assert!(keys.len() >= 3, "expected an index file per pack: {keys:?}");
 
     // The index file that lists backup a's first blob, and the one that lists b's.
     let mut damaged_key = None;
