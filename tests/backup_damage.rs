@@ -53,7 +53,9 @@ async fn damage_blob(repo: &Repository, root: &Path, blob: &BlobId) -> String {
     let storage = repo.storage();
     for m in storage.list("packs/").await.unwrap() {
         let bytes = storage.get(&m.key).await.unwrap();
-        let entries = read_pack_header(repo.sealer(), &bytes, &m.key).unwrap();
+        let entries = read_pack_header(repo.sealer(), &bytes, &m.key)
+            .unwrap()
+            .blobs;
         if let Some(e) = entries.iter().find(|e| e.id == *blob) {
             let mut v = bytes.to_vec();
             v[e.offset as usize + e.length as usize / 2] ^= 0x10;

@@ -1264,3 +1264,53 @@ async fn estimated_counts_follow_the_table_size() -> TestResult {
     assert!(rr.databases[0].row_differences.is_empty(), "{rr}");
     Ok(())
 }
+
+/// The day-to-day case deduplication alone handles worst: updates spread over a whole table
+/// change every chunk of the archive. The second dump is stored as deltas against the first
+/// (a small fraction of it) and restores to the same contents.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dump_after_updates_all_over_a_table_is_stored_as_deltas_and_restores_identically(
+) -> TestResult {
+    let c = Cluster::new()?;
+    c.sql("CREATE DATABASE ledger")?;
+    c.sql_db(
+        "ledger",
+        "CREATE TABLE entries (id int PRIMARY KEY, account int, amount numeric(12,2), memo text);
+         INSERT INTO entries SELECT g, g % 1000, (g * 0.37)::numeric(12,2),
+             md5(g::text) || md5((g + 1)::text) FROM generate_series(1, 200000) g;",
+    )?;
+    let rdir = tempfile::tempdir()?;
+    let repo = local_repo(rdir.path()).await;
+    let r1 = dump(&repo, &dump_opts(&c, "ledger"), &NoProgress).await?;
+    // One row in 200, all over the table: every 1 MiB chunk of the archive changes.
+    c.sql_db(
+        "ledger",
+        "UPDATE entries SET amount = amount + 1 WHERE id % 200 = 0",
+    )?;
+    let r2 = dump(&repo, &dump_opts(&c, "ledger"), &NoProgress).await?;
+    assert_eq!(r2.exit_code(), 0, "{r2}");
+    assert!(
+        r2.totals.new_bytes * 10 > r1.totals.new_bytes * 9,
+        "chunks were left unchanged ({} new bytes of {}): the test no longer tests deltas",
+        r2.totals.new_bytes,
+        r1.totals.new_bytes
+    );
+    assert!(
+        r2.totals.stored_bytes * 8 < r1.totals.stored_bytes,
+        "second dump stored {} bytes, the first {}",
+        r2.totals.stored_bytes,
+        r1.totals.stored_bytes
+    );
+    let opts = RestoreDumpOptions {
+        create: true,
+        ..restore_opts(&c, &r2.id, "ledger_copy")
+    };
+    let rr = restore_dump(&repo, &opts, &NoProgress).await?;
+    assert_eq!(rr.exit_code(), 0, "{rr}");
+    assert_same_db(&c, "ledger", &c, "ledger_copy");
+    let check = repo
+        .check(pgkeep_repo::CheckOptions { read_data: true })
+        .await?;
+    assert!(check.is_ok(), "{:?}", check.problems);
+    Ok(())
+}

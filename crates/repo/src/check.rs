@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use crate::error::{RepoError, Result};
 use crate::id::{BlobId, Id, PackId};
-use crate::pack::{decode_blob, pack_key, read_pack_header};
+use crate::pack::{decode_blob, pack_key, read_pack_header, BasePlaintexts};
 use crate::repository::Repository;
 
 /// A pack's id, the bytes read, each problem found (with the blob concerned, if any), and
@@ -89,13 +89,22 @@ impl Repository {
         // Index files, each verified on its own so one bad file is named, not fatal.
         let mut indexed: HashMap<PackId, (u64, Vec<crate::format::IndexBlob>)> = HashMap::new();
         let mut blob_pack: HashMap<BlobId, PackId> = HashMap::new();
+        // The bases of each delta blob, for the copy `blob_pack` names.
+        let mut deltas: HashMap<BlobId, Vec<BlobId>> = HashMap::new();
         for m in storage.list("index/").await? {
             r.index_files += 1;
             match self.read_index_file(&m.key).await {
                 Ok(f) => {
                     for p in f.packs {
                         for b in &p.blobs {
-                            blob_pack.entry(b.id).or_insert(p.id);
+                            if let std::collections::hash_map::Entry::Vacant(v) =
+                                blob_pack.entry(b.id)
+                            {
+                                v.insert(p.id);
+                                if let Some(d) = p.deltas.iter().find(|d| d.id == b.id) {
+                                    deltas.insert(b.id, d.bases.clone());
+                                }
+                            }
                         }
                         indexed.insert(p.id, (p.size, p.blobs));
                     }
@@ -139,16 +148,44 @@ impl Repository {
             ));
         }
 
-        // Read every pack in full.
+        // Every delta's bases are indexed full blobs (invariant 8).
         let mut bad_blobs: HashSet<BlobId> = HashSet::new();
+        let mut delta_list: Vec<(&BlobId, &Vec<BlobId>)> = deltas.iter().collect();
+        delta_list.sort();
+        for (id, bases) in delta_list {
+            for b in bases {
+                let why = if !blob_pack.contains_key(b) {
+                    "is in no index"
+                } else if deltas.contains_key(b) {
+                    "is itself a delta"
+                } else {
+                    continue;
+                };
+                r.problem(
+                    format!("{} blob {id}", pack_key(&blob_pack[id])),
+                    format!("its delta base {b} {why}: the blob cannot be decoded"),
+                );
+                bad_blobs.insert(*id);
+            }
+        }
+
+        // Read every pack in full.
         if opts.read_data {
-            let todo: Vec<(PackId, Vec<crate::format::IndexBlob>)> = indexed
+            let todo: Vec<(PackId, Vec<crate::format::IndexBlob>, Vec<BlobId>)> = indexed
                 .iter()
                 .filter(|(id, _)| !bad_packs.contains(id))
-                .map(|(id, (_, b))| (*id, b.clone()))
+                .map(|(id, (_, b))| {
+                    let bases: Vec<BlobId> = b
+                        .iter()
+                        .filter_map(|x| deltas.get(&x.id))
+                        .flatten()
+                        .copied()
+                        .collect();
+                    (*id, b.clone(), bases)
+                })
                 .collect();
             let results: Vec<PackVerdict> = stream::iter(todo)
-                .map(|(id, blobs)| {
+                .map(|(id, blobs, bases)| {
                     let repo = self.clone();
                     async move {
                         let key = pack_key(&id);
@@ -158,8 +195,13 @@ impl Repository {
                         };
                         let n = data.len() as u64;
                         let sealer = repo.sealer().clone();
+                        // An unreadable base shows as the failure of each delta blob on it.
+                        let bases = repo.load_bases(&bases).await.unwrap_or_else(|e| {
+                            tracing::warn!("delta bases of pack {id}: {e}");
+                            BasePlaintexts::new()
+                        });
                         let (found, each) = tokio::task::spawn_blocking(move || {
-                            verify_pack(&sealer, &id, &data, &blobs)
+                            verify_pack(&sealer, &id, &data, &blobs, &bases)
                         })
                         .await
                         .unwrap_or_else(|e| {
@@ -211,19 +253,26 @@ impl Repository {
             };
             let mut damaged = false;
             let mut reported = 0;
+            let damage = |id: &BlobId| match blob_pack.get(id) {
+                None => Some(format!("blob {id} that is in no index")),
+                Some(p) if bad_packs.contains(p) => {
+                    Some(format!("blob {id} in damaged or missing pack {p}"))
+                }
+                Some(_) if bad_blobs.contains(id) => Some(format!("damaged blob {id}")),
+                _ => None,
+            };
             for s in Repository::stream_refs(&body) {
                 for b in &s.blobs {
-                    let why = match blob_pack.get(&b.id) {
-                        None => Some(format!("references blob {} that is in no index", b.id)),
-                        Some(p) if bad_packs.contains(p) => Some(format!(
-                            "references blob {} in damaged or missing pack {}",
-                            b.id, p
-                        )),
-                        Some(_) if bad_blobs.contains(&b.id) => {
-                            Some(format!("references damaged blob {}", b.id))
-                        }
-                        _ => None,
-                    };
+                    // A delta blob is as good as its bases.
+                    let why = damage(&b.id)
+                        .map(|d| format!("references {d}"))
+                        .or_else(|| {
+                            deltas.get(&b.id)?.iter().find_map(|x| {
+                                damage(x).map(|d| {
+                                    format!("references blob {} whose delta base is {d}", b.id)
+                                })
+                            })
+                        });
                     if let Some(msg) = why {
                         damaged = true;
                         if reported < 10 {
@@ -264,6 +313,7 @@ fn verify_pack(
     id: &PackId,
     data: &[u8],
     indexed: &[crate::format::IndexBlob],
+    bases: &BasePlaintexts,
 ) -> (Vec<(Option<BlobId>, String)>, bool) {
     let mut out = Vec::new();
     if blake3::hash(data).as_bytes() != &id.0 {
@@ -273,7 +323,7 @@ fn verify_pack(
         ));
     }
     let header = match read_pack_header(sealer, data, &id.to_hex()) {
-        Ok(h) => h,
+        Ok(h) => h.blobs,
         Err(e) => {
             out.push((None, e.to_string()));
             // Fall back to the index's view so each blob is still checked and named.
@@ -300,7 +350,15 @@ fn verify_pack(
             out.push((Some(b.id), "blob extends past the end of the pack".into()));
             continue;
         }
-        if let Err(err) = decode_blob(sealer, &mut d, &b.id, b.raw_length, &data[s..e], &name) {
+        if let Err(err) = decode_blob(
+            sealer,
+            &mut d,
+            &b.id,
+            b.raw_length,
+            &data[s..e],
+            bases,
+            &name,
+        ) {
             let msg = match err {
                 RepoError::Integrity { reason, .. } => reason,
                 other => other.to_string(),

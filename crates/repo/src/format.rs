@@ -126,6 +126,17 @@ pub struct IndexBlob {
     pub raw_length: u32,
 }
 
+/// The bases of one delta blob: full blobs whose plaintexts, concatenated in this order, are
+/// the zstd reference prefix it was compressed against. A base is never itself a delta.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexDelta {
+    /// The delta blob.
+    pub id: BlobId,
+    /// Its bases, in prefix order.
+    pub bases: Vec<BlobId>,
+}
+
 /// One pack and its blobs, as listed in an index file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,6 +147,9 @@ pub struct IndexPack {
     pub size: u64,
     /// Blobs in the pack.
     pub blobs: Vec<IndexBlob>,
+    /// The bases of the pack's delta blobs (absent when it holds none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<IndexDelta>,
 }
 
 /// An `index/<id>` object (sealed, zstd-compressed JSON).

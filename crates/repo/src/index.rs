@@ -1,6 +1,7 @@
 //! The in-memory index: which pack holds each blob.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::format::{IndexFile, IndexPack};
 use crate::id::{BlobId, PackId};
@@ -24,6 +25,8 @@ pub struct Index {
     blobs: HashMap<BlobId, BlobLocation>,
     packs: Vec<(PackId, u64)>,
     pack_numbers: HashMap<PackId, u32>,
+    /// The bases of every delta blob, for the location the index chose.
+    bases: HashMap<BlobId, Arc<[BlobId]>>,
 }
 
 impl Index {
@@ -46,13 +49,30 @@ impl Index {
             }
         };
         for b in &p.blobs {
-            self.blobs.entry(b.id).or_insert(BlobLocation {
-                pack: n,
-                offset: b.offset,
-                length: b.length,
-                raw_length: b.raw_length,
-            });
+            if let std::collections::hash_map::Entry::Vacant(v) = self.blobs.entry(b.id) {
+                v.insert(BlobLocation {
+                    pack: n,
+                    offset: b.offset,
+                    length: b.length,
+                    raw_length: b.raw_length,
+                });
+                // The same plaintext may be stored in full in one pack and as a delta in
+                // another: the bases are those of the copy the index reads.
+                if let Some(d) = p.deltas.iter().find(|d| d.id == b.id) {
+                    self.bases.insert(b.id, d.bases.clone().into());
+                }
+            }
         }
+    }
+
+    /// The bases of a delta blob; `None` for a full blob (or one not indexed).
+    pub fn bases_of(&self, id: &BlobId) -> Option<Arc<[BlobId]>> {
+        self.bases.get(id).cloned()
+    }
+
+    /// Number of delta blobs.
+    pub fn delta_count(&self) -> usize {
+        self.bases.len()
     }
 
     /// True when the blob is indexed.

@@ -10,7 +10,7 @@ use crate::error::{RepoError, Result};
 use crate::format::StreamRef;
 use crate::id::{BlobId, PackId};
 use crate::index::BlobLocation;
-use crate::pack::{decode_blob, decode_blob_into, pack_key};
+use crate::pack::{decode_blob, decode_blob_into, pack_key, BasePlaintexts};
 use crate::repository::Repository;
 use pgkeep_storage::{AlignedBuf, DIRECT_IO_ALIGN};
 
@@ -76,18 +76,57 @@ fn with_decompressor<T>(
     })
 }
 
-/// Decodes the blobs of one range read, handing each to a visitor with its index.
+/// Decodes the blobs of one range read (with the bases its delta blobs need), handing each
+/// to a visitor with its index.
 trait DecodeRequest:
-    Fn(Bytes, &mut dyn FnMut(usize, Vec<u8>) -> Result<()>) -> Result<()> + Clone + Send + 'static
+    Fn(Bytes, &BasePlaintexts, &mut dyn FnMut(usize, Vec<u8>) -> Result<()>) -> Result<()>
+    + Clone
+    + Send
+    + 'static
 {
 }
 
 impl<F> DecodeRequest for F where
-    F: Fn(Bytes, &mut dyn FnMut(usize, Vec<u8>) -> Result<()>) -> Result<()>
+    F: Fn(Bytes, &BasePlaintexts, &mut dyn FnMut(usize, Vec<u8>) -> Result<()>) -> Result<()>
         + Clone
         + Send
         + 'static
 {
+}
+
+/// Decoded bases kept for delta blobs: the delta blobs of a stream share most of their
+/// bases with their neighbours, so each is fetched and decoded about once.
+const BASE_CACHE_BYTES: usize = 32 << 20;
+
+/// A small FIFO cache of base plaintexts (see [`BASE_CACHE_BYTES`]).
+#[derive(Default)]
+pub(crate) struct BaseCache {
+    map: std::collections::HashMap<BlobId, Bytes>,
+    order: std::collections::VecDeque<BlobId>,
+    bytes: usize,
+}
+
+impl BaseCache {
+    fn get(&self, id: &BlobId) -> Option<Bytes> {
+        self.map.get(id).cloned()
+    }
+
+    fn insert(&mut self, id: BlobId, plain: Bytes) {
+        if self.map.contains_key(&id) {
+            return;
+        }
+        self.bytes += plain.len();
+        self.map.insert(id, plain);
+        self.order.push_back(id);
+        while self.bytes > BASE_CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some(b) = self.map.remove(&old) {
+                self.bytes -= b.len();
+            }
+        }
+    }
 }
 
 /// A destination written by position, from several threads at once (a file, through
@@ -160,9 +199,19 @@ impl Repository {
     async fn fetch_then<T, F>(&self, req: &Request, decode: F) -> Result<T>
     where
         T: Send + 'static,
-        F: Fn(Bytes) -> Result<T> + Clone + Send + 'static,
+        F: Fn(Bytes, &BasePlaintexts) -> Result<T> + Clone + Send + 'static,
     {
         let key = pack_key(&req.pack);
+        // Bases first, before a read permit is taken: they are read without one.
+        let needed: Vec<BlobId> = {
+            let index = self.inner.index.read().unwrap();
+            req.blobs
+                .iter()
+                .filter_map(|(id, _)| index.bases_of(id))
+                .flat_map(|b| b.to_vec())
+                .collect()
+        };
+        let bases = Arc::new(self.load_bases(&needed).await?);
         // Bounds what all streams of this process hold at once (stored and decoded bytes),
         // however many files a restore writes in parallel.
         let _permit = RANGE_READS
@@ -184,8 +233,8 @@ impl Repository {
                         ),
                     ));
                 }
-                let decode = decode.clone();
-                tokio::task::spawn_blocking(move || decode(data))
+                let (decode, bases) = (decode.clone(), bases.clone());
+                tokio::task::spawn_blocking(move || decode(data, &bases))
                     .await
                     .map_err(|e| RepoError::Invalid(format!("decode task failed: {e}")))?
             }
@@ -206,7 +255,9 @@ impl Repository {
         let sealer = self.sealer().clone();
         let blobs = Arc::new(req.blobs.clone());
         let (start, pack) = (req.start, req.pack);
-        move |data: Bytes, each: &mut dyn FnMut(usize, Vec<u8>) -> Result<()>| {
+        move |data: Bytes,
+              bases: &BasePlaintexts,
+              each: &mut dyn FnMut(usize, Vec<u8>) -> Result<()>| {
             with_decompressor(|d| {
                 let name = format!("pack {pack}");
                 for (i, (id, loc)) in blobs.iter().enumerate() {
@@ -214,7 +265,7 @@ impl Repository {
                     let stored = &data[s..s + loc.length as usize];
                     each(
                         i,
-                        decode_blob(&sealer, d, id, loc.raw_length, stored, &name)?,
+                        decode_blob(&sealer, d, id, loc.raw_length, stored, bases, &name)?,
                     )?;
                 }
                 Ok(())
@@ -224,9 +275,9 @@ impl Repository {
 
     async fn fetch_and_decode(&self, req: &Request) -> Result<Vec<Vec<u8>>> {
         let decode = self.decode_request(req);
-        self.fetch_then(req, move |data| {
+        self.fetch_then(req, move |data, bases| {
             let mut out = Vec::new();
-            decode(data, &mut |_, b| {
+            decode(data, bases, &mut |_, b| {
                 out.push(b);
                 Ok(())
             })?;
@@ -302,7 +353,7 @@ impl Repository {
                 let blobs = Arc::new(r.blobs.clone());
                 let (start, pack) = (r.start, r.pack);
                 let sink = sink.clone();
-                self.fetch_then(r, move |data| {
+                self.fetch_then(r, move |data, bases| {
                     let total: usize = blobs.iter().map(|(_, l)| l.raw_length as usize).sum();
                     // The decoded range sits in its buffer at the same offset modulo the page
                     // size as in the file, so that the sink can hand its whole pages to the
@@ -323,6 +374,7 @@ impl Repository {
                                 id,
                                 stored,
                                 &mut dst[pos..pos + n],
+                                bases,
                                 &name,
                             )?;
                             pos += n;
@@ -342,6 +394,94 @@ impl Repository {
             written += n?;
         }
         Ok(written)
+    }
+
+    /// The plaintexts of the full blobs `ids` (duplicates allowed), from the base cache or
+    /// fetched and verified in parallel. A base that is itself a delta is refused: bases are
+    /// always full blobs, so decoding never chains.
+    pub async fn load_bases(&self, ids: &[BlobId]) -> Result<BasePlaintexts> {
+        if ids.is_empty() {
+            return Ok(BasePlaintexts::new());
+        }
+        // One caller at a time: the ranges read in parallel share bases with their
+        // neighbours, and each would otherwise fetch and decode the shared ones again.
+        let _turn = self.inner.base_loader.lock().await;
+        let mut out = BasePlaintexts::new();
+        let mut missing = Vec::new();
+        {
+            let cache = self.inner.base_cache.lock().unwrap();
+            for id in ids {
+                if out.contains_key(id) || missing.contains(id) {
+                    continue;
+                }
+                match cache.get(id) {
+                    Some(b) => {
+                        out.insert(*id, b);
+                    }
+                    None => missing.push(*id),
+                }
+            }
+        }
+        let fetched: Vec<Result<(BlobId, Bytes)>> = stream::iter(missing)
+            .map(|id| self.fetch_base(id))
+            .buffer_unordered(4)
+            .collect()
+            .await;
+        let mut cache = self.inner.base_cache.lock().unwrap();
+        for f in fetched {
+            let (id, plain) = f?;
+            cache.insert(id, plain.clone());
+            out.insert(id, plain);
+        }
+        Ok(out)
+    }
+
+    async fn fetch_base(&self, id: BlobId) -> Result<(BlobId, Bytes)> {
+        let (loc, pack, nested) = {
+            let index = self.inner.index.read().unwrap();
+            let loc = index.get(&id).ok_or_else(|| {
+                RepoError::integrity(
+                    format!("blob {id}"),
+                    "a delta base that is in no index (its pack is missing or was never indexed)",
+                )
+            })?;
+            (loc, index.pack(loc.pack).0, index.bases_of(&id).is_some())
+        };
+        if nested {
+            return Err(RepoError::integrity(
+                format!("blob {id}"),
+                "a delta base that is itself a delta",
+            ));
+        }
+        let (s, e) = (loc.offset as u64, loc.offset as u64 + loc.length as u64);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let data = self.storage().get_range(&pack_key(&pack), s..e).await?;
+            let sealer = self.sealer().clone();
+            let res = tokio::task::spawn_blocking(move || {
+                if data.len() as u64 != e - s {
+                    return Err(RepoError::integrity(
+                        format!("pack {pack}"),
+                        format!("short read: {} of {} bytes", data.len(), e - s),
+                    ));
+                }
+                with_decompressor(|d| {
+                    let name = format!("pack {pack}");
+                    let none = BasePlaintexts::new();
+                    decode_blob(&sealer, d, &id, loc.raw_length, &data, &none, &name)
+                })
+            })
+            .await
+            .map_err(|e| RepoError::Invalid(format!("decode task failed: {e}")))?;
+            match res {
+                Err(e) if attempt == 1 && is_integrity(&e) => {
+                    tracing::warn!("{e}; reading it again");
+                }
+                Err(e) => return Err(e),
+                Ok(plain) => return Ok((id, Bytes::from(plain))),
+            }
+        }
     }
 
     /// Reads one blob.

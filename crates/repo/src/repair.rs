@@ -20,7 +20,7 @@ use serde::Serialize;
 use crate::error::{RepoError, Result};
 use crate::format::{IndexFile, IndexPack, FORMAT_VERSION};
 use crate::id::{Id, PackId};
-use crate::pack::{header_len_from_trailer, pack_key, parse_pack_header, TRAILER_LEN};
+use crate::pack::{header_len_from_trailer, pack_key, parse_pack_header, PackHeader, TRAILER_LEN};
 use crate::repository::Repository;
 use pgkeep_storage::ErrorKind as SErr;
 
@@ -75,7 +75,7 @@ impl Repository {
             }
         }
         report.packs_scanned = todo.len();
-        let headers: Vec<(PackId, u64, Result<Vec<crate::format::IndexBlob>>)> = stream::iter(todo)
+        let headers: Vec<(PackId, u64, Result<PackHeader>)> = stream::iter(todo)
             .map(|(id, size)| async move { (id, size, self.read_header(&id, size).await) })
             .buffer_unordered(8)
             .collect()
@@ -83,7 +83,12 @@ impl Repository {
         let mut packs = Vec::new();
         for (id, size, blobs) in headers {
             match blobs {
-                Ok(blobs) => packs.push(IndexPack { id, size, blobs }),
+                Ok(h) => packs.push(IndexPack {
+                    id,
+                    size,
+                    blobs: h.blobs,
+                    deltas: h.deltas,
+                }),
                 Err(RepoError::Integrity { reason, .. }) => {
                     tracing::warn!("pack {} left out of the index: {reason}", pack_key(&id));
                     report.unreadable_packs.push((pack_key(&id), reason));
@@ -119,7 +124,7 @@ impl Repository {
     }
 
     /// The verified header of one pack, from two range reads (trailer, then header).
-    async fn read_header(&self, id: &PackId, size: u64) -> Result<Vec<crate::format::IndexBlob>> {
+    async fn read_header(&self, id: &PackId, size: u64) -> Result<PackHeader> {
         let key = pack_key(id);
         let name = id.to_hex();
         if size < TRAILER_LEN {

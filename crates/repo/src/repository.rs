@@ -131,6 +131,10 @@ pub(crate) struct RepoInner {
     pub(crate) locks: crate::lock::LockState,
     /// Index files that failed verification at the last load (key, reason).
     pub(crate) damaged_index: RwLock<Vec<(String, String)>>,
+    /// Decoded bases of delta blobs, shared by every reader of this handle.
+    pub(crate) base_cache: std::sync::Mutex<crate::reader::BaseCache>,
+    /// Taken by whoever fetches bases (see `load_bases`).
+    pub(crate) base_loader: tokio::sync::Mutex<()>,
 }
 
 /// An open repository. Cheap to clone; all clones share the index.
@@ -249,6 +253,8 @@ impl Repository {
                 index_files: RwLock::new(Vec::new()),
                 locks: Default::default(),
                 damaged_index: RwLock::new(Vec::new()),
+                base_cache: Default::default(),
+                base_loader: Default::default(),
             }),
         })
     }
@@ -311,6 +317,8 @@ impl Repository {
                 index_files: RwLock::new(Vec::new()),
                 locks: Default::default(),
                 damaged_index: RwLock::new(Vec::new()),
+                base_cache: Default::default(),
+                base_loader: Default::default(),
             }),
         })
     }

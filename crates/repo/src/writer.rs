@@ -11,11 +11,16 @@
 //! Every channel is bounded, so memory stays flat whatever the input size: roughly
 //! (2N chunks + 2N sealed blobs) x chunk size + (U + 1) x pack size.
 //!
+//! A stream ingested as a new version of another ([`BlobWriter::ingest_reader_against`])
+//! has its new chunks compressed against the parent's chunks at the same place (a zstd
+//! reference prefix, see [`DeltaPlanner`]) when that makes them less than half as big:
+//! a dump whose rows changed here and there stores the changes, not the chunks around them.
+//!
 //! Write order (invariant 2): a pack is uploaded completely before any index file names it,
 //! and [`BlobWriter::finish`] returns only after every pack and index file is stored, so a
 //! manifest saved afterwards references only committed blobs.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Read;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,7 +32,7 @@ use serde::Serialize;
 use crate::error::{RepoError, Result};
 use crate::format::{BlobRef, IndexFile, IndexPack, StreamRef, FORMAT_VERSION};
 use crate::id::BlobId;
-use crate::pack::{encode_blob, pack_key, PackWriter};
+use crate::pack::{encode_blob, encode_delta_blob, pack_key, PackWriter, MAX_DELTA_BASES};
 use crate::repository::Repository;
 
 /// Tuning of one writer.
@@ -73,10 +78,13 @@ pub struct WriteStats {
     pub stored_bytes: u64,
     /// Index files written.
     pub index_files: u64,
+    /// New blobs stored as deltas against a parent stream's blobs.
+    pub blobs_delta: u64,
 }
 
 #[derive(Default)]
 struct Counters {
+    blobs_delta: AtomicU64,
     bytes_in: AtomicU64,
     bytes_new: AtomicU64,
     blobs_new: AtomicU64,
@@ -90,12 +98,99 @@ struct Job {
     id: BlobId,
     /// A slice of the block it was cut from: shared, never copied.
     data: Bytes,
+    /// Full blobs to try as delta bases (empty: store it in full).
+    bases: Vec<BlobId>,
 }
 
 struct Sealed {
     id: BlobId,
     bytes: Vec<u8>,
     raw_len: u32,
+    /// The bases it was stored against (empty: a full blob).
+    bases: Vec<BlobId>,
+}
+
+/// Largest reference prefix of one delta blob (the sum of its bases' lengths).
+const MAX_DELTA_PREFIX: u64 = 16 << 20;
+
+/// Chooses delta bases for the new chunks of a stream from the stream it is a new version
+/// of. Chunks both streams share are anchors: a new chunk at `anchor + d` in the new stream
+/// most likely replaces what sat at `anchor + d` in the parent, so the parent's chunks
+/// overlapping that range (each resolved to its full bases when it is a delta itself) are the
+/// candidates. Insertions and deletions between anchors shift this guess, which long-distance
+/// matching over the whole prefix absorbs.
+pub(crate) struct DeltaPlanner {
+    /// Start offset of each parent chunk that is a usable base, in stream order, with the
+    /// full blobs standing for it and their total length.
+    parent: Vec<(u64, u32, Arc<[BlobId]>, u64)>,
+    /// Where each parent blob starts (its first occurrence).
+    starts: HashMap<BlobId, u64>,
+    /// The last anchor's end in the new stream and in the parent.
+    anchor: (u64, u64),
+}
+
+impl DeltaPlanner {
+    fn new(repo: &Repository, parent: &StreamRef) -> Self {
+        let index = repo.inner.index.read().unwrap();
+        let (mut chunks, mut starts, mut at) = (Vec::new(), HashMap::new(), 0u64);
+        for b in &parent.blobs {
+            starts.entry(b.id).or_insert(at);
+            let bases: Arc<[BlobId]> = match index.bases_of(&b.id) {
+                Some(bases) => bases,
+                None => Arc::from([b.id]),
+            };
+            let len: Option<u64> = bases
+                .iter()
+                .map(|x| {
+                    let full = index.bases_of(x).is_none();
+                    index.get(x).filter(|_| full).map(|l| l.raw_length as u64)
+                })
+                .sum();
+            if let Some(len) = len {
+                chunks.push((at, b.len, bases, len));
+            }
+            at += b.len as u64;
+        }
+        DeltaPlanner {
+            parent: chunks,
+            starts,
+            anchor: (0, 0),
+        }
+    }
+
+    /// A chunk of the new stream at `offset` that is already stored.
+    fn seen(&mut self, id: &BlobId, offset: u64, len: u64) {
+        if let Some(&p) = self.starts.get(id) {
+            self.anchor = (offset + len, p + len);
+        }
+    }
+
+    /// The bases to try for a new chunk at `offset`.
+    fn bases_for(&self, offset: u64, len: u64) -> Vec<BlobId> {
+        let guess = self.anchor.1 + (offset - self.anchor.0);
+        let first = self
+            .parent
+            .partition_point(|(s, l, _, _)| s + *l as u64 <= guess);
+        let (mut out, mut prefix) = (Vec::new(), 0u64);
+        for (s, _, bases, blen) in &self.parent[first..] {
+            if *s >= guess + len {
+                break;
+            }
+            if bases.iter().all(|b| out.contains(b)) {
+                continue;
+            }
+            if out.len() + bases.len() > MAX_DELTA_BASES || prefix + blen > MAX_DELTA_PREFIX {
+                break;
+            }
+            for b in bases.iter() {
+                if !out.contains(b) {
+                    out.push(*b);
+                }
+            }
+            prefix += blen;
+        }
+        out
+    }
 }
 
 struct Shared {
@@ -194,6 +289,18 @@ impl BlobWriter {
     /// the workers without a copy (fastcdc's StreamCDC copied every chunk out and moved its
     /// buffer down after each one: a tenth of the ingest's CPU).
     pub fn ingest_reader<R: Read>(&self, reader: &mut R) -> Result<StreamRef> {
+        self.ingest_reader_against(reader, None)
+    }
+
+    /// Like [`BlobWriter::ingest_reader`], for a new version of the stream `parent`: new
+    /// chunks are stored as deltas against the parent's chunks at the same place when that
+    /// at least halves them (see [`DeltaPlanner`]).
+    pub fn ingest_reader_against<R: Read>(
+        &self,
+        reader: &mut R,
+        parent: Option<&StreamRef>,
+    ) -> Result<StreamRef> {
+        let mut planner = parent.map(|p| DeltaPlanner::new(&self.shared.repo, p));
         let mut out = StreamRef::default();
         let max = self.shared.repo.config().chunker.max as usize;
         // A block holds several maximal chunks, so that carrying the uncut tail over to the
@@ -207,7 +314,7 @@ impl BlobWriter {
             }
             let lens = self.cuts(&buf, eof);
             let whole = buf.split_to(lens.iter().sum()).freeze();
-            self.store_chunks(&whole, &lens, &mut out)?;
+            self.store_chunks(&whole, &lens, &mut out, planner.as_mut())?;
             if eof && buf.is_empty() {
                 break;
             }
@@ -227,7 +334,7 @@ impl BlobWriter {
     pub fn ingest_shared(&self, data: Bytes) -> Result<StreamRef> {
         let mut out = StreamRef::default();
         let lens = self.cuts(&data, true);
-        self.store_chunks(&data, &lens, &mut out)?;
+        self.store_chunks(&data, &lens, &mut out, None)?;
         self.check_failed()?;
         Ok(out)
     }
@@ -252,8 +359,14 @@ impl BlobWriter {
     }
 
     /// Hashes, deduplicates and queues the chunks of `whole` (of lengths `lens`), appending
-    /// them to `out`.
-    fn store_chunks(&self, whole: &Bytes, lens: &[usize], out: &mut StreamRef) -> Result<()> {
+    /// them to `out`; `planner` picks delta bases for the new ones.
+    fn store_chunks(
+        &self,
+        whole: &Bytes,
+        lens: &[usize],
+        out: &mut StreamRef,
+        mut planner: Option<&mut DeltaPlanner>,
+    ) -> Result<()> {
         let sh = &self.shared;
         let tx = sh
             .work_tx
@@ -270,6 +383,7 @@ impl BlobWriter {
             let data = whole.slice(pos..pos + len);
             pos += len;
             let id = sealer.blob_id(&data);
+            let offset = out.size;
             out.size += len as u64;
             out.blobs.push(BlobRef {
                 id,
@@ -284,10 +398,17 @@ impl BlobWriter {
                 sh.counters
                     .bytes_new
                     .fetch_add(len as u64, Ordering::Relaxed);
-                if tx.send(Job { id, data }).is_err() {
+                let bases = planner
+                    .as_deref()
+                    .map(|p| p.bases_for(offset, len as u64))
+                    .unwrap_or_default();
+                if tx.send(Job { id, data, bases }).is_err() {
                     break;
                 }
             } else {
+                if let Some(p) = planner.as_deref_mut() {
+                    p.seen(&id, offset, len as u64);
+                }
                 sh.counters.blobs_dedup.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -317,6 +438,7 @@ impl BlobWriter {
             packs: c.packs.load(Ordering::Relaxed),
             stored_bytes: c.stored_bytes.load(Ordering::Relaxed),
             index_files: c.index_files.load(Ordering::Relaxed),
+            blobs_delta: c.blobs_delta.load(Ordering::Relaxed),
         }
     }
 
@@ -359,12 +481,21 @@ fn seal_worker(sh: Arc<Shared>, rx: Receiver<Job>, tx: Sender<Sealed>) {
             continue; // drain so senders never block
         }
         let mut out = Vec::with_capacity(job.data.len() / 2 + 64);
-        match encode_blob(&sealer, &mut compressor, &job.id, &job.data, &mut out) {
-            Ok(()) => {
+        let res = match encode_job(&sh, &sealer, &mut compressor, &job, &mut out) {
+            Ok(true) => Ok(job.bases.clone()),
+            Ok(false) => Ok(vec![]),
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(bases) => {
+                if !bases.is_empty() {
+                    sh.counters.blobs_delta.fetch_add(1, Ordering::Relaxed);
+                }
                 let s = Sealed {
                     id: job.id,
                     bytes: out,
                     raw_len: job.data.len() as u32,
+                    bases,
                 };
                 if tx.send(s).is_err() {
                     return;
@@ -373,6 +504,53 @@ fn seal_worker(sh: Arc<Shared>, rx: Receiver<Job>, tx: Sender<Sealed>) {
             Err(e) => sh.fail(e),
         }
     }
+}
+
+/// Encodes the job's chunk into `out`: as a delta when it has bases and the delta is at most
+/// half the size of the chunk compressed on its own (or a sixteenth of the chunk, which
+/// needs no comparison), else in full. True for a delta. A base that cannot be read only
+/// costs the delta: the chunk is then stored in full.
+fn encode_job(
+    sh: &Shared,
+    sealer: &crate::crypto::Sealer,
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    job: &Job,
+    out: &mut Vec<u8>,
+) -> Result<bool> {
+    let plain = &job.data[..];
+    let bases = if job.bases.is_empty() {
+        None
+    } else {
+        match sh.runtime.block_on(sh.repo.load_bases(&job.bases)) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                tracing::warn!("delta bases of a new chunk unreadable, stored in full: {e}");
+                None
+            }
+        }
+    };
+    let Some(bases) = bases else {
+        encode_blob(sealer, compressor, &job.id, plain, out)?;
+        return Ok(false);
+    };
+    let mut prefix = Vec::new();
+    for b in &job.bases {
+        prefix.extend_from_slice(&bases[b]);
+    }
+    let level = sh.repo.config().compression_level;
+    let delta = |max: usize, out: &mut Vec<u8>| {
+        encode_delta_blob(sealer, level, &job.id, plain, &job.bases, &prefix, max, out)
+    };
+    if delta(plain.len() / 16, out)? {
+        return Ok(true);
+    }
+    let mut full = Vec::with_capacity(plain.len() / 2 + 64);
+    encode_blob(sealer, compressor, &job.id, plain, &mut full)?;
+    if delta(full.len() / 2, out)? {
+        return Ok(true);
+    }
+    *out = full;
+    Ok(false)
 }
 
 fn packer(sh: Arc<Shared>, rx: Receiver<Sealed>) {
@@ -387,7 +565,7 @@ fn packer(sh: Arc<Shared>, rx: Receiver<Sealed>) {
         if sh.failed.load(Ordering::Relaxed) {
             continue;
         }
-        pack.add(s.id, &s.bytes, s.raw_len);
+        pack.add(s.id, &s.bytes, s.raw_len, &s.bases);
         if pack.len() >= target {
             let full = std::mem::replace(
                 &mut pack,
@@ -403,7 +581,7 @@ fn packer(sh: Arc<Shared>, rx: Receiver<Sealed>) {
 
 fn upload(sh: &Arc<Shared>, pack: PackWriter, tokens: &Receiver<()>, give_back: &Sender<()>) {
     let sealer = sh.repo.sealer().clone();
-    let (id, bytes, blobs) = pack.finish(&sealer);
+    let (id, bytes, header) = pack.finish(&sealer);
     if tokens.recv().is_err() {
         return;
     }
@@ -417,7 +595,12 @@ fn upload(sh: &Arc<Shared>, pack: PackWriter, tokens: &Receiver<()>, give_back: 
                 sh2.counters.stored_bytes.fetch_add(size, Ordering::Relaxed);
                 {
                     let mut p = sh2.pending_index.lock().unwrap();
-                    p.0.push(IndexPack { id, size, blobs });
+                    p.0.push(IndexPack {
+                        id,
+                        size,
+                        blobs: header.blobs,
+                        deltas: header.deltas,
+                    });
                     p.1.get_or_insert_with(std::time::Instant::now);
                 }
                 if let Err(e) = flush_index(&sh2, sh2.opts.index_every_packs).await {

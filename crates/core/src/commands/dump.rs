@@ -562,7 +562,16 @@ pub(crate) async fn ingest_stdout(
     writer: &BlobWriter,
     child: &mut ToolChild,
     progress: &dyn Progress,
+    parent: Option<&StreamRef>,
 ) -> Result<StreamRef> {
+    // The parent's head blob is left out: the rest of the archive lines up with the rest.
+    let parent_rest = parent.and_then(|p| {
+        let head = p.blobs.first()?;
+        (head.len as usize == HEAD_BYTES).then(|| StreamRef {
+            size: p.size - head.len as u64,
+            blobs: p.blobs[1..].to_vec(),
+        })
+    });
     let stdout = child
         .take_stdout()
         .ok_or_else(|| Error::new(ErrorKind::Failure, "the child's stdout is not a pipe"))?;
@@ -587,7 +596,7 @@ pub(crate) async fn ingest_stdout(
             })?;
         let mut stream = w.ingest_bytes(&head)?;
         if head.len() == HEAD_BYTES {
-            let rest = w.ingest_reader(&mut r)?;
+            let rest = w.ingest_reader_against(&mut r, parent_rest.as_ref())?;
             stream.size += rest.size;
             stream.blobs.extend(rest.blobs);
         }
@@ -808,13 +817,15 @@ pub(crate) async fn dump_locked(
     drop(client);
     let pg_dump_version = tool_version("pg_dump").await?;
 
+    let previous = previous_dumps(repo, &opts.cluster).await;
     let writer = repo.writer(WriterOptions::default());
     let result = async {
         let mut dumped = Vec::new();
         let globals = if opts.all {
             progress.note("pg_dumpall --globals-only");
             let mut child = pgkeep_pg::dump::pg_dumpall_globals(params).map_err(pg_err)?;
-            let stream = match ingest_stdout(&writer, &mut child, progress).await {
+            let parent = previous.globals.as_ref();
+            let stream = match ingest_stdout(&writer, &mut child, progress, parent).await {
                 Ok(s) => s,
                 Err(e) => {
                     child.kill().await;
@@ -827,7 +838,19 @@ pub(crate) async fn dump_locked(
             None
         };
         for db in &databases {
-            dumped.push(dump_one(&writer, params, db, server_version_num, opts, progress).await?);
+            let parent = previous.databases.get(db);
+            dumped.push(
+                dump_one(
+                    &writer,
+                    params,
+                    db,
+                    server_version_num,
+                    opts,
+                    progress,
+                    parent,
+                )
+                .await?,
+            );
         }
         Ok::<_, Error>((globals, dumped))
     }
@@ -1014,7 +1037,52 @@ pub(crate) async fn load_properties(
     })
 }
 
-/// Dumps one database into `writer`.
+/// The archives of the newest earlier dumps of a cluster, per database: a new dump is
+/// stored as deltas against them where its chunks changed.
+#[derive(Default)]
+struct PreviousDumps {
+    databases: std::collections::HashMap<String, StreamRef>,
+    globals: Option<StreamRef>,
+}
+
+/// How many earlier dumps are looked through for a database's previous archive.
+const PREVIOUS_DUMPS_SEARCHED: usize = 8;
+
+/// Finds [`PreviousDumps`]. A manifest that cannot be read is passed over: it only costs
+/// the deltas.
+async fn previous_dumps(repo: &Repository, cluster: &str) -> PreviousDumps {
+    let mut out = PreviousDumps::default();
+    let Ok(ids) = manifest::list_ids(repo, cluster).await else {
+        return out;
+    };
+    let mut searched = 0;
+    for id in ids.iter().rev() {
+        let Ok(v) = repo.load_manifest(cluster, id).await else {
+            continue;
+        };
+        if v.get("kind").and_then(|k| k.as_str()) != Some(KIND_DUMP) {
+            continue;
+        }
+        let Ok(m) = DumpManifest::from_value(v) else {
+            continue;
+        };
+        for d in m.databases {
+            out.databases.entry(d.name).or_insert(d.stream);
+        }
+        if out.globals.is_none() {
+            out.globals = m.globals;
+        }
+        searched += 1;
+        if searched == PREVIOUS_DUMPS_SEARCHED {
+            break;
+        }
+    }
+    out
+}
+
+/// Dumps one database into `writer`, as deltas against `parent` (its previous archive)
+/// where that pays.
+#[allow(clippy::too_many_arguments)]
 async fn dump_one(
     writer: &BlobWriter,
     params: &ConnParams,
@@ -1022,6 +1090,7 @@ async fn dump_one(
     server_version_num: u32,
     opts: &DumpOptions,
     progress: &dyn Progress,
+    parent: Option<&StreamRef>,
 ) -> Result<DumpedDatabase> {
     let started = Instant::now();
     let client = connect_db(params, db).await?;
@@ -1071,7 +1140,7 @@ async fn dump_one(
     let mut child = pgkeep_pg::dump::pg_dump(params, db, &args).map_err(pg_err)?;
     // The archive streams in while the counts run in the same snapshot on our connection.
     let (ingest, counts) = tokio::join!(
-        ingest_stdout(writer, &mut child, progress),
+        ingest_stdout(writer, &mut child, progress, parent),
         count_rows(&client, opts.exact_count_max_bytes, snapshot.is_some())
     );
     progress.end();
