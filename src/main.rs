@@ -443,11 +443,16 @@ fn emit<R: Report>(json: bool, report: &R) -> i32 {
     } else {
         write!(out, "{report}")
     };
-    let _ = out.flush();
-    if let Err(e) = printed {
-        // A closed stdout (e.g. `| head`) is not worth a panic; say it and fail.
-        eprintln!("pgkeep: error: cannot write the output: {e}");
-        return ErrorKind::Failure.exit_code();
+    let flushed = out.flush();
+    match printed.and(flushed) {
+        // The reader stopped reading (`pgkeep list | head`): it chose to see less, the work
+        // is done, so the report's own exit code stands, without a word on stderr.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+        Err(e) => {
+            eprintln!("pgkeep: error: cannot write the output: {e}");
+            return ErrorKind::Failure.exit_code();
+        }
+        Ok(()) => {}
     }
     if let Some(e) = report.failure() {
         eprint!(
@@ -746,7 +751,12 @@ fn fail(json: bool, err: Error) -> i32 {
     let report = ErrorReport::from_anyhow(&anyhow::Error::from(err));
     if json {
         let doc = serde_json::json!({ "error": report });
-        println!("{}", serde_json::to_string_pretty(&doc).unwrap_or_default());
+        // Not println!: it panics when the reader has gone; the error is on stderr anyway.
+        let _ = writeln!(
+            std::io::stdout(),
+            "{}",
+            serde_json::to_string_pretty(&doc).unwrap_or_default()
+        );
     }
     eprint!("{}", report.render());
     report.exit_code

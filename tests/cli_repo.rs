@@ -484,3 +484,29 @@ fn secrets_never_reach_stdout_or_stderr_even_at_trace_level() {
         );
     }
 }
+
+/// `pgkeep ... | head` used to end with "cannot write the output: Broken pipe" and exit 1
+/// although the command had done its work.
+#[test]
+fn a_reader_that_stops_reading_does_not_turn_a_success_into_an_error() {
+    let s = Sandbox::new();
+    s.run_repo(&["repo", "init", "--no-encryption"], &[])
+        .expect(0);
+    // A pipe whose reading end is closed before pgkeep writes: every write fails with EPIPE.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let repo = s.repo();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pgkeep"))
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", s.path())
+        .env("PGKEEP_CONFIG", s.path().join("empty.toml"))
+        .args(["--repo", repo.to_str().unwrap(), "--json", "repo", "info"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
+}
