@@ -538,15 +538,23 @@ fn encode_job(
         prefix.extend_from_slice(&bases[b]);
     }
     let level = sh.repo.config().compression_level;
-    let delta = |max: usize, out: &mut Vec<u8>| {
-        encode_delta_blob(sealer, level, &job.id, plain, &job.bases, &prefix, max, out)
-    };
-    if delta(plain.len() / 16, out)? {
+    // Compressed against the prefix once, then judged.
+    encode_delta_blob(
+        sealer,
+        level,
+        &job.id,
+        plain,
+        &job.bases,
+        &prefix,
+        usize::MAX,
+        out,
+    )?;
+    if out.len() <= plain.len() / 16 {
         return Ok(true);
     }
     let mut full = Vec::with_capacity(plain.len() / 2 + 64);
     encode_blob(sealer, compressor, &job.id, plain, &mut full)?;
-    if delta(full.len() / 2, out)? {
+    if out.len() <= full.len() / 2 {
         return Ok(true);
     }
     *out = full;

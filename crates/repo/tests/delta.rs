@@ -9,6 +9,7 @@ use std::sync::Arc;
 use pgkeep_repo::{CheckOptions, InitOptions, LockKind, Repository, StreamRef, WriterOptions};
 use pgkeep_storage::conformance::pattern;
 use pgkeep_storage::{LocalStorage, Storage};
+use pgkeep_testing::s3::S3Server;
 
 /// Ingests `data` as a new version of `parent`; returns the stream and the writer's figures.
 async fn ingest(
@@ -53,7 +54,19 @@ fn edited(data: &[u8], seed: u8) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_whose_every_chunk_changed_a_little_is_stored_as_small_deltas() {
     let dir = tempfile::tempdir().unwrap();
-    let storage: Arc<dyn Storage> = Arc::new(LocalStorage::new(dir.path()).unwrap());
+    small_deltas_read_back_and_lost_bases_are_reported(Arc::new(
+        LocalStorage::new(dir.path()).unwrap(),
+    ))
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_seaweedfs_deltas_read_back_and_lost_bases_are_reported() {
+    let server = S3Server::start().await.unwrap();
+    small_deltas_read_back_and_lost_bases_are_reported(server.storage()).await;
+}
+
+async fn small_deltas_read_back_and_lost_bases_are_reported(storage: Arc<dyn Storage>) {
     let repo = Repository::init(storage.clone(), InitOptions::default())
         .await
         .unwrap();
