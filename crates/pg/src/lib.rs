@@ -7,6 +7,7 @@
 //! runners ([`dump`]), and the records of a WAL segment that point-in-time recovery needs
 //! ([`walrecords`]). This crate knows nothing of chunks, packs or encryption.
 
+pub mod archive;
 pub mod checksum;
 pub mod client;
 pub mod control;

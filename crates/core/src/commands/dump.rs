@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use pgkeep_pg::archive::Rechunker;
 use pgkeep_pg::dump::{DatabaseProperties, ToolChild};
 use pgkeep_pg::{ConnParams, PgClient, PgError};
 use pgkeep_repo::{BlobWriter, LockKind, Repository, StreamRef, WriterOptions};
@@ -657,15 +658,34 @@ pub(crate) async fn feed_stdin(
     child: &mut ToolChild,
     progress: &dyn Progress,
 ) -> Result<()> {
+    let file = read_into(repo, stream, stdin_file(child)?, progress).await?;
+    drop(file);
+    Ok(())
+}
+
+/// Like [`feed_stdin`], for a custom-format archive going to pg_restore: its data pieces are
+/// merged on the way ([`Rechunker`]), which spares the server a CopyData message per row.
+pub(crate) async fn feed_archive(
+    repo: &Repository,
+    stream: &StreamRef,
+    child: &mut ToolChild,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let w = Rechunker::new(stdin_file(child)?);
+    let w = read_into(repo, stream, w, progress).await?;
+    w.finish()
+        .map_err(|e| Error::io("writing the archive to pg_restore", e))?;
+    Ok(())
+}
+
+fn stdin_file(child: &mut ToolChild) -> Result<File> {
     let stdin = child
         .take_stdin()
         .ok_or_else(|| Error::new(ErrorKind::Failure, "the child's stdin is not a pipe"))?;
     let fd = stdin
         .into_owned_fd()
         .map_err(|e| Error::io("taking the pipe to pg_restore", e))?;
-    let file = read_into(repo, stream, File::from(fd), progress).await?;
-    drop(file);
-    Ok(())
+    Ok(File::from(fd))
 }
 
 /// Waits for a dump tool and turns its failure into an error naming `what`.

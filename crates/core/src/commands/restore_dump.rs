@@ -21,7 +21,9 @@
 //! The archive is piped from the repository into `pg_restore --single-transaction
 //! --exit-on-error` (so a failing restore leaves the target as it was). `jobs > 1` needs a
 //! seekable file: only then is the archive written to a temporary file (mode 0600, removed
-//! afterwards), and the report says so. Afterwards the target's per-table row counts are
+//! afterwards), and the report says so. Either way the archive's data goes to pg_restore
+//! with its row-sized pieces merged ([`pgkeep_pg::archive`]), so that the server's COPY gets
+//! 64 KiB messages, not one per row. Afterwards the target's per-table row counts are
 //! compared with those recorded at dump time (exact ones by `count(*)`, estimates after an
 //! ANALYZE of those tables); differences are warnings (exit 3). `dry_run` prints the target, the objects (`pg_restore --list`), the size and the
 //! checks it would run, and touches nothing (not even the repository's locks).
@@ -32,15 +34,16 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::time::Instant;
 
+use pgkeep_pg::archive::Rechunker;
 use pgkeep_pg::dump::{DatabaseProperties, PropertyStatement};
 use pgkeep_pg::{ConnParams, PgClient};
 use pgkeep_repo::{LockKind, Repository};
 use serde::{Deserialize, Serialize};
 
 use crate::commands::dump::{
-    self, connect_db, feed_stdin, load_dump, load_properties, pg_err, quote_ident, read_into,
-    refuse_password, sql_err, sql_text, wait_tool, DumpManifest, DumpOptions, DumpedDatabase,
-    SAFETY_LABEL,
+    self, connect_db, feed_archive, feed_stdin, load_dump, load_properties, pg_err, quote_ident,
+    read_into, refuse_password, sql_err, sql_text, wait_tool, DumpManifest, DumpOptions,
+    DumpedDatabase, SAFETY_LABEL,
 };
 use crate::commands::export_dump::create_private;
 use crate::context::Report;
@@ -1203,8 +1206,11 @@ async fn restore_one(
             human_bytes(src.dump_bytes),
             path.display()
         ));
-        let file = create_private(&path)?;
-        let file = read_into(repo, &src.stream, file, progress).await?;
+        let file = Rechunker::new(create_private(&path)?);
+        let (file, _) = read_into(repo, &src.stream, file, progress)
+            .await?
+            .finish()
+            .map_err(|e| Error::io(format!("writing {}", path.display()), e))?;
         file.sync_all().ok();
         drop(file);
         args.push(format!("--jobs={}", opts.jobs));
@@ -1218,7 +1224,7 @@ async fn restore_one(
         args.push("--single-transaction".into());
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut child = pgkeep_pg::dump::pg_restore(params, &p.target, &refs).map_err(pg_err)?;
-        let fed = feed_stdin(repo, &src.stream, &mut child, progress).await;
+        let fed = feed_archive(repo, &src.stream, &mut child, progress).await;
         // pg_restore's verdict first: when it fails, our broken pipe is only the symptom.
         let w = wait_tool(child, &what).await?;
         fed?;
