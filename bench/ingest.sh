@@ -4,6 +4,9 @@
 # on the same file. Usage: bench/ingest.sh [MiB=1024]
 # Targets (issue 2): ingest at 2 threads >= 0.9x zstd -3 -T2; read-back >= 2x ingest;
 # peak memory < 300 MiB.
+# Then PAIRS (default 5) back-to-back pairs of `zstd -3 -T2` and a 2-thread ingest alone
+# (--no-restore), with each side's CPU seconds: on a host with steal time one run of each
+# can be 30% apart, and the median of ratios of neighbours is what varies least.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MIB=${1:-1024}
@@ -35,3 +38,22 @@ print(f"{name:<26} {r['ingest_mb_s']:10.1f} {r['ingest_mb_s']/z:9.2f}x {r['resto
 PY
   done
 done
+
+PAIRS=${PAIRS:-5}
+[ "$PAIRS" -gt 0 ] || exit 0
+echo "pairs: zstd -3 -T2 then pgkeep T2 ingest (--no-restore); wall s, cpu s (user+sys, pgkeep's with repository set-up)"
+ratios=()
+for i in $(seq "$PAIRS"); do
+  /usr/bin/time -f "%e %U %S" -o "$OUT/z.time" zstd -q -3 -T2 -c "$DATA" > /dev/null
+  /usr/bin/time -f "%e %U %S" -o "$OUT/p.time" "$BIN" run "$DATA" 2 --no-restore > "$OUT/p.json"
+  read -r zw zu zs < "$OUT/z.time"
+  read -r _ pu ps < "$OUT/p.time"
+  # The ingest's own clock: the process's also counts creating and deleting the repository.
+  pw=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["ingest_s"])' "$OUT/p.json")
+  ratio=$(echo "$zw / $pw" | bc -l)
+  ratios+=("$ratio")
+  printf 'pair %d: zstd %.2f s (cpu %.2f) | pgkeep %.2f s (cpu %.2f) | throughput ratio %.3fx | cpu ratio %.3fx\n' \
+    "$i" "$zw" "$(echo "$zu + $zs" | bc -l)" "$pw" "$(echo "$pu + $ps" | bc -l)" "$ratio" \
+    "$(echo "($pu + $ps) / ($zu + $zs)" | bc -l)"
+done
+python3 -c 'import statistics,sys; r=[float(x) for x in sys.argv[1:]]; print(f"median throughput ratio pgkeep/zstd -T2 over {len(r)} pairs: {statistics.median(r):.3f}x (min {min(r):.3f}, max {max(r):.3f})")' "${ratios[@]}"
