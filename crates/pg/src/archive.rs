@@ -86,6 +86,9 @@ pub struct Rechunker<W: Write> {
     state: State,
     /// The header and table of contents, until they are parsed.
     head: Vec<u8>,
+    /// `head` is parsed again once it holds this many bytes: parsing on every write would
+    /// cost quadratic time on a table of contents of millions of objects.
+    parse_at: usize,
     /// The bytes of the field being read (a type byte or an int).
     field: Vec<u8>,
     merged: Vec<u8>,
@@ -102,6 +105,7 @@ impl<W: Write> Rechunker<W> {
             out,
             state: State::Head,
             head: Vec::new(),
+            parse_at: 0,
             field: Vec::new(),
             merged: Vec::with_capacity(TARGET_PIECE + (64 << 10)),
             int_size: 4,
@@ -116,6 +120,12 @@ impl<W: Write> Rechunker<W> {
     /// Writes what is still held (an archive cut short passes its last bytes as they came),
     /// flushes, and returns the writer with the counts.
     pub fn finish(mut self) -> io::Result<(W, RechunkStats)> {
+        if self.state == State::Head && self.parse_at > 0 {
+            // The last bytes may complete a head whose parse was put off.
+            let head = std::mem::take(&mut self.head);
+            self.parse_at = 0;
+            self.feed(&head)?;
+        }
         match self.state {
             State::Head => {
                 self.out.write_all(&self.head)?;
@@ -174,8 +184,13 @@ impl<W: Write> Rechunker<W> {
                 State::Head => {
                     self.head.extend_from_slice(buf);
                     buf = &[];
+                    if self.head.len() < self.parse_at {
+                        continue;
+                    }
                     match parse_head(&self.head) {
-                        Parsed::Need if self.head.len() <= MAX_HEAD => {}
+                        Parsed::Need if self.head.len() <= MAX_HEAD => {
+                            self.parse_at = self.head.len() * 2;
+                        }
                         Parsed::Need | Parsed::Bad => {
                             self.out.write_all(&self.head)?;
                             self.head = Vec::new();

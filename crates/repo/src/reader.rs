@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::{self, StreamExt};
+use futures::FutureExt;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::error::{RepoError, Result};
 use crate::format::StreamRef;
@@ -138,28 +140,12 @@ pub trait PositionalSink: Send + Sync + 'static {
     fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()>;
 }
 
-/// A spawned read that is cancelled when the reader stops waiting for it (an earlier range
-/// failed, or the caller dropped the stream), so no read outlives its stream.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<Result<T>>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-impl<T> std::future::Future for AbortOnDrop<T> {
-    type Output = Result<T>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx).map(|r| match r {
-            Ok(v) => v,
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => Err(RepoError::Invalid(format!("read task failed: {e}"))),
-        })
+/// The result of a spawned read; a panic in it is resumed here.
+fn joined<T>(r: std::result::Result<Result<T>, tokio::task::JoinError>) -> Result<T> {
+    match r {
+        Ok(v) => v,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(RepoError::Invalid(format!("read task failed: {e}"))),
     }
 }
 
@@ -325,7 +311,10 @@ impl Repository {
         let mut results = stream::iter(reqs)
             .map(|r| {
                 let repo = self.clone();
-                AbortOnDrop(tokio::spawn(async move { repo.fetch_and_decode(&r).await }))
+                // Aborted when dropped (an earlier range failed, or the caller gave up), so
+                // no read outlives its stream.
+                AbortOnDropHandle::new(tokio::spawn(async move { repo.fetch_and_decode(&r).await }))
+                    .map(joined)
             })
             .buffered(READS_IN_FLIGHT);
         let mut written = 0u64;
