@@ -126,8 +126,46 @@ async fn main() {
                 peak_rss_kib() as f64 / 1024.0
             );
         }
-        _ => eprintln!("usage: ingest_bench gen FILE MIB | run FILE THREADS [--encrypt]"),
+        Some("files") => files(args[2].parse().unwrap(), args[3].parse().unwrap()).await,
+        _ => eprintln!(
+            "usage: ingest_bench gen FILE MIB | run FILE THREADS [--encrypt] | files COUNT KIB"
+        ),
     }
+}
+
+/// Ingests COUNT different inputs of KIB KiB each through one 2-thread writer, each by its
+/// own `ingest_reader` call, as a physical backup does with a cluster's small files.
+async fn files(count: usize, kib: usize) {
+    let dir =
+        tempfile::tempdir_in(std::env::var("BENCH_REPO_DIR").unwrap_or("/tmp".into())).unwrap();
+    let storage = Arc::new(LocalStorage::new(dir.path()).unwrap());
+    let repo = Repository::init(storage, InitOptions::default())
+        .await
+        .unwrap();
+    let t = Instant::now();
+    let w = repo.writer(WriterOptions {
+        threads: 2,
+        ..Default::default()
+    });
+    let w2 = w.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut data = vec![0u8; kib << 10];
+        for _ in 0..count {
+            rng.fill_bytes(&mut data);
+            w2.ingest_reader(&mut &data[..]).unwrap();
+        }
+    })
+    .await
+    .unwrap();
+    let stats = w.finish().await.unwrap();
+    let s = t.elapsed().as_secs_f64();
+    println!(
+        "{{\"files\":{count},\"kib\":{kib},\"s\":{s:.3},\"files_per_s\":{:.0},\"blobs\":{},\"peak_rss_mib\":{:.1}}}",
+        count as f64 / s,
+        stats.blobs_new,
+        peak_rss_kib() as f64 / 1024.0
+    );
 }
 
 struct Sink(u64);

@@ -7,6 +7,7 @@
 //! invariants every part upholds.
 
 pub mod check;
+mod chunker;
 pub mod crypto;
 pub mod error;
 pub mod format;

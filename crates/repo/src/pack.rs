@@ -73,6 +73,22 @@ fn looks_incompressible(compressor: &mut zstd::bulk::Compressor<'_>, plain: &[u8
     })
 }
 
+/// Largest zstd block of a full blob: just under zstd's 128 KiB default, which switches off
+/// zstd 1.5.7's block pre-splitter (it only splits blocks of the full 128 KiB). The splitter
+/// sampled every block to look for a better cut: 4.4% of the ingest's instructions
+/// (callgrind, 64 MiB of `bench/ingest.sh`'s mixed data) for 0.07% smaller packs. Blocks
+/// are a compressor-side choice; any zstd decoder reads them.
+const BLOB_BLOCK_MAX: u32 = 127 << 10;
+
+/// The compressor [`encode_blob`] expects: zstd at `level` with [`BLOB_BLOCK_MAX`] blocks.
+pub fn blob_compressor(level: i32) -> Result<zstd::bulk::Compressor<'static>> {
+    let zerr = |e: std::io::Error| RepoError::Invalid(format!("zstd init failed: {e}"));
+    let mut c = zstd::bulk::Compressor::new(level).map_err(zerr)?;
+    c.set_parameter(zstd::zstd_safe::CParameter::MaxBlockSize(BLOB_BLOCK_MAX))
+        .map_err(zerr)?;
+    Ok(c)
+}
+
 /// Compresses and seals one blob (stored raw when compression would not shrink it, or
 /// when [`looks_incompressible`] says so). `compressor` is reused per thread.
 pub fn encode_blob(
@@ -479,7 +495,7 @@ mod tests {
     use crate::crypto::MasterKey;
 
     fn roundtrip(sealer: Sealer) {
-        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        let mut c = blob_compressor(3).unwrap();
         let mut d = zstd::bulk::Decompressor::new().unwrap();
         let blobs: Vec<Vec<u8>> = vec![
             vec![7u8; 100_000],
@@ -630,7 +646,7 @@ mod tests {
     }
 
     fn encoded(sealer: &Sealer, plain: &[u8]) -> Vec<u8> {
-        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        let mut c = blob_compressor(3).unwrap();
         let mut out = Vec::new();
         encode_blob(sealer, &mut c, &sealer.blob_id(plain), plain, &mut out).unwrap();
         let mut d = zstd::bulk::Decompressor::new().unwrap();
@@ -652,7 +668,7 @@ mod tests {
     fn an_incompressible_chunk_is_stored_raw_without_compressing_it() {
         let sealer = Sealer::Plain;
         let plain = noise(1 << 20, 1);
-        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        let mut c = blob_compressor(3).unwrap();
         assert!(looks_incompressible(&mut c, &plain));
         let out = encoded(&sealer, &plain);
         assert_eq!(out[sealer.blob_header_len()], FRAME_RAW);
@@ -671,7 +687,7 @@ mod tests {
         while plain.len() < 1 << 20 {
             plain.extend_from_slice(b"INSERT INTO orders VALUES (42, 'new', 17.50, now());\n");
         }
-        let mut c = zstd::bulk::Compressor::new(3).unwrap();
+        let mut c = blob_compressor(3).unwrap();
         assert!(!looks_incompressible(&mut c, &plain));
         let out = encoded(&sealer, &plain);
         assert!(
