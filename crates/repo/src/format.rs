@@ -20,10 +20,13 @@ pub struct ChunkerParams {
     pub max: u32,
 }
 
+/// The parameters of new repositories. The minimum was 256 KiB before December 2026; 512 KiB
+/// (restic's) spares the chunker a quarter of its scanning, for chunks a little larger (64 MiB
+/// of `bench/ingest.sh`'s data: 53 chunks instead of 56).
 impl Default for ChunkerParams {
     fn default() -> Self {
         ChunkerParams {
-            min: 256 * 1024,
+            min: 512 * 1024,
             avg: 1024 * 1024,
             max: 4 * 1024 * 1024,
         }
