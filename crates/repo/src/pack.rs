@@ -75,7 +75,7 @@ fn looks_incompressible(compressor: &mut zstd::bulk::Compressor<'_>, plain: &[u8
 
 /// Largest zstd block of a full blob: just under zstd's 128 KiB default, which switches off
 /// zstd 1.5.7's block pre-splitter (it only splits blocks of the full 128 KiB). The splitter
-/// sampled every block to look for a better cut: 4.4% of the ingest's instructions
+/// sampled every block to look for a better cut: 5.8% of the ingest's instructions
 /// (callgrind, 64 MiB of `bench/ingest.sh`'s mixed data) for 0.07% smaller packs. Blocks
 /// are a compressor-side choice; any zstd decoder reads them.
 const BLOB_BLOCK_MAX: u32 = 127 << 10;
