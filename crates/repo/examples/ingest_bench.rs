@@ -1,7 +1,7 @@
 //! Ingest and read-back throughput of the repository engine, for bench/ingest.sh.
 //!
 //! `ingest_bench gen FILE MIB`      writes MIB MiB of mixed data (half text-like, half random)
-//! `ingest_bench run FILE THREADS [--encrypt] [--no-restore]`  ingests FILE into a fresh repository in a temp
+//! `ingest_bench run FILE THREADS [--encrypt] [--no-restore] [--pieces BYTES]`  ingests FILE into a fresh repository in a temp
 //!     directory, reads it back, and prints one JSON line: seconds, MB/s, stored bytes and the
 //!     peak resident memory (VmHWM) of this process.
 
@@ -65,6 +65,11 @@ async fn main() {
             let file = args[2].clone();
             let threads: usize = args[3].parse().unwrap();
             let encrypt = args.iter().any(|a| a == "--encrypt");
+            // As a physical backup stores relation files (relation_chunk_size).
+            let pieces: Option<usize> = args
+                .iter()
+                .position(|a| a == "--pieces")
+                .map(|i| args[i + 1].parse().unwrap());
             let dir =
                 tempfile::tempdir_in(std::env::var("BENCH_REPO_DIR").unwrap_or("/tmp".into()))
                     .unwrap();
@@ -87,7 +92,10 @@ async fn main() {
             let stream = tokio::task::spawn_blocking(move || {
                 let mut r =
                     std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(f2).unwrap());
-                w2.ingest_reader(&mut r)
+                match pieces {
+                    Some(p) => w2.ingest_reader_in_pieces(&mut r, p),
+                    None => w2.ingest_reader(&mut r),
+                }
             })
             .await
             .unwrap()
@@ -128,7 +136,7 @@ async fn main() {
         }
         Some("files") => files(args[2].parse().unwrap(), args[3].parse().unwrap()).await,
         _ => eprintln!(
-            "usage: ingest_bench gen FILE MIB | run FILE THREADS [--encrypt] | files COUNT KIB"
+            "usage: ingest_bench gen FILE MIB | run FILE THREADS [--encrypt] [--no-restore] [--pieces BYTES] | files COUNT KIB"
         ),
     }
 }

@@ -351,6 +351,47 @@ impl BlobWriter {
         Ok(out)
     }
 
+    /// Reads `reader` to its end in pieces of `piece` bytes and stores each piece as a stream
+    /// of its own, cut by FastCDC within it (chunks never span pieces); the result is their
+    /// concatenation (a stream is just its blobs in order). BLOCKING, like
+    /// [`BlobWriter::ingest_reader`]. Pieces are read into the writer's reused blocks, so
+    /// no piece is zeroed first.
+    pub fn ingest_reader_in_pieces<R: Read>(
+        &self,
+        reader: &mut R,
+        piece: usize,
+    ) -> Result<StreamRef> {
+        let piece = piece.max(1);
+        let pool = &self.shared.blocks;
+        let mut out = StreamRef::default();
+        loop {
+            let mut block = pool.take(piece);
+            let (n, eof) = fill(reader, &mut block, 0)?;
+            if n == 0 {
+                pool.give(block);
+                break;
+            }
+            let whole = if eof && n <= piece / 4 {
+                let small = Bytes::copy_from_slice(&block[..n]);
+                pool.give(block);
+                small
+            } else {
+                Bytes::from_owner(PooledBlock {
+                    buf: block,
+                    len: n,
+                    pool: pool.clone(),
+                })
+            };
+            let lens = self.cuts(&whole, true);
+            self.store_chunks(&whole, &lens, &mut out, None)?;
+            if eof {
+                break;
+            }
+        }
+        self.check_failed()?;
+        Ok(out)
+    }
+
     /// Stores a byte slice. BLOCKING, like [`BlobWriter::ingest_reader`]. Copies it once;
     /// [`BlobWriter::ingest_shared`] does not.
     pub fn ingest_bytes(&self, data: &[u8]) -> Result<StreamRef> {
@@ -688,8 +729,8 @@ fn fill<R: Read>(reader: &mut R, buf: &mut [u8], have: usize) -> Result<(usize, 
     Ok((n, false))
 }
 
-/// Free input blocks kept for the next read ([`POOL_KEPT`] at most).
-const POOL_KEPT: usize = 2;
+/// Bytes of free input blocks kept for the next reads, at most (two default blocks).
+const POOL_KEPT_BYTES: usize = 32 << 20;
 
 /// Input blocks of a writer, reused. A fresh block per read was zeroed in full and faulted
 /// in page by page: a 16 MiB memset and 4096 page faults for every file, even an 8 KiB one,
@@ -706,18 +747,22 @@ struct BlockPool {
 impl BlockPool {
     /// A block of `len` initialized bytes (a free one, or fresh zeros).
     fn take(&self, len: usize) -> Vec<u8> {
-        match self.free.lock().unwrap().pop() {
-            Some(b) if b.len() == len => b,
-            _ => {
-                self.made.fetch_add(1, Ordering::Relaxed);
-                vec![0u8; len]
-            }
-        }
+        let reused = {
+            let mut free = self.free.lock().unwrap();
+            free.iter()
+                .rposition(|b| b.len() == len)
+                .map(|i| free.swap_remove(i))
+        };
+        reused.unwrap_or_else(|| {
+            self.made.fetch_add(1, Ordering::Relaxed);
+            vec![0u8; len]
+        })
     }
 
     fn give(&self, block: Vec<u8>) {
         let mut free = self.free.lock().unwrap();
-        if free.len() < POOL_KEPT {
+        let kept: usize = free.iter().map(Vec::len).sum();
+        if kept + block.len() <= POOL_KEPT_BYTES {
             free.push(block);
         }
     }
@@ -797,6 +842,60 @@ mod tests {
             let mut back = Vec::new();
             repo.read_stream(&s, &mut back).await.unwrap();
             assert!(back == data, "{} bytes read back", data.len());
+        }
+    }
+
+    /// Relation files are stored in fixed pieces (`relation_chunk_size`), each cut on its own:
+    /// chunks never span a piece, the stream reads back whole, whatever the read sizes, and
+    /// the pieces are read into reused blocks (each was a fresh zeroed buffer).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pieces_are_chunked_each_on_its_own_in_reused_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Arc::new(pgkeep_storage::LocalStorage::new(dir.path()).unwrap());
+        let repo = Repository::init(storage, InitOptions::default())
+            .await
+            .unwrap();
+        let c = repo.config().chunker;
+        let piece = 3 << 20;
+        let mut data = vec![0u8; 40 * piece + 12345];
+        rand::rngs::StdRng::seed_from_u64(9).fill_bytes(&mut data);
+        let mut want = Vec::new();
+        for p in data.chunks(piece) {
+            let cdc = fastcdc::v2020::FastCDC::new(p, c.min, c.avg, c.max);
+            want.extend(cdc.map(|ch| ch.length));
+        }
+        let w = repo.writer(WriterOptions {
+            threads: 2,
+            ..Default::default()
+        });
+        let (w2, d2) = (w.clone(), data.clone());
+        let (a, b) = tokio::task::spawn_blocking(move || {
+            let a = w2
+                .ingest_reader_in_pieces(&mut std::io::Cursor::new(&d2), piece)
+                .unwrap();
+            let b = w2
+                .ingest_reader_in_pieces(
+                    &mut Trickle {
+                        data: &d2,
+                        step: 100_000,
+                    },
+                    piece,
+                )
+                .unwrap();
+            (a, b)
+        })
+        .await
+        .unwrap();
+        // At most the pieces in flight (two channels of 2 x 2 jobs, 2 workers, the one read).
+        let made = w.shared.blocks.made.load(Ordering::Relaxed);
+        assert!(made <= 12, "{made} blocks made for 82 pieces");
+        w.finish().await.unwrap();
+        for s in [&a, &b] {
+            let lens: Vec<usize> = s.blobs.iter().map(|b| b.len as usize).collect();
+            assert_eq!(lens, want);
+            let mut back = Vec::new();
+            repo.read_stream(s, &mut back).await.unwrap();
+            assert!(back == data, "read back");
         }
     }
 

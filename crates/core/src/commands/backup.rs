@@ -776,7 +776,7 @@ fn read_one(
         error: None,
     };
     let res = if e.is_relation && cfg.relation_chunk > 0 {
-        ingest_pieces(writer, &mut reader, cfg.relation_chunk)
+        writer.ingest_reader_in_pieces(&mut reader, cfg.relation_chunk)
     } else {
         writer.ingest_reader(&mut reader)
     };
@@ -786,44 +786,6 @@ fn read_one(
     let s = res
         .map_err(|err| Error::new(ErrorKind::Failure, format!("storing {}: {err}", e.rel_path)))?;
     Ok((Some(s), reader.failures))
-}
-
-/// Ingests `reader` in aligned pieces of `piece` bytes; the stream is the concatenation of
-/// the pieces' streams (a stream is just its blobs in order).
-pub(crate) fn ingest_pieces<R: Read>(
-    writer: &BlobWriter,
-    reader: &mut R,
-    piece: usize,
-) -> pgkeep_repo::Result<StreamRef> {
-    let mut out = StreamRef::default();
-    loop {
-        // A fresh buffer per piece, handed over without a copy: its chunks are slices of it.
-        let mut buf = bytes::BytesMut::zeroed(piece);
-        let mut n = 0;
-        while n < piece {
-            match reader.read(&mut buf[n..]) {
-                Ok(0) => break,
-                Ok(k) => n += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    return Err(pgkeep_repo::RepoError::Invalid(format!(
-                        "reading the input failed: {e}"
-                    )))
-                }
-            }
-        }
-        if n == 0 {
-            break;
-        }
-        buf.truncate(n);
-        let s = writer.ingest_shared(buf.freeze())?;
-        out.size += s.size;
-        out.blobs.extend(s.blobs);
-        if n < piece {
-            break;
-        }
-    }
-    Ok(out)
 }
 
 /// Reads a file in page-aligned blocks, checking each complete page of a relation file as it

@@ -36,7 +36,7 @@ use pgkeep_pg::datadir::RelFileName;
 use pgkeep_pg::{ConnParams, ControlFile, Lsn, PgClient, WalFileName, WalSegmentName};
 use pgkeep_repo::{BlobWriter, Repository, StreamRef, WriterOptions};
 
-use crate::commands::backup::{choose_id, ingest_pieces, pg_error, BackupOptions, BackupReport};
+use crate::commands::backup::{choose_id, pg_error, BackupOptions, BackupReport};
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::{
     self, BackupManifest, BackupTotals, EntryKind, FileEntry, PageFailure, WalEntry, KIND_PHYSICAL,
@@ -696,7 +696,7 @@ fn parse_stream<R: Read>(
                 counter,
             };
             if cfg.relation_chunk > 0 && is_relation_path(&path) {
-                ingest_pieces(writer, &mut r, cfg.relation_chunk)
+                writer.ingest_reader_in_pieces(&mut r, cfg.relation_chunk)
             } else {
                 writer.ingest_reader(&mut r)
             }
