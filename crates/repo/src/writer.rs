@@ -325,19 +325,7 @@ impl BlobWriter {
                 pool.give(block);
                 break;
             }
-            // A small input (most files of a cluster) is copied out, so that it does not hold
-            // a whole block until its chunk is sealed.
-            let whole = if eof && n <= block_len / 4 {
-                let small = Bytes::copy_from_slice(&block[..n]);
-                pool.give(block);
-                small
-            } else {
-                Bytes::from_owner(PooledBlock {
-                    buf: block,
-                    len: n,
-                    pool: pool.clone(),
-                })
-            };
+            let whole = pool.share(block, n, eof);
             let lens = self.cuts(&whole, eof);
             let cut: usize = lens.iter().sum();
             self.store_chunks(&whole, &lens, &mut out, planner.as_mut())?;
@@ -371,17 +359,7 @@ impl BlobWriter {
                 pool.give(block);
                 break;
             }
-            let whole = if eof && n <= piece / 4 {
-                let small = Bytes::copy_from_slice(&block[..n]);
-                pool.give(block);
-                small
-            } else {
-                Bytes::from_owner(PooledBlock {
-                    buf: block,
-                    len: n,
-                    pool: pool.clone(),
-                })
-            };
+            let whole = pool.share(block, n, eof);
             let lens = self.cuts(&whole, true);
             self.store_chunks(&whole, &lens, &mut out, None)?;
             if eof {
@@ -732,9 +710,9 @@ fn fill<R: Read>(reader: &mut R, buf: &mut [u8], have: usize) -> Result<(usize, 
 /// Bytes of free input blocks kept for the next reads, at most (two default blocks).
 const POOL_KEPT_BYTES: usize = 32 << 20;
 
-/// Input blocks of a writer, reused. A fresh block per read was zeroed in full and faulted
-/// in page by page: a 16 MiB memset and 4096 page faults for every file, even an 8 KiB one,
-/// and 2.5% of a large ingest's time. A block comes back here when the last chunk cut from
+/// Input blocks of a writer, reused. A fresh block per read was zeroed in full: a 16 MiB
+/// memset for every input, even an 8 KiB one, and with the page faults of fresh memory about
+/// 2.5% of a large ingest's time (perf). A block comes back here when the last chunk cut from
 /// it is sealed; blocks are initialized once (zero pages from the allocator), so reads can
 /// go straight into them.
 #[derive(Default)]
@@ -756,6 +734,24 @@ impl BlockPool {
         reused.unwrap_or_else(|| {
             self.made.fetch_add(1, Ordering::Relaxed);
             vec![0u8; len]
+        })
+    }
+
+    /// The first `len` bytes of `block` as shared bytes, which give the block back when the
+    /// last chunk sliced from them is dropped. The last read of an input (`last`), when it
+    /// fills at most a quarter of the block (most files of a cluster), is copied out instead
+    /// and the block given back at once, so a small input does not hold a whole block until
+    /// its chunk is sealed.
+    fn share(self: &Arc<Self>, block: Vec<u8>, len: usize, last: bool) -> Bytes {
+        if last && len <= block.len() / 4 {
+            let small = Bytes::copy_from_slice(&block[..len]);
+            self.give(block);
+            return small;
+        }
+        Bytes::from_owner(PooledBlock {
+            buf: block,
+            len,
+            pool: self.clone(),
         })
     }
 
