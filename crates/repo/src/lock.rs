@@ -130,6 +130,8 @@ struct Held {
     /// Set once the deadline passed: a lost lock stays lost even if a late refresh succeeds,
     /// because the holder may already have reported the loss.
     lost: bool,
+    /// An exclusive lock (garbage collection checks that it holds one).
+    exclusive: bool,
 }
 
 /// What became of a refresh.
@@ -155,7 +157,7 @@ impl LockState {
         *self.timing.lock().unwrap()
     }
 
-    fn insert(&self, key: String, written: Instant, timing: LockTiming) -> u64 {
+    fn insert(&self, key: String, written: Instant, timing: LockTiming, exclusive: bool) -> u64 {
         let slot = self.next_slot.fetch_add(1, Ordering::Relaxed);
         self.held.lock().unwrap().insert(
             slot,
@@ -164,6 +166,7 @@ impl LockState {
                 trusted_until: written + timing.holder_deadline(),
                 written,
                 lost: false,
+                exclusive,
             },
         );
         slot
@@ -198,6 +201,14 @@ impl LockState {
         h.trusted_until = written + timing.holder_deadline();
         h.written = written;
         Refreshed::Replaced(std::mem::replace(&mut h.key, new_key))
+    }
+
+    /// True when an exclusive lock is held and not lost.
+    fn holds_exclusive(&self) -> bool {
+        let now = Instant::now();
+        let held = self.held.lock().unwrap();
+        held.values()
+            .any(|h| h.exclusive && !h.lost && now < h.trusted_until)
     }
 
     /// `Err(LockLost)` when the lock in `slot` (or any lock, with `None`) is past its deadline.
@@ -377,6 +388,12 @@ impl Repository {
         self.inner.locks.ensure(None)
     }
 
+    /// True when this handle (or a clone) holds an exclusive lock that is not lost: what
+    /// anything that removes data requires (invariant 3).
+    pub fn holds_exclusive_lock(&self) -> bool {
+        self.inner.locks.holds_exclusive()
+    }
+
     /// Takes a lock, failing at once with [`RepoError::Locked`] naming the holder when a live
     /// conflicting lock exists.
     pub async fn lock(
@@ -424,7 +441,10 @@ impl Repository {
             let _ = self.storage().delete(&key).await;
             return Err(e);
         }
-        let slot = self.inner.locks.insert(key, written, timing);
+        let slot = self
+            .inner
+            .locks
+            .insert(key, written, timing, kind == LockKind::Exclusive);
         let refresher = tokio::spawn(refresh_loop(self.clone(), slot, file, timing));
         Ok(RepoLock {
             repo: self.clone(),

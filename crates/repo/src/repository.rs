@@ -406,15 +406,22 @@ impl Repository {
     /// Writes an index file and adds it to the in-memory index.
     /// Refuses when a lock of this handle is lost ([`Repository::ensure_locks_held`]).
     pub(crate) async fn write_index_file(&self, file: IndexFile) -> Result<String> {
+        let key = self.store_index_file(&file).await?;
+        self.inner.index.write().unwrap().add_file(&file);
+        self.inner.index_files.write().unwrap().push(key.clone());
+        Ok(key)
+    }
+
+    /// Stores an index file without adding it to the in-memory index (garbage collection
+    /// rebuilds that once at the end). Refuses when a lock of this handle is lost.
+    pub(crate) async fn store_index_file(&self, file: &IndexFile) -> Result<String> {
         self.ensure_locks_held()?;
-        let json = serde_json::to_vec(&file).expect("index serializes");
+        let json = serde_json::to_vec(file).expect("index serializes");
         let z = zstd::bulk::compress(&json, 3)
             .map_err(|e| RepoError::Invalid(format!("zstd failed: {e}")))?;
         let sealed = self.inner.sealer.seal_meta(INDEX_AAD, &z);
         let key = format!("index/{}", hex::encode(blake3::hash(&sealed).as_bytes()));
         self.inner.storage.put(&key, Bytes::from(sealed)).await?;
-        self.inner.index.write().unwrap().add_file(&file);
-        self.inner.index_files.write().unwrap().push(key.clone());
         Ok(key)
     }
 
