@@ -12,7 +12,7 @@ use pgkeep_core::commands::repo::{
     self, RepoCheckOptions, RepoInitOptions, RepoKeyRemoveOptions, RepoUnlockOptions,
 };
 use pgkeep_core::commands::{
-    archive, backup, check, dump, export_dump, list, restore, restore_dump, verify,
+    archive, backup, check, dump, expire, export_dump, list, restore, restore_dump, verify,
 };
 use pgkeep_core::config::{Env, Overrides};
 use pgkeep_core::error::ErrorReport;
@@ -145,11 +145,19 @@ enum Command {
         #[arg(long)]
         read_data: bool,
     },
-    /// Remove backups and WAL beyond the retention policy.
-    Expire {
-        /// Show what would be removed, remove nothing.
-        #[arg(long)]
-        dry_run: bool,
+    /// Remove backups, dumps and WAL beyond the retention policy, then unused data.
+    Expire(ExpireArgs),
+    /// Pin a backup or dump: expire never removes it.
+    Pin {
+        /// Backup or dump id, or `latest`.
+        #[arg(value_name = "ID|latest")]
+        id: String,
+    },
+    /// Unpin a backup or dump.
+    Unpin {
+        /// Backup or dump id, or `latest`.
+        #[arg(value_name = "ID|latest")]
+        id: String,
     },
     /// Check the cluster's archiving and the repository end to end.
     Check(pgkeep_core::commands::check::ArchiveCheckOptions),
@@ -172,6 +180,9 @@ enum RepoCommand {
     /// Rebuild the index from the pack headers, after `repo check` named a damaged or missing
     /// index file. Takes the exclusive lock; safe to interrupt and rerun.
     RepairIndex,
+    /// Remove data that no backup or dump needs (expire runs this after removing backups).
+    /// Takes the exclusive lock; safe to interrupt and rerun.
+    Prune(PruneArgs),
     /// Add, list or remove passphrases (keys) of an encrypted repository.
     Key {
         #[command(subcommand)]
@@ -187,6 +198,174 @@ enum KeyCommand {
     List,
     /// Remove a key (not the one in use, not the last one).
     Remove(RepoKeyRemoveOptions),
+}
+
+#[derive(Debug, Args)]
+struct PruneArgs {
+    #[command(flatten)]
+    gc: GcFlags,
+    /// Show what would be removed, remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+/// Garbage-collection settings shared by `repo prune` and `expire`.
+#[derive(Debug, Args)]
+struct GcFlags {
+    /// Repack a pack when more than this share of it is unused (percent).
+    #[arg(long, value_name = "PCT", default_value_t = 5.0)]
+    max_unused: f64,
+    /// Packs younger than this stay whatever they hold, for a writer on another host whose
+    /// lock went stale (e.g. 24h, 2d; 0 when certain nothing else writes).
+    #[arg(long, value_name = "DURATION", default_value = "24h")]
+    grace: String,
+}
+
+impl GcFlags {
+    fn options(&self, dry_run: bool) -> Result<pgkeep_repo::PruneOptions, Error> {
+        if !(0.0..=100.0).contains(&self.max_unused) {
+            return Err(Error::usage(format!(
+                "--max-unused {}: give a percentage from 0 to 100",
+                self.max_unused
+            )));
+        }
+        let grace = match self.grace.as_str() {
+            "0" => std::time::Duration::ZERO,
+            g => match g.parse::<pgkeep_core::retention::KeepWithin>() {
+                Ok(w) if w.months == 0 => std::time::Duration::from_secs(w.hours * 3600),
+                _ => {
+                    return Err(Error::usage_hint(
+                        format!("--grace {g:?} is not a duration in hours, days or weeks"),
+                        "e.g. --grace 24h, --grace 2d, or --grace 0",
+                    ))
+                }
+            },
+        };
+        Ok(pgkeep_repo::PruneOptions {
+            max_unused: self.max_unused / 100.0,
+            grace,
+            dry_run,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum ExpireKind {
+    /// Physical base backups (and the WAL archive).
+    Physical,
+    /// Logical dumps, per database.
+    Dump,
+}
+
+/// Rules given on the command line replace the configured `[retention]` rules of the kinds
+/// they apply to.
+#[derive(Debug, Args)]
+struct ExpireArgs {
+    /// Only this kind of backup [default: each kind with its own rules].
+    #[arg(long, value_enum)]
+    kind: Option<ExpireKind>,
+    /// Only the dumps of this database.
+    #[arg(long, value_name = "NAME")]
+    db: Option<String>,
+    /// Keep the N newest.
+    #[arg(long, value_name = "N")]
+    keep_last: Option<u32>,
+    /// Keep the newest of each of the last N hours that have one.
+    #[arg(long, value_name = "N")]
+    keep_hourly: Option<u32>,
+    /// Keep the newest of each of the last N days (UTC) that have one.
+    #[arg(long, value_name = "N")]
+    keep_daily: Option<u32>,
+    /// Keep the newest of each of the last N ISO weeks that have one.
+    #[arg(long, value_name = "N")]
+    keep_weekly: Option<u32>,
+    /// Keep the newest of each of the last N months that have one.
+    #[arg(long, value_name = "N")]
+    keep_monthly: Option<u32>,
+    /// Keep the newest of each of the last N years that have one.
+    #[arg(long, value_name = "N")]
+    keep_yearly: Option<u32>,
+    /// Keep everything newer than this before the newest backup (e.g. 30d, 2w, 1y6m, 36h).
+    #[arg(long, value_name = "DURATION")]
+    keep_within: Option<String>,
+    /// Keep every backup with this label (repeatable).
+    #[arg(long, value_name = "LABEL")]
+    keep_label: Vec<String>,
+    /// Keep continuous WAL only from the newest N kept physical backups on (older kept
+    /// backups keep the WAL of their own start to stop).
+    #[arg(long, value_name = "N")]
+    keep_wal_for: Option<u32>,
+    /// Show what would go and which rule keeps each backup; remove nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Allow the rules to remove every backup of a cluster or database.
+    #[arg(long)]
+    allow_remove_all: bool,
+    /// Garbage collection after the backups are removed.
+    #[command(flatten)]
+    gc: GcFlags,
+}
+
+impl ExpireArgs {
+    fn policy(&self) -> Result<pgkeep_core::retention::RetentionPolicy, Error> {
+        let p = pgkeep_core::retention::RetentionPolicy {
+            keep_last: self.keep_last,
+            keep_hourly: self.keep_hourly,
+            keep_daily: self.keep_daily,
+            keep_weekly: self.keep_weekly,
+            keep_monthly: self.keep_monthly,
+            keep_yearly: self.keep_yearly,
+            keep_within: match &self.keep_within {
+                Some(w) => Some(w.parse().map_err(|e: Error| {
+                    Error::usage_hint(
+                        format!("--keep-within {w:?} is not a duration"),
+                        e.to_string()
+                            .lines()
+                            .last()
+                            .unwrap_or_default()
+                            .trim_start_matches("HINT: ")
+                            .to_string(),
+                    )
+                })?),
+                None => None,
+            },
+            keep_label: self.keep_label.clone(),
+        };
+        p.validate()?;
+        Ok(p)
+    }
+
+    fn options(&self, ctx: &Context) -> Result<expire::ExpireOptions, Error> {
+        if self.keep_wal_for == Some(0) {
+            return Err(Error::usage_hint(
+                "--keep-wal-for 0 would keep no continuous WAL",
+                "give at least 1, or leave it out to keep WAL from the oldest kept backup on",
+            ));
+        }
+        let given = self.policy()?;
+        let configured = &ctx.settings.retention;
+        let pick = |c: &pgkeep_core::retention::RetentionPolicy| {
+            if given.is_empty() {
+                c.clone()
+            } else {
+                given.clone()
+            }
+        };
+        Ok(expire::ExpireOptions {
+            cluster: ctx.settings.cluster.name.clone(),
+            kind: self.kind.map(|k| match k {
+                ExpireKind::Physical => expire::BackupKind::Physical,
+                ExpireKind::Dump => expire::BackupKind::Dump,
+            }),
+            db: self.db.clone(),
+            physical: pick(&configured.physical),
+            dump: pick(&configured.dump),
+            keep_wal_for: self.keep_wal_for,
+            dry_run: self.dry_run,
+            allow_remove_all: self.allow_remove_all,
+            prune: self.gc.options(self.dry_run)?,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -214,6 +393,9 @@ struct BackupArgs {
     /// How to read the cluster.
     #[arg(long, value_enum, default_value = "local")]
     method: BackupMethod,
+    /// Pin the new backup: expire never removes it.
+    #[arg(long)]
+    pin: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -282,6 +464,9 @@ struct DumpArgs {
     /// Free text stored with the dump.
     #[arg(long, value_name = "TEXT")]
     label: Option<String>,
+    /// Pin the new dump: expire never removes it.
+    #[arg(long)]
+    pin: bool,
 }
 
 #[derive(Debug, Args)]
@@ -413,7 +598,9 @@ impl Cli {
             Command::RestoreDump(_) => "restore-dump",
             Command::ExportDump(_) => "export-dump",
             Command::Verify { .. } => "verify",
-            Command::Expire { .. } => "expire",
+            Command::Expire(_) => "expire",
+            Command::Pin { .. } => "pin",
+            Command::Unpin { .. } => "unpin",
             Command::Check(_) => "check",
             Command::Status => "status",
         }
@@ -472,6 +659,11 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
             RepoCommand::Check(o) => Ok(emit(json, &repo::repo_check(ctx, o).await?)),
             RepoCommand::Unlock(o) => Ok(emit(json, &repo::repo_unlock(ctx, o).await?)),
             RepoCommand::RepairIndex => Ok(emit(json, &repo::repo_repair_index(ctx).await?)),
+            RepoCommand::Prune(p) => {
+                let opts = p.gc.options(p.dry_run)?;
+                let r = ctx.open_repository().await?;
+                Ok(emit(json, &expire::repo_prune(&r, &opts).await?))
+            }
             RepoCommand::Key { command } => match command {
                 KeyCommand::Add => Ok(emit(json, &repo::repo_key_add(ctx).await?)),
                 KeyCommand::List => Ok(emit(json, &repo::repo_key_list(ctx).await?)),
@@ -501,6 +693,9 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 ..Default::default()
             };
             let report = backup::backup(&repo, &opts, progress(cli).as_ref()).await?;
+            if b.pin {
+                expire::set_pin(&repo, &opts.cluster, &report.id, true).await?;
+            }
             Ok(emit(json, &report))
         }
         Command::List => {
@@ -625,6 +820,17 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
             Ok(emit(json, &archive::archive_get(ctx, &opts).await?))
         }
         Command::Check(o) => Ok(emit(json, &check::check_archiving(ctx, o).await?)),
+        Command::Expire(e) => {
+            let opts = e.options(ctx)?;
+            let repo = ctx.open_repository().await?;
+            Ok(emit(json, &expire::expire(&repo, &opts).await?))
+        }
+        Command::Pin { id } | Command::Unpin { id } => {
+            let pinned = matches!(cli.command, Command::Pin { .. });
+            let repo = ctx.open_repository().await?;
+            let c = &ctx.settings.cluster.name;
+            Ok(emit(json, &expire::set_pin(&repo, c, id, pinned).await?))
+        }
         Command::Verify { read_data } => {
             let opts = verify::VerifyOptions {
                 read_data: *read_data,
@@ -641,10 +847,11 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 label: d.label.clone(),
                 ..dump::DumpOptions::default()
             };
-            Ok(emit(
-                json,
-                &dump::dump(&repo, &opts, progress(cli).as_ref()).await?,
-            ))
+            let report = dump::dump(&repo, &opts, progress(cli).as_ref()).await?;
+            if d.pin {
+                expire::set_pin(&repo, &opts.cluster, &report.id, true).await?;
+            }
+            Ok(emit(json, &report))
         }
         Command::RestoreDump(r) => {
             use std::io::IsTerminal;

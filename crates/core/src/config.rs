@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::error::{Error, Result};
+use crate::retention::RetentionPolicy;
 use crate::secrets::{check_conninfo, check_repo_url, group_other_bits, is_secret_name};
 
 /// Where the configuration file is looked for when neither `--config` nor `PGKEEP_CONFIG`
@@ -145,6 +146,16 @@ struct RawFile {
     repository: Vec<RawRepository>,
     #[serde(default)]
     cluster: Vec<RawCluster>,
+    #[serde(default)]
+    retention: RawRetention,
+}
+
+/// `[retention]` (and `[cluster.retention]`): one policy per kind of backup.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRetention {
+    physical: Option<Spanned<RetentionPolicy>>,
+    dump: Option<Spanned<RetentionPolicy>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -181,6 +192,7 @@ struct RawCluster {
     pgdata: Option<PathBuf>,
     pg: Option<Spanned<String>>,
     repository: Option<Spanned<String>>,
+    retention: Option<RawRetention>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -197,6 +209,27 @@ pub struct ConfigFile {
     pub repositories: Vec<RepositoryConfig>,
     /// `[[cluster]]` entries, names unique, each referencing a defined repository (if any).
     pub clusters: Vec<ClusterConfig>,
+    /// `[retention]`: the policies of every cluster, unless its own `retention` overrides them.
+    pub retention: RetentionConfig,
+}
+
+/// Retention policies per kind of backup (`[retention.physical]`, `[retention.dump]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct RetentionConfig {
+    /// Physical base backups of a cluster.
+    pub physical: RetentionPolicy,
+    /// Logical dumps, applied to each database's dumps on its own.
+    pub dump: RetentionPolicy,
+}
+
+impl RetentionConfig {
+    /// `other`'s rules over `self`'s, per kind.
+    pub fn overlay(&self, other: &RetentionConfig) -> RetentionConfig {
+        RetentionConfig {
+            physical: self.physical.overlay(&other.physical),
+            dump: self.dump.overlay(&other.dump),
+        }
+    }
 }
 
 /// `[options]` of the file.
@@ -262,6 +295,8 @@ pub struct ClusterConfig {
     pub pg: Option<String>,
     /// Name of the repository this cluster is backed up to.
     pub repository: Option<String>,
+    /// Its own retention rules, over those of `[retention]`.
+    pub retention: RetentionConfig,
 }
 
 /// Line and column (1-based) of byte `offset` in `text`.
@@ -675,13 +710,19 @@ impl ConfigFile {
                     ));
                 }
             }
+            let retention = match c.retention {
+                Some(r) => check_retention(r, src, "cluster.retention")?,
+                None => RetentionConfig::default(),
+            };
             cfg.clusters.push(ClusterConfig {
                 name,
                 pgdata: c.pgdata,
                 pg: c.pg.map(Spanned::into_inner),
                 repository: c.repository.map(Spanned::into_inner),
+                retention,
             });
         }
+        cfg.retention = check_retention(raw.retention, src, "retention")?;
         Ok(cfg)
     }
 
@@ -694,6 +735,28 @@ impl ConfigFile {
     pub fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
         self.clusters.iter().find(|c| c.name == name)
     }
+}
+
+/// Validates a `[retention]` table: counts of 0 are refused with the key's position.
+fn check_retention(raw: RawRetention, src: &Source<'_>, table: &str) -> Result<RetentionConfig> {
+    let mut out = RetentionConfig::default();
+    for (kind, policy, slot) in [
+        ("physical", raw.physical, &mut out.physical),
+        ("dump", raw.dump, &mut out.dump),
+    ] {
+        if let Some(p) = policy {
+            p.get_ref().validate().map_err(|e| {
+                let first = e.to_string();
+                let first = first.lines().next().unwrap_or_default().replace("--", "");
+                src.error(
+                    p.span(),
+                    format!("{table}.{kind}: {}", first.replace('-', "_")),
+                )
+            })?;
+            *slot = p.into_inner();
+        }
+    }
+    Ok(out)
 }
 
 /// Puts a position on an error produced by a shared check (secrets refusals).
@@ -808,6 +871,8 @@ pub struct Settings {
     pub spool_dir: Option<PathBuf>,
     /// Names of the file's repositories (for the hint when none was selected).
     pub configured_repositories: Vec<String>,
+    /// Retention policies of the cluster: `[retention]` with the cluster's own over them.
+    pub retention: RetentionConfig,
 }
 
 fn default_threads() -> usize {
@@ -1033,6 +1098,14 @@ impl Settings {
             spool_dir,
             configured_repositories: file
                 .map(|f| f.repositories.iter().map(|r| r.name.clone()).collect())
+                .unwrap_or_default(),
+            retention: file
+                .map(|f| {
+                    let own = file_cluster
+                        .map(|c| c.retention.clone())
+                        .unwrap_or_default();
+                    f.retention.overlay(&own)
+                })
                 .unwrap_or_default(),
         })
     }

@@ -11,6 +11,7 @@ pub mod context;
 pub mod error;
 pub mod manifest;
 pub mod progress;
+pub mod retention;
 pub mod secrets;
 
 pub use context::{Context, Report};

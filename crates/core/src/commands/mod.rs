@@ -6,6 +6,7 @@ pub mod backup;
 pub mod backup_remote;
 pub mod check;
 pub mod dump;
+pub mod expire;
 pub mod export_dump;
 pub mod list;
 pub mod pitr;

@@ -1,0 +1,304 @@
+//! `pgkeep expire`, `pin`/`unpin` and `repo prune` through the built binary, on a real
+//! cluster that archives its WAL into the repository:
+//! - the dry run decides and changes nothing; no rule at all, or rules that would remove every
+//!   backup, are refused with exit 2;
+//! - labels, pins and `--keep-last` keep exactly the backups they name, the rest goes with
+//!   the WAL only it needed, and garbage collection gives the space back;
+//! - afterwards `repo check --read-data` and `verify` pass, every kept backup restores to its
+//!   own row count, and a point in time between two kept backups is still reachable.
+
+mod cli_support;
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use cli_support::Sandbox;
+use pgkeep_testing::Cluster;
+
+const BIN: &str = env!("CARGO_BIN_EXE_pgkeep");
+
+/// A sandbox whose repository the server user can write (the archiver runs as `postgres`).
+fn shared_sandbox() -> Sandbox {
+    let s = Sandbox::new();
+    s.run_repo(&["repo", "init", "--no-encryption"], &[])
+        .expect(0);
+    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(
+        s.path().join("empty.toml"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    if pgkeep_testing::cluster::running_as_root() {
+        let st = Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(s.repo())
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    s
+}
+
+fn start_archiving(s: &Sandbox) -> Cluster {
+    let command = format!(
+        "{BIN} --config {} --repo {} archive-push %p",
+        s.path().join("empty.toml").display(),
+        s.repo().display()
+    );
+    Cluster::builder()
+        .archive_command(&command)
+        .start()
+        .unwrap()
+}
+
+/// Switches WAL and waits until the server archived the segment.
+fn switch_and_wait(c: &Cluster) {
+    let last = c.sql("SELECT pg_walfile_name(pg_switch_wal())").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = c
+            .sql("SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver")
+            .unwrap();
+        let (archived, failed) = row.split_once('|').unwrap();
+        assert_eq!(failed, "0", "archive_command failed:\n{}", c.log_tail());
+        if archived >= last.as_str() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{last} not archived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Restores `id` (to `target`, given as flags) into a new directory, starts it and counts.
+fn restored_count(s: &Sandbox, id: &str, target: &[&str], dir: &str) -> String {
+    let d = s.path().join(dir);
+    let mut args = vec!["restore", id, "--target-dir", d.to_str().unwrap()];
+    args.extend_from_slice(target);
+    args.extend_from_slice(&["--target-action", "promote"]);
+    s.run_repo(&args, &[]).expect(0);
+    let c = Cluster::builder()
+        .start_timeout(Duration::from_secs(120))
+        .start_existing(&d)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while c.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
+        assert!(Instant::now() < deadline, "not promoted:\n{}", c.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    c.sql("SELECT count(*) FROM items").unwrap()
+}
+
+fn ids_of(list: &serde_json::Value, kind: &str) -> Vec<String> {
+    list["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["kind"] == kind)
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+fn archived_segments(s: &Sandbox) -> Vec<String> {
+    let mut out = Vec::new();
+    let root = s.repo().join("wal/main");
+    for dir in std::fs::read_dir(&root).unwrap().flatten() {
+        if !dir.path().is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(dir.path()).unwrap().flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            // Segments and backup history files: what expire removes.
+            if name.len() == 24 || name.ends_with(".backup") {
+                out.push(name);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn expire_keeps_labelled_pinned_and_last_backups_and_everything_kept_still_restores() {
+    let s = shared_sandbox();
+    let c = start_archiving(&s);
+    let pg = [("PGKEEP_PG", c.conninfo())];
+    let pg: Vec<(&str, &str)> = pg.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let pgdata = c.pgdata().to_str().unwrap().to_string();
+    c.sql("CREATE TABLE items (id int)").unwrap();
+
+    // Four backups of a growing table (ids are to the second), a restore point between the
+    // third and the fourth, and two dumps.
+    let mut counts = Vec::new();
+    let mut between = String::new();
+    for (i, label) in ["nightly", "before-upgrade", "nightly", "nightly"]
+        .iter()
+        .enumerate()
+    {
+        c.sql(&format!(
+            "INSERT INTO items SELECT generate_series(1, {})",
+            100 * (i + 1)
+        ))
+        .unwrap();
+        switch_and_wait(&c);
+        s.run_repo(&["backup", "--pgdata", &pgdata, "--label", label], &pg)
+            .expect(0);
+        counts.push(c.sql("SELECT count(*) FROM items").unwrap());
+        if i == 2 {
+            c.sql("INSERT INTO items SELECT generate_series(1, 7)")
+                .unwrap();
+            c.sql("SELECT pg_create_restore_point('between')").unwrap();
+            between = c.sql("SELECT count(*) FROM items").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    assert_eq!(between, "607");
+    for _ in 0..2 {
+        s.run_repo(&["dump", "--db", "postgres"], &pg).expect(0);
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    switch_and_wait(&c);
+    let list = s.run_repo(&["--json", "list"], &[]).expect(0).json();
+    let physical = ids_of(&list, "physical");
+    let dumps = ids_of(&list, "dump");
+    assert_eq!((physical.len(), dumps.len()), (4, 2));
+    let segments_before = archived_segments(&s);
+
+    // No rule: refused, and so is a dry run of rules that would remove every backup.
+    let r = s.run_repo(&["expire"], &[]).expect(2);
+    assert!(r.stderr().contains("no retention rule"), "{}", r.stderr());
+    let r = s
+        .run_repo(
+            &[
+                "expire",
+                "--kind",
+                "physical",
+                "--keep-label",
+                "no-such",
+                "--dry-run",
+            ],
+            &[],
+        )
+        .expect(2);
+    assert!(
+        r.stderr()
+            .contains("would remove every one of the 4 physical backups"),
+        "{}",
+        r.stderr()
+    );
+    assert!(r.stderr().contains("--allow-remove-all"), "{}", r.stderr());
+
+    // A dry run reports each backup's fate and the rule that keeps it, and changes nothing.
+    let dry = s
+        .run_repo(&["--json", "expire", "--keep-last", "1", "--dry-run"], &[])
+        .expect(0)
+        .json();
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["removed"].as_array().unwrap().len(), 3 + 1);
+    let first = &dry["groups"][0];
+    assert_eq!(first["kind"], "physical");
+    assert_eq!(first["decisions"][0]["reasons"][0], "last");
+    assert_eq!(s.run_repo(&["--json", "list"], &[]).expect(0).json(), list);
+    assert_eq!(archived_segments(&s), segments_before);
+
+    // The third backup is pinned; the second has the kept label; the fourth is the last.
+    s.run_repo(&["pin", &physical[2]], &[]).expect(0);
+    let r = s
+        .run_repo(
+            &[
+                "--json",
+                "expire",
+                "--kind",
+                "physical",
+                "--keep-last",
+                "1",
+                "--keep-label",
+                "before-upgrade",
+                "--grace",
+                "0",
+                "--max-unused",
+                "0",
+            ],
+            &[],
+        )
+        .expect(0)
+        .json();
+    assert_eq!(r["removed"], serde_json::json!([physical[0]]));
+    let reasons: Vec<&serde_json::Value> = r["groups"][0]["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| &d["reasons"])
+        .collect();
+    assert_eq!(
+        reasons,
+        [
+            &serde_json::json!(["last"]),
+            &serde_json::json!(["pinned"]),
+            &serde_json::json!(["label before-upgrade"]),
+            &serde_json::json!([]),
+        ]
+    );
+    // The WAL before the oldest kept backup is gone, the rest is still there.
+    let removed_wal = r["wal"]["files_removed"].as_u64().unwrap();
+    assert!(removed_wal >= 1, "{r}");
+    let segments_after = archived_segments(&s);
+    assert_eq!(
+        segments_after.len() as u64 + removed_wal,
+        segments_before.len() as u64
+    );
+    let keep_from = r["wal"]["keep_from"].as_str().unwrap();
+    assert!(segments_after.iter().all(|n| n[8..24] >= keep_from[8..]));
+    assert!(
+        r["prune"]["bytes_after"].as_u64() < r["prune"]["bytes_before"].as_u64(),
+        "{r}"
+    );
+
+    // Dumps: only the newest of the database stays.
+    let r = s
+        .run_repo(
+            &["--json", "expire", "--kind", "dump", "--keep-last", "1"],
+            &[],
+        )
+        .expect(0)
+        .json();
+    assert_eq!(r["removed"], serde_json::json!([dumps[0]]));
+    assert_eq!(r["groups"][0]["database"], "postgres");
+
+    let list = s.run_repo(&["--json", "list"], &[]).expect(0).json();
+    assert_eq!(ids_of(&list, "physical"), physical[1..].to_vec());
+    assert_eq!(ids_of(&list, "dump"), dumps[1..].to_vec());
+    s.run_repo(&["repo", "check", "--read-data"], &[]).expect(0);
+    s.run_repo(&["verify"], &[]).expect(0);
+    s.run_repo(&["repo", "prune", "--max-unused", "0"], &[])
+        .expect(0);
+    s.run_repo(&["repo", "check", "--read-data"], &[]).expect(0);
+
+    // Every kept backup restores to its own data; a point between two kept backups is
+    // reachable through the kept WAL.
+    for (i, id) in physical.iter().enumerate().skip(1) {
+        let n = restored_count(&s, id, &["--target-immediate"], &format!("r{i}"));
+        assert_eq!(n, counts[i], "backup {id}");
+    }
+    let n = restored_count(&s, &physical[1], &["--target-name", "between"], "pitr");
+    assert_eq!(n, between);
+
+    // Unpinned, the third backup is no longer protected from a rule that would take it.
+    s.run_repo(&["unpin", &physical[2]], &[]).expect(0);
+    let r = s
+        .run_repo(
+            &[
+                "--json",
+                "expire",
+                "--kind",
+                "physical",
+                "--keep-last",
+                "1",
+                "--dry-run",
+            ],
+            &[],
+        )
+        .expect(0)
+        .json();
+    assert_eq!(r["removed"].as_array().unwrap().len(), 2);
+}
