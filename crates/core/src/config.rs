@@ -1170,6 +1170,52 @@ repository = "offsite"
     }
 
     #[test]
+    fn retention_per_kind_with_a_cluster_override_and_zero_counts_refused_with_position() {
+        let text = r#"
+[retention.physical]
+keep_daily = 7
+keep_weekly = 4
+[retention.dump]
+keep_last = 3
+keep_within = "30d"
+
+[[cluster]]
+name = "main"
+[cluster.retention.physical]
+keep_daily = 30
+
+[[cluster]]
+name = "reports"
+"#;
+        let c = parse(text).unwrap();
+        assert_eq!(c.retention.physical.keep_weekly, Some(4));
+        assert_eq!(c.retention.dump.keep_within.unwrap().hours, 30 * 24);
+        let env = Env::default();
+        let flags = |name: &str| Overrides {
+            cluster: Some(name.into()),
+            ..Default::default()
+        };
+        let main = Settings::resolve(Some(&c), &env, &flags("main")).unwrap();
+        assert_eq!(main.retention.physical.keep_daily, Some(30));
+        assert_eq!(main.retention.physical.keep_weekly, Some(4));
+        assert_eq!(main.retention.dump.keep_last, Some(3));
+        let reports = Settings::resolve(Some(&c), &env, &flags("reports")).unwrap();
+        assert_eq!(reports.retention.physical.keep_daily, Some(7));
+
+        let e = parse("[retention.physical]\nkeep_daily = 0\n").unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(
+            e.to_string()
+                .contains("pgkeep.toml:1:1: retention.physical: keep_daily 0 keeps nothing"),
+            "{e}"
+        );
+        let e = parse("[retention.dump]\nkeep_dayly = 3\n").unwrap_err();
+        assert!(e.to_string().contains("keep_dayly"), "{e}");
+        let e = parse("[retention.dump]\nkeep_within = \"3x\"\n").unwrap_err();
+        assert!(e.to_string().contains("not a duration"), "{e}");
+    }
+
+    #[test]
     fn good_file_parses() {
         let c = parse(GOOD).unwrap();
         assert_eq!(c.options.threads, Some(4));
