@@ -360,21 +360,23 @@ impl WalPageHeader {
     }
 }
 
-/// `XLOG_PAGE_MAGIC` of each major version (from each release's xlog_internal.h).
+/// `XLOG_PAGE_MAGIC` of each major version (from each release's xlog_internal.h; the test
+/// suite checks each against the first WAL segment written by that release's initdb).
 const MAGICS: &[(u16, u32)] = &[
     (0xD106, 13),
     (0xD10D, 14),
     (0xD110, 15),
     (0xD113, 16),
     (0xD116, 17),
+    (0xD118, 18),
 ];
 
-/// The PostgreSQL major version whose WAL carries this page magic (13 to 17).
+/// The PostgreSQL major version whose WAL carries this page magic (13 to 18).
 pub fn major_version_for_magic(magic: u16) -> Option<u32> {
     MAGICS.iter().find(|(m, _)| *m == magic).map(|(_, v)| *v)
 }
 
-/// The page magic of a major version (13 to 17).
+/// The page magic of a major version (13 to 18).
 pub fn magic_for_major_version(major: u32) -> Option<u16> {
     MAGICS.iter().find(|(_, v)| *v == major).map(|(m, _)| *m)
 }
@@ -554,7 +556,9 @@ mod tests {
         assert_eq!(major_version_for_magic(0xD110), Some(15));
         assert_eq!(major_version_for_magic(0xD106), Some(13));
         assert_eq!(major_version_for_magic(0xD116), Some(17));
+        assert_eq!(major_version_for_magic(0xD118), Some(18));
         assert_eq!(major_version_for_magic(0xD101), None);
+        assert_eq!(major_version_for_magic(0xD121), None);
         assert_eq!(magic_for_major_version(16), Some(0xD113));
     }
 }
