@@ -1,6 +1,8 @@
 //! Recovery configuration of a restored data directory (PostgreSQL 12+): `recovery.signal` or
 //! `standby.signal`, plus settings appended to `postgresql.auto.conf` (later lines win, so
-//! appending overrides older values without editing the user's lines).
+//! appending overrides older values without editing the user's lines). This is the same for
+//! every release pgkeep supports (13 to 18): none of them reads `recovery.conf` (a server
+//! refuses to start with one), and the settings written here exist under these names in all.
 
 use crate::error::{PgError, Result};
 use crate::lsn::Lsn;
