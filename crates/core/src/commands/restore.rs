@@ -1,7 +1,9 @@
 //! `pgkeep restore <ID|latest> --target-dir DIR [--delta] [--force] [--tablespace-map OLD=NEW]`.
 //!
 //! Order of work, chosen so that an interrupted restore can never be started by mistake:
-//! 1. every check (manifest, target, tablespace locations) before anything is written;
+//! 1. every check (manifest, target, tablespace locations, the recovery target, free space:
+//!    the plan of [`crate::commands::restore_plan`], all `--dry-run` does) before anything is
+//!    written;
 //! 2. the marker `pgkeep.restore-incomplete` is written first, and any `backup_label`,
 //!    `tablespace_map` and `global/pg_control` already in the target are removed: without
 //!    pg_control PostgreSQL refuses to start the directory;
