@@ -12,7 +12,8 @@ use pgkeep_core::commands::repo::{
     self, RepoCheckOptions, RepoInitOptions, RepoKeyRemoveOptions, RepoUnlockOptions,
 };
 use pgkeep_core::commands::{
-    archive, backup, check, dump, expire, export_dump, list, restore, restore_dump, verify,
+    archive, backup, check, dump, expire, export_dump, list, restore, restore_dump, restore_plan,
+    verify,
 };
 use pgkeep_core::config::{Env, Overrides};
 use pgkeep_core::error::ErrorReport;
@@ -447,6 +448,18 @@ struct RestoreArgs {
     /// Restore the tablespace that was at OLD to NEW (repeatable).
     #[arg(long, value_name = "OLD=NEW")]
     tablespace_map: Vec<String>,
+    /// Restore as a standby: standby.signal and restore_command, so that the copy follows
+    /// the archive (and a primary, with --primary-conninfo) instead of being promoted.
+    #[arg(long, conflicts_with_all = ["target", "target_action"])]
+    standby: bool,
+    /// primary_conninfo of the standby, without password (the server reads it from a
+    /// passfile=... or its user's ~/.pgpass).
+    #[arg(long, value_name = "CONNINFO", requires = "standby")]
+    primary_conninfo: Option<String>,
+    /// Print the plan (backup, sizes, free space, WAL, where recovery stops, duration) and
+    /// write nothing.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 #[derive(Debug, Args)]
@@ -714,17 +727,9 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
             Ok(emit(json, &list::info(&repo, &opts).await?))
         }
         Command::Restore(r) => {
-            let pitr = r.target_time.is_some()
-                || r.target_lsn.is_some()
-                || r.target_xid.is_some()
-                || r.target_name.is_some()
-                || r.target_immediate
-                || r.target_action.is_some();
-            let recovery = if pitr || r.target_timeline.is_some() {
-                Some(pitr_options(ctx, r)?)
-            } else {
-                None
-            };
+            // No target: recovery to the end of the archive (or the backup as it ended when
+            // nothing is archived after it).
+            let recovery = Some(pitr_options(ctx, r)?);
             let tablespace_map = r
                 .tablespace_map
                 .iter()
@@ -740,6 +745,8 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 tablespace_map,
                 threads: ctx.settings.threads,
                 recovery,
+                dry_run: r.dry_run,
+                speed_log: restore_plan::default_speed_log(),
             };
             let report = restore::restore(&repo, &opts, progress(cli).as_ref()).await?;
             Ok(emit(json, &report))
@@ -945,11 +952,21 @@ fn pitr_options(
             ))
         })?)),
     };
+    if let Some(c) = &r.primary_conninfo {
+        pgkeep_core::secrets::check_conninfo(c, "--primary-conninfo").map_err(|_| {
+            Error::usage_hint(
+                "--primary-conninfo: the connection string holds a password, which is refused (it would show in the process list and in postgresql.auto.conf)",
+                "remove it and put the password in the standby server user's ~/.pgpass, or name a file with passfile=... in the connection string",
+            )
+        })?;
+    }
     Ok(pitr::PitrOptions {
         target,
         action,
         timeline,
         restore_command: pitr::restore_command_for(ctx)?,
+        standby: r.standby,
+        primary_conninfo: r.primary_conninfo.clone(),
     })
 }
 

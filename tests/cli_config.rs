@@ -238,7 +238,7 @@ fn bad_environment_values_exit_2() {
 #[test]
 fn every_command_spelling_of_the_architecture_page_parses() {
     let s = Sandbox::new();
-    let cases: [(&[&str], &str); 13] = [
+    let cases: [(&[&str], &str); 14] = [
         (
             &[
                 "backup",
@@ -267,6 +267,21 @@ fn every_command_spelling_of_the_architecture_page_parses() {
                 "2026-11-22 14:31:07.52+00",
                 "--target-action",
                 "promote",
+            ],
+            "restore",
+        ),
+        (
+            &[
+                "restore",
+                "latest",
+                "--target-dir",
+                "/tmp/t",
+                "--standby",
+                "--primary-conninfo",
+                "host=/tmp user=replicator",
+                "--target-timeline",
+                "latest",
+                "--dry-run",
             ],
             "restore",
         ),

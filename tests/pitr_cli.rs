@@ -465,3 +465,426 @@ fn timelines_restored_twice_in_a_row_are_followed_and_a_fork_before_the_backup_i
     // A timeline with no history file in the archive is unreachable.
     st.refused(16, &b1, &["--target-timeline", "9"]);
 }
+
+/// TPC-B's invariant: every balance change is in the history, so the four sums agree.
+fn assert_tpcb_invariant(what: &str, c: &Cluster) {
+    let sums = c
+        .sql(
+            "SELECT (SELECT sum(abalance) FROM pgbench_accounts) || ' ' || \
+                    (SELECT sum(bbalance) FROM pgbench_branches) || ' ' || \
+                    (SELECT sum(tbalance) FROM pgbench_tellers) || ' ' || \
+                    (SELECT coalesce(sum(delta), 0) FROM pgbench_history)",
+        )
+        .unwrap();
+    let v: Vec<&str> = sums.split(' ').collect();
+    assert!(
+        v.len() == 4 && v.iter().all(|s| *s == v[0]),
+        "{what}: balances disagree: {sums}"
+    );
+    let n = c.sql("SELECT count(*) FROM pgbench_history").unwrap();
+    assert_ne!(n, "0", "{what}: no pgbench transaction was restored");
+}
+
+fn assert_same_dump(what: &str, want: &str, got: &str) {
+    if let Some(d) = first_difference(want, got) {
+        panic!("{what}: pg_dumpall differs: {d}");
+    }
+}
+
+/// `restore ARGS` on the sandbox's repository, as the test's user.
+fn restore_run(st: &Setup, id: &str, dir: &Path, args: &[&str]) -> cli_support::Run {
+    let mut all = vec!["restore", id, "--target-dir", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    st.run(&all)
+}
+
+fn pgbench(c: &Cluster, transactions: &str) {
+    c.pgbench(&["-n", "-c", "2", "-t", transactions]).unwrap();
+}
+
+#[test]
+fn restore_without_target_replays_to_the_end_of_the_archive_after_a_crash() {
+    let st = Setup::new(false);
+    let mut c = Cluster::builder()
+        .archive_command(&st.archive_command())
+        .start()
+        .unwrap();
+    c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
+    st.backup(&c);
+    pgbench(&c, "400");
+    c.sql("SELECT pg_create_restore_point('mid')").unwrap();
+    pgbench(&c, "400");
+    let last = switch_and_wait(&c);
+    let last_commit = c.sql("SELECT max(mtime) FROM pgbench_history").unwrap();
+    // A crash: WAL written after the switch (none of it data) never reaches the archive.
+    c.stop_mode(pgkeep_testing::cluster::StopMode::Immediate)
+        .unwrap();
+
+    // The plan first: nothing written, the end of the archive named.
+    let d = st.s.path().join("dr");
+    let plan = st
+        .run(&[
+            "--json",
+            "restore",
+            "latest",
+            "--target-dir",
+            d.to_str().unwrap(),
+            "--dry-run",
+        ])
+        .expect(0)
+        .json();
+    assert!(!d.exists(), "--dry-run created the target directory");
+    let p = &plan["plan"];
+    assert_eq!(p["recovery"]["kind"], "end_of_archive", "{plan}");
+    assert_eq!(p["recovery"]["archive_end"]["last_segment"], last.as_str());
+    assert_eq!(p["recovery"]["archive_complete"], true);
+    assert!(
+        p["recovery"]["archive_end"]["last_xact_time"].is_string(),
+        "{plan}"
+    );
+    assert!(
+        p["estimate"]["secs"].is_null(),
+        "an estimate without any restore: {plan}"
+    );
+    assert!(p["bytes_to_write"].as_u64().unwrap() > 10 << 20, "{plan}");
+    assert!(p["space"][0]["fits"].as_bool().unwrap());
+
+    // No target: to the end of the archive, said before writing.
+    let r = restore_run(&st, "latest", &d, &[]).expect(0);
+    assert!(
+        r.stderr()
+            .contains(&format!("last archived segment {last}")),
+        "{}",
+        r.stderr()
+    );
+    assert!(
+        r.stdout().contains("recovery: recovery ends at"),
+        "{}",
+        r.stdout()
+    );
+    assert!(d.join("recovery.signal").exists());
+    let auto = std::fs::read_to_string(d.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains("restore_command = '") && !auto.contains("recovery_target"),
+        "{auto}"
+    );
+    let copy = start_promoted(&d, None);
+    assert_tpcb_invariant("restored copy", &copy);
+    // The last pgbench transaction is there: nothing archived was left out.
+    assert_eq!(
+        copy.sql("SELECT max(mtime) FROM pgbench_history").unwrap(),
+        last_commit
+    );
+    let got = copy.pg_dumpall().unwrap();
+    drop(copy);
+
+    // The crashed primary after its own crash recovery holds exactly the same.
+    c.start().unwrap();
+    assert_tpcb_invariant("crashed primary", &c);
+    assert_same_dump(
+        "restore to the end of the archive",
+        &c.pg_dumpall().unwrap(),
+        &got,
+    );
+
+    // The restore recorded its speed: the next plan has an estimate.
+    let plan = st
+        .run(&[
+            "--json",
+            "restore",
+            "latest",
+            "--target-dir",
+            st.s.path().join("dr2").to_str().unwrap(),
+            "--dry-run",
+            "--target-immediate",
+        ])
+        .expect(0)
+        .json();
+    assert!(
+        plan["plan"]["estimate"]["secs"].as_f64().unwrap() > 0.0,
+        "{plan}"
+    );
+    assert_eq!(plan["plan"]["recovery"]["kind"], "backup_end");
+}
+
+#[test]
+fn restore_without_target_stops_at_a_gap_in_the_archive_and_says_so() {
+    let st = Setup::new(false);
+    let c = Cluster::builder()
+        .archive_command(&st.archive_command())
+        .start()
+        .unwrap();
+    c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
+    let b = st.backup(&c);
+    pgbench(&c, "300");
+    let before_gap = switch_and_wait(&c);
+    let want = c.pg_dumpall().unwrap();
+    pgbench(&c, "300");
+    let victim = switch_and_wait(&c);
+    pgbench(&c, "300");
+    let newest = switch_and_wait(&c);
+    std::fs::remove_file(
+        st.s.repo()
+            .join("wal/main")
+            .join(&victim[..16])
+            .join(&victim),
+    )
+    .unwrap();
+
+    // The plan says it: a gap, not the end, exit 3; --force accepts it.
+    let d = st.s.path().join("gap");
+    let r = restore_run(&st, "latest", &d, &["--dry-run"]).expect(3);
+    assert!(!d.exists());
+    let out = r.stdout();
+    assert!(
+        out.contains(&format!("segment {victim} is missing"))
+            && out.contains("GAP")
+            && out.contains(&format!("last archived segment {before_gap}"))
+            && out.contains(&format!("goes on to {newest}")),
+        "{out}"
+    );
+    restore_run(&st, "latest", &d, &["--dry-run", "--force"]).expect(0);
+    assert!(!d.exists());
+
+    // The restore stops at the gap: the primary as it was when the segment before it was
+    // switched, and exit 3.
+    let r = restore_run(&st, &b, &d, &[]).expect(3);
+    assert!(
+        r.stderr()
+            .contains("WARNING: the archive has a gap after backup"),
+        "{}",
+        r.stderr()
+    );
+    let copy = start_promoted(&d, None);
+    assert_tpcb_invariant("restored to the gap", &copy);
+    assert_same_dump(
+        "restore stopped at the gap",
+        &want,
+        &copy.pg_dumpall().unwrap(),
+    );
+    drop(copy);
+
+    // An explicit target past the gap stays a refusal (exit 16), before anything is written.
+    let lsn = c.sql("SELECT pg_current_wal_lsn()").unwrap();
+    st.refused(16, &b, &["--target-lsn", &lsn]);
+}
+
+/// Waits until `standby` has replayed everything `primary` has written so far.
+fn wait_replayed(primary: &Cluster, standby: &Cluster) {
+    let lsn = primary.sql("SELECT pg_current_wal_lsn()").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = standby
+            .sql(&format!(
+                "SELECT coalesce(pg_last_wal_replay_lsn() >= '{lsn}', false)"
+            ))
+            .unwrap();
+        if done == "t" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "standby did not replay up to {lsn}; log:\n{}",
+            standby.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_standby_restored_with_standby_follows_its_primary_by_archive_and_streaming() {
+    let st = Setup::new(true);
+    let mut c = Cluster::builder()
+        .archive_command(&st.archive_command())
+        .start()
+        .unwrap();
+    c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
+    st.backup(&c);
+    // WAL after the backup that only the archive has for the standby at its start.
+    pgbench(&c, "300");
+    switch_and_wait(&c);
+
+    let conninfo = format!(
+        "host={} port={} user=postgres application_name=pgkeep_standby",
+        c.socket_dir().display(),
+        c.port()
+    );
+    // Refusals first: a password, a conninfo without --standby, a standby with a target.
+    let d = st.s.path().join("standby");
+    let e = restore_run(
+        &st,
+        "latest",
+        &d,
+        &["--standby", "--primary-conninfo", "host=x password=hunter2"],
+    )
+    .expect(2)
+    .stderr();
+    assert!(
+        e.contains("--primary-conninfo") && !e.contains("hunter2"),
+        "{e}"
+    );
+    restore_run(&st, "latest", &d, &["--primary-conninfo", &conninfo]).expect(2);
+    restore_run(&st, "latest", &d, &["--standby", "--target-immediate"]).expect(2);
+    assert!(!d.exists());
+
+    restore_run(
+        &st,
+        "latest",
+        &d,
+        &["--standby", "--primary-conninfo", &conninfo],
+    )
+    .expect(0);
+    assert!(d.join("standby.signal").exists() && !d.join("recovery.signal").exists());
+    let auto = std::fs::read_to_string(d.join("postgresql.auto.conf")).unwrap();
+    assert!(
+        auto.contains("primary_conninfo = 'host=") && auto.contains("restore_command = '"),
+        "{auto}"
+    );
+    let standby = Cluster::builder()
+        .start_timeout(Duration::from_secs(180))
+        .start_existing(&d)
+        .unwrap();
+    // Started from the archive …
+    wait_replayed(&c, &standby);
+    let log = std::fs::read_to_string(standby.log_path()).unwrap();
+    assert!(
+        log.contains("restored log file"),
+        "not from the archive:\n{log}"
+    );
+    // … then streaming what the primary writes.
+    pgbench(&c, "300");
+    wait_replayed(&c, &standby);
+    assert_eq!(
+        standby
+            .sql("SELECT status FROM pg_stat_wal_receiver")
+            .unwrap(),
+        "streaming"
+    );
+    assert_eq!(
+        c.sql("SELECT count(*) FROM pg_stat_replication WHERE application_name = 'pgkeep_standby'")
+            .unwrap(),
+        "1"
+    );
+    let want = c.pg_dumpall().unwrap();
+    c.stop().unwrap();
+    assert_eq!(standby.sql("SELECT pg_is_in_recovery()").unwrap(), "t");
+    assert_tpcb_invariant("standby", &standby);
+    assert_same_dump(
+        "standby after the primary stopped",
+        &want,
+        &standby.pg_dumpall().unwrap(),
+    );
+}
+
+/// Unmounts a test's tmpfs, whatever happens.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn dry_run_writes_nothing_and_a_restore_that_does_not_fit_is_refused_up_front() {
+    if !running_as_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let st = Setup::new(false);
+    // No archiving: the backup restores as it ended, with a note.
+    let c = Cluster::builder().start().unwrap();
+    c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
+    st.backup(&c);
+
+    let small = st.s.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let st_mount = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st_mount.success(), "mount -t tmpfs failed");
+    let _mounted = Mounted(small.clone());
+
+    let d = small.join("dr");
+    for args in [&["--dry-run"][..], &[]] {
+        let r = restore_run(&st, "latest", &d, args).expect(1);
+        let e = r.stderr();
+        assert!(
+            e.contains("not enough space to restore backup")
+                && e.contains(&format!("{} needs ", d.display()))
+                && e.contains(" free"),
+            "{args:?}: {e}"
+        );
+        assert!(!d.exists(), "{args:?} wrote into the small file system");
+    }
+    // The dry run's JSON says the same, with both figures.
+    let r = st.run(&[
+        "--json",
+        "restore",
+        "latest",
+        "--target-dir",
+        d.to_str().unwrap(),
+        "--dry-run",
+    ]);
+    assert_eq!(r.code(), 1);
+    let plan = r.json();
+    let space = &plan["plan"]["space"][0];
+    assert_eq!(space["fits"], false);
+    assert!(space["needed"].as_u64().unwrap() > space["free"].as_u64().unwrap());
+    assert!(space["free"].as_u64().unwrap() <= 8 << 20);
+
+    // Where it fits: the plan, nothing written, no estimate yet.
+    let big = st.s.path().join("big");
+    let r = restore_run(&st, "latest", &big, &["--dry-run"]).expect(0);
+    assert!(!big.exists());
+    let out = r.stdout();
+    assert!(
+        out.contains("nothing written (dry run)")
+            && out.contains("no estimate")
+            && out.contains("the archive holds no WAL after backup"),
+        "{out}"
+    );
+    let r = restore_run(&st, "latest", &big, &[]).expect(0);
+    assert!(r.stdout().contains("the archive holds no WAL after backup"));
+    assert!(!big.join("recovery.signal").exists());
+    // A delta plan over that restore: nothing expected to differ until a file changes.
+    let plan = st
+        .run(&[
+            "--json",
+            "restore",
+            "latest",
+            "--target-dir",
+            big.to_str().unwrap(),
+            "--delta",
+            "--dry-run",
+        ])
+        .expect(0)
+        .json();
+    assert_eq!(
+        plan["plan"]["delta"]["files_expected_to_differ"], 0,
+        "{plan}"
+    );
+    assert!(
+        plan["plan"]["estimate"]["secs"].as_f64().is_some(),
+        "{plan}"
+    );
+    std::fs::write(big.join("PG_VERSION"), "15\n").unwrap();
+    let plan = st
+        .run(&[
+            "--json",
+            "restore",
+            "latest",
+            "--target-dir",
+            big.to_str().unwrap(),
+            "--delta",
+            "--dry-run",
+        ])
+        .expect(0)
+        .json();
+    assert_eq!(
+        plan["plan"]["delta"]["files_expected_to_differ"], 1,
+        "{plan}"
+    );
+}

@@ -444,6 +444,8 @@ fn target(t: RecoveryTarget) -> PitrOptions {
         action: None,
         timeline: None,
         restore_command: "false".into(),
+        standby: false,
+        primary_conninfo: None,
     }
 }
 

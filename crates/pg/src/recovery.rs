@@ -72,6 +72,9 @@ pub struct RecoveryConfig {
     /// `restore_command` (e.g. `pgkeep archive-get %f %p`). Required in
     /// [`RecoveryMode::Recovery`]: PostgreSQL refuses recovery.signal without one.
     pub restore_command: Option<String>,
+    /// `primary_conninfo` of a standby (streaming replication from a primary). Never a
+    /// password: the server reads it from a passfile or its user's `.pgpass`.
+    pub primary_conninfo: Option<String>,
     pub target: RecoveryTarget,
     /// `recovery_target_inclusive` (`None`: server default, true).
     pub inclusive: Option<bool>,
@@ -84,6 +87,7 @@ impl Default for RecoveryConfig {
         RecoveryConfig {
             mode: RecoveryMode::Recovery,
             restore_command: None,
+            primary_conninfo: None,
             target: RecoveryTarget::End,
             inclusive: None,
             action: None,
@@ -125,6 +129,9 @@ impl RecoveryConfig {
                 return Err(PgError::parse("restore_command", rc, "contains a newline"));
             }
             v.push(("restore_command", rc.clone()));
+        }
+        if let Some(pc) = &self.primary_conninfo {
+            v.push(("primary_conninfo", pc.clone()));
         }
         match &self.target {
             RecoveryTarget::End => {}
@@ -253,6 +260,19 @@ mod tests {
         assert!(t.path().join("standby.signal").exists());
         let text = std::fs::read_to_string(t.path().join("postgresql.auto.conf")).unwrap();
         assert!(text.ends_with("recovery_target_lsn = '0/3000028'\n"));
+        let follower = RecoveryConfig {
+            mode: RecoveryMode::Standby,
+            restore_command: Some("false".into()),
+            primary_conninfo: Some("host=/run/pg port=5433 user=rep passfile='/x y'".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            follower.settings().unwrap()[1],
+            (
+                "primary_conninfo",
+                "host=/run/pg port=5433 user=rep passfile='/x y'".to_string()
+            )
+        );
     }
 
     #[test]

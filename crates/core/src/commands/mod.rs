@@ -13,4 +13,5 @@ pub mod pitr;
 pub mod repo;
 pub mod restore;
 pub mod restore_dump;
+pub mod restore_plan;
 pub mod verify;

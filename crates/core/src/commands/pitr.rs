@@ -74,6 +74,14 @@ pub struct PitrOptions {
     pub timeline: Option<TargetTimeline>,
     /// The `restore_command` to write (see [`restore_command_for`]).
     pub restore_command: String,
+    /// Write `standby.signal` instead of `recovery.signal`: the restored cluster stays in
+    /// recovery and follows the archive (and the primary, with `primary_conninfo`).
+    #[serde(default)]
+    pub standby: bool,
+    /// `primary_conninfo` of a standby; never holds a password (refused by the CLI: the
+    /// server reads it from a passfile or the server user's `.pgpass`).
+    #[serde(default)]
+    pub primary_conninfo: Option<String>,
 }
 
 /// Parses a target time: PostgreSQL's timestamptz text (`2026-11-22 14:31:07.52+00`,
@@ -138,7 +146,7 @@ fn unreachable(msg: String, window: Option<String>, hint: &str) -> Error {
 }
 
 /// PostgreSQL's timestamptz text in UTC, as the messages print times.
-fn time_text(t: DateTime<Utc>) -> String {
+pub fn time_text(t: DateTime<Utc>) -> String {
     t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string()
 }
 
@@ -311,6 +319,68 @@ impl Window {
     }
 }
 
+/// Where recovery to the end of the archive stops: what `restore` says before writing
+/// anything when no target is given (everything committed after `last_xact_time` is lost).
+#[derive(Debug, Clone, Serialize)]
+pub struct ArchiveEnd {
+    /// The timeline recovery ends on.
+    pub timeline: u32,
+    /// The first segment replay reads (the one holding the backup's start).
+    pub first_segment: String,
+    /// The segment holding the backup's stop LSN.
+    pub backup_end_segment: String,
+    /// The last segment recovery can read from the archive without a gap; `None` when the
+    /// archive holds nothing from the backup's end on.
+    pub last_segment: Option<String>,
+    /// Archived segments from the one holding the backup's stop to the end.
+    pub segments: u64,
+    /// The end of the WAL recovery can reach.
+    pub end_lsn: String,
+    /// The last transaction end (commit or abort) in that WAL after the backup's stop, from
+    /// the segment summaries; `None` when none ended there or the WAL format is not read.
+    pub last_xact_time: Option<DateTime<Utc>>,
+    /// False when the backup's WAL format is not one pgkeep reads (no transaction times).
+    pub xact_times_known: bool,
+    /// The missing segment that cuts the archive short, when the archive goes on after it.
+    pub gap: Option<String>,
+    /// With a gap: the newest archived segment on the path past it, and the last transaction
+    /// end in that segment (what the gap costs).
+    pub archived_past_gap: Option<String>,
+    /// Transaction end in `archived_past_gap`.
+    pub last_xact_time_past_gap: Option<DateTime<Utc>>,
+}
+
+impl ArchiveEnd {
+    /// One line for humans: the end, and what lies past it.
+    pub fn describe(&self) -> String {
+        let when = match (self.last_xact_time, self.xact_times_known) {
+            (Some(t), _) => format!("last transaction ended {}", time_text(t)),
+            (None, true) => "no transaction ended after the backup".to_string(),
+            (None, false) => "transaction times unknown for this WAL format".to_string(),
+        };
+        let last = match &self.last_segment {
+            Some(s) => format!("last archived segment {s}"),
+            None => "no archived WAL after the backup".to_string(),
+        };
+        let mut text = format!(
+            "recovery ends at {} on timeline {} ({last}, {when})",
+            self.end_lsn, self.timeline
+        );
+        if let Some(g) = &self.gap {
+            text.push_str(&format!(
+                "; this is a GAP, not the end of the archive: segment {g} is missing"
+            ));
+            if let Some(p) = &self.archived_past_gap {
+                text.push_str(&format!(" and the archive goes on to {p}"));
+                if let Some(t) = self.last_xact_time_past_gap {
+                    text.push_str(&format!(" (transactions until {})", time_text(t)));
+                }
+            }
+        }
+        text
+    }
+}
+
 /// The archive of one cluster as point-in-time recovery reads it: which segments exist, the
 /// timeline histories, and the segment summaries read so far (kept for the run).
 pub struct ArchiveReach<'r> {
@@ -383,6 +453,65 @@ impl<'r> ArchiveReach<'r> {
             after: (first..n).map(|k| path.segment(k, seg_size)).collect(),
             gap,
             path,
+        })
+    }
+
+    /// Where recovery from `m` to the end of the archive stops along the requested timeline
+    /// (exit 15 for a timeline that forked before the backup's end, 16 for one without a
+    /// history file). Reads the summaries of the last segments.
+    pub async fn end(
+        &self,
+        m: &BackupManifest,
+        timeline: Option<TargetTimeline>,
+    ) -> Result<ArchiveEnd> {
+        let w = self.window(m, timeline)?;
+        let seg_size = m.wal_segment_size;
+        let known = Self::content_readable(m);
+        let last_xact_time = if known {
+            self.latest_xact_end(m, &w, None)
+                .await?
+                .and_then(|t| DateTime::from_timestamp_micros(pg_time_to_unix_micros(t)))
+        } else {
+            None
+        };
+        let (mut past, mut past_time) = (None, None);
+        if w.gap.is_some() {
+            let end_seg = w.end.0 / seg_size as u64;
+            past = self
+                .present
+                .iter()
+                .filter(|s| {
+                    let k = s.segno(seg_size);
+                    k > end_seg && w.path.timeline_of(k) == s.timeline
+                })
+                .max_by_key(|s| s.segno(seg_size))
+                .copied();
+            if let (Some(p), true) = (past, known) {
+                past_time = self
+                    .summary(m, p)
+                    .await?
+                    .max_xact_time
+                    .and_then(|t| DateTime::from_timestamp_micros(pg_time_to_unix_micros(t)));
+            }
+        }
+        Ok(ArchiveEnd {
+            timeline: w.path.target,
+            first_segment: w
+                .path
+                .segment(w.start.0 / seg_size as u64, seg_size)
+                .to_string(),
+            backup_end_segment: w
+                .path
+                .segment(w.stop.0 / seg_size as u64, seg_size)
+                .to_string(),
+            last_segment: w.after.last().map(|s| s.to_string()),
+            segments: w.after.len() as u64,
+            end_lsn: w.end.to_string(),
+            last_xact_time,
+            xact_times_known: known,
+            gap: w.gap.map(|g| g.to_string()),
+            archived_past_gap: past.map(|s| s.to_string()),
+            last_xact_time_past_gap: past_time,
         })
     }
 
@@ -516,6 +645,45 @@ impl<'r> ArchiveReach<'r> {
             return Ok(());
         }
         let target = unix_micros_to_pg_time(t.timestamp_micros());
+        let latest = self.latest_xact_end(m, w, Some(target)).await?;
+        if latest.is_some_and(|l| l > target) {
+            return Ok(());
+        }
+        let window = match latest {
+            Some(l) => format!(
+                "{} to {}, the last transaction end in the archived WAL; WAL {}",
+                time_text(m.stop_time),
+                pg_time_text(l),
+                w.lsn_text()
+            ),
+            None => format!(
+                "no transaction ended in the archived WAL after its end; WAL {}",
+                w.lsn_text()
+            ),
+        };
+        Err(unreachable(
+            format!(
+                "recovery target time {} is after the last transaction end that backup {} can reach",
+                time_text(t),
+                m.id
+            ),
+            Some(window),
+            "recovery stops before the first commit or abort later than the target; with none, PostgreSQL would run off the end of the archive. \
+             Choose an earlier time, or check `pgkeep verify` for gaps and `pgkeep check` for archiving",
+        ))
+    }
+
+    /// The latest transaction end (commit or abort) after the backup's stop LSN in the window,
+    /// as a WAL `TimestampTz`. Reads summaries newest first, a batch at a time, and stops at
+    /// the first batch that holds a transaction end later than `above` (with `None`: at the
+    /// first batch that holds any: transaction ends follow WAL order, so later segments hold
+    /// the later ones).
+    async fn latest_xact_end(
+        &self,
+        m: &BackupManifest,
+        w: &Window,
+        above: Option<i64>,
+    ) -> Result<Option<i64>> {
         let segs = &w.after;
         let mut latest: Option<i64> = None;
         let note = |lsn: Lsn, time: i64, latest: &mut Option<i64>| {
@@ -548,33 +716,14 @@ impl<'r> ArchiveReach<'r> {
                     }
                 }
             }
-            if latest.is_some_and(|l| l > target) {
-                return Ok(());
+            match (latest, above) {
+                (Some(l), Some(a)) if l > a => return Ok(latest),
+                (Some(_), None) => return Ok(latest),
+                _ => {}
             }
             hi = lo;
         }
-        let window = match latest {
-            Some(l) => format!(
-                "{} to {}, the last transaction end in the archived WAL; WAL {}",
-                time_text(m.stop_time),
-                pg_time_text(l),
-                w.lsn_text()
-            ),
-            None => format!(
-                "no transaction ended in the archived WAL after its end; WAL {}",
-                w.lsn_text()
-            ),
-        };
-        Err(unreachable(
-            format!(
-                "recovery target time {} is after the last transaction end that backup {} can reach",
-                time_text(t),
-                m.id
-            ),
-            Some(window),
-            "recovery stops before the first commit or abort later than the target; with none, PostgreSQL would run off the end of the archive. \
-             Choose an earlier time, or check `pgkeep verify` for gaps and `pgkeep check` for archiving",
-        ))
+        Ok(latest)
     }
 
     async fn check_xid(&self, m: &BackupManifest, w: &Window, xid: u32) -> Result<()> {
@@ -816,7 +965,12 @@ pub fn recovery_config(pitr: &PitrOptions) -> Result<RecoveryConfig> {
         other => other.clone(),
     };
     Ok(RecoveryConfig {
-        mode: RecoveryMode::Recovery,
+        mode: if pitr.standby {
+            RecoveryMode::Standby
+        } else {
+            RecoveryMode::Recovery
+        },
+        primary_conninfo: pitr.primary_conninfo.clone(),
         restore_command: Some(pitr.restore_command.clone()),
         target,
         inclusive: None,
@@ -857,6 +1011,8 @@ mod tests {
             action: Some(TargetAction::Promote),
             timeline: None,
             restore_command: "pgkeep archive-get %f %p".into(),
+            standby: false,
+            primary_conninfo: None,
         })
         .unwrap();
         assert_eq!(

@@ -1,7 +1,9 @@
 //! `pgkeep restore <ID|latest> --target-dir DIR [--delta] [--force] [--tablespace-map OLD=NEW]`.
 //!
 //! Order of work, chosen so that an interrupted restore can never be started by mistake:
-//! 1. every check (manifest, target, tablespace locations) before anything is written;
+//! 1. every check (manifest, target, tablespace locations, the recovery target, free space:
+//!    the plan of [`crate::commands::restore_plan`], all `--dry-run` does) before anything is
+//!    written;
 //! 2. the marker `pgkeep.restore-incomplete` is written first, and any `backup_label`,
 //!    `tablespace_map` and `global/pg_control` already in the target are removed: without
 //!    pg_control PostgreSQL refuses to start the directory;
@@ -28,6 +30,7 @@ use futures::stream::{self, StreamExt};
 use pgkeep_repo::{BlobRef, LockKind, Repository, StreamRef};
 use serde::{Deserialize, Serialize};
 
+use crate::commands::restore_plan::{self, RestorePlan};
 use crate::context::Report;
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::{self, BackupManifest, EntryKind, FileEntry};
@@ -91,10 +94,20 @@ pub struct RestoreOptions {
     pub tablespace_map: Vec<TablespaceMapping>,
     /// Files restored (or compared) at once; 0 = one per core, at least 4.
     pub threads: usize,
-    /// Point-in-time recovery (target, action, timeline, restore_command); `None` restores
-    /// the backup as it is, without recovery settings.
+    /// Recovery (target, action, timeline, standby, restore_command). The CLI always sets
+    /// it: with [`RecoveryTarget::End`](pgkeep_pg::recovery::RecoveryTarget::End), the
+    /// restored cluster recovers to the end of the archive (or is restored as it ended when
+    /// nothing is archived after the backup). `None` restores the backup as it is, without
+    /// recovery settings and without looking at the archive.
     #[serde(default)]
     pub recovery: Option<crate::commands::pitr::PitrOptions>,
+    /// Make the plan (see [`crate::commands::restore_plan`]) and write nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Where completed restores record their speed, for the duration estimate; `None`
+    /// records nothing (and the plan has no estimate).
+    #[serde(default)]
+    pub speed_log: Option<PathBuf>,
 }
 
 /// What `restore` did.
@@ -126,10 +139,22 @@ pub struct RestoreReport {
     pub stop_lsn: String,
     /// Seconds.
     pub duration_secs: f64,
+    /// `--dry-run`: nothing was written; the plan is the report.
+    pub dry_run: bool,
+    /// The plan, made before anything was written.
+    pub plan: RestorePlan,
 }
 
 impl fmt::Display for RestoreReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.dry_run {
+            writeln!(
+                f,
+                "plan for restoring backup {} of cluster {} into {} ({}); nothing written (dry run)",
+                self.id, self.cluster, self.target_dir, self.mode
+            )?;
+            return write!(f, "{}", self.plan);
+        }
         writeln!(
             f,
             "restored backup {} of cluster {} into {} ({}) in {:.1} s",
@@ -148,6 +173,13 @@ impl fmt::Display for RestoreReport {
         for t in &self.tablespaces {
             writeln!(f, "tablespace {} at {}", t.oid, t.location)?;
         }
+        writeln!(f, "recovery: {}", self.plan.recovery.stops)?;
+        for w in &self.plan.warnings {
+            writeln!(f, "WARNING: {w}")?;
+        }
+        for n in &self.plan.notes {
+            writeln!(f, "note: {n}")?;
+        }
         writeln!(
             f,
             "start PostgreSQL on it (owned by its server user); it is consistent once WAL up to {} is replayed",
@@ -156,7 +188,21 @@ impl fmt::Display for RestoreReport {
     }
 }
 
-impl Report for RestoreReport {}
+impl Report for RestoreReport {
+    /// A dry run of a restore that would not fit: exit 1 after the plan.
+    fn failure(&self) -> Option<Error> {
+        if self.dry_run {
+            self.plan.space_refusal()
+        } else {
+            None
+        }
+    }
+
+    /// A gap in the archive (unless `--force`).
+    fn has_warnings(&self) -> bool {
+        !self.plan.warnings.is_empty()
+    }
+}
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
     Error::io(format!("{what} {}", path.display()), e)
@@ -189,21 +235,9 @@ async fn run(
     if opts.delta && opts.force {
         return Err(Error::usage("--delta and --force exclude each other"));
     }
-    let id = if opts.id.is_empty() {
-        "latest"
-    } else {
-        opts.id.as_str()
-    };
-    // A recovery target picks `latest` among the backups that end before it, and must be
-    // reachable: both checked before anything is written (exit 16).
-    let id = match &opts.recovery {
-        Some(p) => crate::commands::pitr::select_backup(repo, &opts.cluster, id, p).await?,
-        None => id.to_string(),
-    };
-    let m = manifest::load_physical(repo, &opts.cluster, &id).await?;
-    if let Some(p) = &opts.recovery {
-        crate::commands::pitr::preflight(repo, &opts.cluster, &m, p).await?;
-    }
+    // The backup (a recovery target picks `latest` among those that end before it); the
+    // target is checked, with everything else, in the plan below, before anything is written.
+    let (m, why) = restore_plan::select(repo, opts).await?;
     let target = absolute(&opts.target_dir)?;
 
     // Tablespace locations after relocation.
@@ -264,6 +298,51 @@ async fn run(
     } else {
         "fresh"
     };
+    let plan = restore_plan::build(
+        repo,
+        opts,
+        restore_plan::PlanInput {
+            m: &m,
+            why,
+            target: &target,
+            ts: &ts_locations,
+            mode,
+        },
+    )
+    .await?;
+    let mut report = RestoreReport {
+        cluster: m.cluster.clone(),
+        id: m.id.clone(),
+        target_dir: target.display().to_string(),
+        mode: mode.into(),
+        files_written: 0,
+        bytes_written: 0,
+        files_unchanged: 0,
+        bytes_unchanged: 0,
+        entries_removed: 0,
+        wal_files: 0,
+        tablespaces: ts_locations
+            .iter()
+            .map(|(oid, loc)| manifest::TablespaceEntry {
+                oid: *oid,
+                location: loc.display().to_string(),
+            })
+            .collect(),
+        stop_lsn: m.stop_lsn.clone(),
+        duration_secs: 0.0,
+        dry_run: opts.dry_run,
+        plan,
+    };
+    if opts.dry_run {
+        report.duration_secs = started.elapsed().as_secs_f64();
+        return Ok(report);
+    }
+    if let Some(e) = report.plan.space_refusal() {
+        return Err(e);
+    }
+    for line in report.plan.headline() {
+        progress.note(&line);
+    }
 
     // From here on, the target is ours.
     create_private_dir(&target)?;
@@ -299,28 +378,6 @@ async fn run(
             .max(4)
     } else {
         opts.threads
-    };
-
-    let mut report = RestoreReport {
-        cluster: m.cluster.clone(),
-        id: m.id.clone(),
-        target_dir: target.display().to_string(),
-        mode: mode.into(),
-        files_written: 0,
-        bytes_written: 0,
-        files_unchanged: 0,
-        bytes_unchanged: 0,
-        entries_removed: 0,
-        wal_files: 0,
-        tablespaces: ts_locations
-            .iter()
-            .map(|(oid, loc)| manifest::TablespaceEntry {
-                oid: *oid,
-                location: loc.display().to_string(),
-            })
-            .collect(),
-        stop_lsn: m.stop_lsn.clone(),
-        duration_secs: 0.0,
     };
 
     let m = Arc::new(m);
@@ -463,7 +520,7 @@ async fn run(
         0o600,
     )?;
     // Recovery settings last of all: an interrupted restore never carries a target.
-    if let Some(p) = &opts.recovery {
+    if let Some(p) = &report.plan.settings {
         crate::commands::pitr::write_recovery(&target, p)?;
     }
     sync_fs(&target)?;
@@ -474,6 +531,15 @@ async fn run(
     sync_dir(&target)?;
 
     report.duration_secs = started.elapsed().as_secs_f64();
+    if let Some(log) = &opts.speed_log {
+        restore_plan::record_speed(
+            log,
+            &repo.config().id,
+            report.bytes_written,
+            report.duration_secs,
+            mode,
+        );
+    }
     Ok(report)
 }
 
