@@ -214,6 +214,11 @@ struct BackupArgs {
     /// How to read the cluster.
     #[arg(long, value_enum, default_value = "local")]
     method: BackupMethod,
+    /// When the cluster archives with `pgkeep archive-push`: how long to wait for the
+    /// backup's WAL to reach the repository, in seconds (default 60; of a standby, its
+    /// archive_timeout plus 30 when longer).
+    #[arg(long, value_name = "SECS")]
+    archive_timeout: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -498,6 +503,7 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                     BackupMethod::Local => backup::BackupMethod::Local,
                     BackupMethod::Basebackup => backup::BackupMethod::Basebackup,
                 },
+                archive_timeout_secs: b.archive_timeout,
                 ..Default::default()
             };
             let report = backup::backup(&repo, &opts, progress(cli).as_ref()).await?;

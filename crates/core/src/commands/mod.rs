@@ -12,4 +12,5 @@ pub mod pitr;
 pub mod repo;
 pub mod restore;
 pub mod restore_dump;
+pub mod standby;
 pub mod verify;
