@@ -582,9 +582,9 @@ async fn run(
                         let size = f.metadata().map_err(cant)?.len();
                         (size, w.ingest_reader(&mut f.take(keep.min(size)))?)
                     }
-                    // Not in pg_wal: a standby that replays from an archive through
-                    // restore_command keeps no copy of the segments it restored. The copy
-                    // in this repository's archive is the same WAL (checked on the way in).
+                    // Not in pg_wal, although the slot pins it: whatever removed it (an
+                    // operator, a tool managing pg_wal), the copy in this repository's
+                    // archive is the same WAL (checked against the cluster on the way in).
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                         let data = rt
                             .block_on(archived_wal(&r, &cluster, &name))?

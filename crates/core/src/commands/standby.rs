@@ -15,10 +15,10 @@
 //!   stayed a standby on the backup's timeline.
 //! - **The backup's own WAL.** As on a primary, a temporary physical replication slot, made
 //!   on the standby itself (PostgreSQL allows slots on a standby), keeps the standby from
-//!   recycling the WAL from the backup's start until the backup has stored it. A segment
-//!   that is not in the standby's `pg_wal` (a standby that replays from an archive through
-//!   `restore_command` keeps no copy) is taken from this repository's archive instead
-//!   ([`crate::commands::backup`]).
+//!   recycling the WAL from the backup's start until the backup has stored it (segments a
+//!   standby restored from an archive are kept in its `pg_wal` under their own names too).
+//!   Should a segment be missing from `pg_wal` all the same, the local method takes it from
+//!   this repository's archive ([`crate::commands::backup`]).
 //! - **The archive.** A standby never completes a WAL segment on its own: `pg_switch_wal()`
 //!   is refused during recovery and `pg_backup_stop` switches nothing, so the segment holding
 //!   the stop LSN reaches the archive only once the *primary* fills or switches it (under
