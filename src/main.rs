@@ -504,7 +504,6 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                     BackupMethod::Basebackup => backup::BackupMethod::Basebackup,
                 },
                 archive_timeout_secs: b.archive_timeout,
-                ..Default::default()
             };
             let report = backup::backup(&repo, &opts, progress(cli).as_ref()).await?;
             Ok(emit(json, &report))
