@@ -397,6 +397,11 @@ struct BackupArgs {
     /// Pin the new backup: expire never removes it.
     #[arg(long)]
     pin: bool,
+    /// When the cluster archives with `pgkeep archive-push`: how long to wait for the
+    /// backup's WAL to reach the repository, in seconds (default 60; of a standby, its
+    /// archive_timeout plus 30 when longer).
+    #[arg(long, value_name = "SECS")]
+    archive_timeout: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -703,7 +708,7 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                     BackupMethod::Local => backup::BackupMethod::Local,
                     BackupMethod::Basebackup => backup::BackupMethod::Basebackup,
                 },
-                ..Default::default()
+                archive_timeout_secs: b.archive_timeout,
             };
             let report = backup::backup(&repo, &opts, progress(cli).as_ref()).await?;
             if b.pin {

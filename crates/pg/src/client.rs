@@ -594,6 +594,96 @@ impl PgClient {
     }
 }
 
+impl PgClient {
+    /// Where a standby stands: what it replayed and received, and whether its WAL receiver
+    /// streams from a primary. One round trip; on a primary the LSNs are `None`.
+    pub async fn standby_status(&self) -> Result<StandbyStatus> {
+        const WHAT: &str = "reading the standby's replay and WAL receiver state";
+        // pg_stat_wal_receiver has a row only while a WAL receiver runs; its columns other
+        // than pid read NULL without pg_read_all_stats, hence `receiver_running` on its own.
+        let row = self
+            .client
+            .query_one(
+                "SELECT pg_is_in_recovery()::text, \
+                 coalesce(pg_last_wal_replay_lsn()::text, ''), \
+                 coalesce(pg_last_wal_receive_lsn()::text, ''), \
+                 (SELECT min_recovery_end_timeline::text FROM pg_control_recovery()), \
+                 (SELECT count(*)::text FROM pg_stat_wal_receiver), \
+                 coalesce((SELECT status FROM pg_stat_wal_receiver), ''), \
+                 coalesce((SELECT sender_host || ':' || sender_port FROM pg_stat_wal_receiver), ''), \
+                 coalesce((SELECT last_msg_receipt_time::text FROM pg_stat_wal_receiver), '')",
+                &[],
+            )
+            .await
+            .map_err(|e| self.query_err(WHAT, e))?;
+        let g =
+            |i: usize| -> Result<String> { row.try_get(i).map_err(|e| self.query_err(WHAT, e)) };
+        let lsn = |s: String| -> Result<Option<Lsn>> {
+            if s.is_empty() {
+                Ok(None)
+            } else {
+                s.parse().map(Some)
+            }
+        };
+        let nonempty = |s: String| (!s.is_empty()).then_some(s);
+        Ok(StandbyStatus {
+            in_recovery: g(0)? == "true",
+            replay_lsn: lsn(g(1)?)?,
+            receive_lsn: lsn(g(2)?)?,
+            min_recovery_timeline: g(3)?.parse().unwrap_or(0),
+            receiver_running: g(4)? != "0",
+            receiver_status: nonempty(g(5)?),
+            sender: nonempty(g(6)?),
+            last_message: nonempty(g(7)?),
+        })
+    }
+}
+
+/// What [`PgClient::standby_status`] read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StandbyStatus {
+    /// `pg_is_in_recovery()`.
+    pub in_recovery: bool,
+    /// `pg_last_wal_replay_lsn()`: the end of the last record replayed.
+    pub replay_lsn: Option<Lsn>,
+    /// `pg_last_wal_receive_lsn()`: the end of the WAL streamed and flushed to disk.
+    pub receive_lsn: Option<Lsn>,
+    /// `pg_control_recovery().min_recovery_end_timeline` (0 on a primary).
+    pub min_recovery_timeline: u32,
+    /// Whether a WAL receiver process runs (it exits while its primary cannot be reached).
+    pub receiver_running: bool,
+    /// `pg_stat_wal_receiver.status` (`streaming`, `starting`, ...) when visible.
+    pub receiver_status: Option<String>,
+    /// `sender_host:sender_port` of the upstream server, when visible.
+    pub sender: Option<String>,
+    /// `last_msg_receipt_time` from the upstream server, when visible.
+    pub last_message: Option<String>,
+}
+
+impl StandbyStatus {
+    /// The WAL receiver's state in words, for messages.
+    pub fn receiver_text(&self) -> String {
+        if !self.receiver_running {
+            return "no WAL receiver runs: the standby is not streaming from a primary (is the primary down or unreachable?)".into();
+        }
+        let status = self
+            .receiver_status
+            .as_deref()
+            .unwrap_or("state not visible");
+        let mut s = format!("WAL receiver {status}");
+        if let Some(h) = &self.sender {
+            s.push_str(&format!(" from {h}"));
+        }
+        if let Some(t) = &self.last_message {
+            s.push_str(&format!(", last message from the primary at {t}"));
+        }
+        if status != "streaming" && self.receiver_status.is_some() {
+            s.push_str(": the standby is not streaming from a primary (is the primary down or unreachable?)");
+        }
+        s
+    }
+}
+
 /// Parse a size setting as shown by `current_setting` ("16MB", "1GB", "8192").
 fn parse_size(s: &str) -> Option<u64> {
     let digits: String = s.chars().take_while(|c| c.is_ascii_digit()).collect();

@@ -61,6 +61,11 @@ pub const EXCLUDED_TOP_FILES: &[&str] = &[
     "current_logfiles.tmp",
     // Describes the pg_basebackup run that produced this directory, not the new backup.
     "backup_manifest",
+    // A standby's (or a restored copy's) recovery mode, not data: a backup of a standby must
+    // restore as whatever the restore asks for (recovery to a target, or `--standby`), not
+    // as a standby of the original primary. pgBackRest leaves them out likewise.
+    "standby.signal",
+    "recovery.signal",
 ];
 
 /// What an entry is on disk.
@@ -561,6 +566,8 @@ mod tests {
             "postgresql.auto.conf.tmp",
             "current_logfiles.tmp",
             "backup_manifest",
+            "standby.signal",
+            "recovery.signal",
         ];
         for f in server_files {
             touch(&d.join(f), b"x");

@@ -12,9 +12,14 @@
 //!    `pgkeep_pg::datadir`) and read the files on N threads into one [`BlobWriter`],
 //!    verifying page checksums of relation files as they stream by. Files unchanged since the
 //!    previous backup are not read (see [`unchanged_since`]) unless `full_read`;
+//!    `global/pg_control` is read last;
 //! 5. `pg_backup_stop`; copy the WAL from the start to the stop segment out of `pg_wal`
-//!    (pinned by the slot) into the repository, so the backup restores without an archive;
-//! 6. finish the writer (packs, then index), then save the manifest: the commit point.
+//!    (pinned by the slot; a segment not there is taken from this repository's archive) into
+//!    the repository, so the backup restores without an archive;
+//! 6. finish the writer (packs, then index); when pgkeep archives the cluster, wait until
+//!    the backup's WAL is archived; then save the manifest: the commit point.
+//!
+//! The server may be a standby: [`crate::commands::standby`] says what differs.
 //!
 //! A failure anywhere before step 6 leaves no manifest: the backup does not exist, and the
 //! blobs already uploaded are reused by the next run.
@@ -33,7 +38,8 @@ use chrono::{DateTime, Utc};
 use pgkeep_pg::checksum::{absolute_block, BLCKSZ};
 use pgkeep_pg::datadir::{self, DataDirEntry};
 use pgkeep_pg::{
-    BackupSession, ConnParams, ControlFile, Lsn, PageCheck, PgClient, PgError, WalSegmentName,
+    BackupSession, ConnParams, ControlFile, Lsn, PageCheck, PgClient, PgError, WalFileName,
+    WalSegmentName,
 };
 use pgkeep_repo::{BlobWriter, LockKind, Repository, StreamRef, WriterOptions};
 use serde::{Deserialize, Serialize};
@@ -54,6 +60,9 @@ pub const MTIME_SAFETY_MARGIN: Duration = Duration::from_secs(5);
 /// The `relation_chunk_size` the CLI uses when no setting gives one (see
 /// [`BackupOptions::relation_chunk_size`]; chosen by `bench/compare.sh`, README "Benchmarks").
 pub const DEFAULT_RELATION_CHUNK_SIZE: u32 = 1 << 20;
+
+/// The control file, relative to the data directory.
+const PG_CONTROL: &str = "global/pg_control";
 
 /// Read size for data files: a multiple of the page size.
 const READ_BLOCK: usize = 1024 * 1024;
@@ -83,7 +92,8 @@ pub struct BackupOptions {
     pub relation_chunk_size: u32,
     /// When the cluster archives its WAL with `pgkeep archive-push`, how long to wait after
     /// `pg_backup_stop` for the backup's WAL to reach the archive (the backup fails, without
-    /// a manifest, if it does not). None = 60 s. Ignored when another tool archives.
+    /// a manifest, if it does not). None = 60 s (of a standby: its `archive_timeout` plus
+    /// 30 s when longer, see [`crate::commands::standby`]). Ignored when another tool archives.
     #[serde(default)]
     pub archive_timeout_secs: Option<u64>,
     /// How the cluster is read: its data directory on this host, or `pg_basebackup`'s stream
@@ -289,13 +299,9 @@ async fn run(
     let client = PgClient::connect(&params).await.map_err(pg_error)?;
     let info = client.server_info().await.map_err(pg_error)?;
     info.ensure_supported(client.target()).map_err(pg_error)?;
-    if info.in_recovery {
-        return Err(Error::with_hint(
-            ErrorKind::Failure,
-            format!("{} is a standby (in recovery)", client.target()),
-            "back up the primary; backups from a standby are not supported yet",
-        ));
-    }
+    // A standby is backed up in place, as PostgreSQL allows: see `super::standby` for what
+    // differs (stop point, pg_control last, the wait for the archive).
+    let standby = info.in_recovery;
     let pgdata = opts
         .pgdata
         .clone()
@@ -475,6 +481,14 @@ async fn run(
     to_read.sort_by_key(|job| std::cmp::Reverse(job.1.size));
     let total_bytes: u64 = to_read.iter().map(|(_, e)| e.size).sum();
     progress.begin(Phase::Backup, total_bytes, to_read.len() as u64);
+    // pg_control is read after every other file. On a standby, the minimum recovery point
+    // in the copy is where a restore considers the backup consistent, so it must cover every
+    // page copied before (pg_basebackup's server sends it last for the same reason); on a
+    // primary the order does not matter.
+    let control_job = to_read
+        .iter()
+        .position(|(_, e)| e.rel_path == PG_CONTROL)
+        .map(|k| to_read.remove(k));
     let read_result = {
         let (w, pd, start_lsn) = (writer.clone(), pgdata.clone(), start.lsn);
         crate::progress::blocking_with_progress(progress, move |counter| {
@@ -483,7 +497,13 @@ async fn run(
                 start_lsn,
                 relation_chunk: relation_chunk as usize,
             };
-            read_files(&w, &pd, to_read, threads, &cfg, &counter)
+            let mut o = read_files(&w, &pd, to_read, threads, &cfg, &counter)?;
+            if let Some(job) = control_job {
+                let last = read_files(&w, &pd, vec![job], 1, &cfg, &counter)?;
+                o.streams.extend(last.streams);
+                o.failures.extend(last.failures);
+            }
+            Ok(o)
         })
         .await
     };
@@ -528,6 +548,13 @@ async fn run(
             return Err(pg_error(e));
         }
     };
+    if standby {
+        if let Err(e) = super::standby::check_stop(session.client(), start.timeline, stop.lsn).await
+        {
+            let _ = writer.finish().await;
+            return Err(e);
+        }
+    }
     let seg_size = info.wal_segment_size;
     let mut wal_names: Vec<String> =
         WalSegmentName::range(start.lsn, stop.lsn, start.timeline, seg_size)
@@ -552,6 +579,11 @@ async fn run(
     let keep_in_last = (stop.lsn.segment_offset(seg_size) as u64).div_ceil(page) * page;
     let wal_result = {
         let (w, dir, names) = (writer.clone(), wal_dir.clone(), wal_names.clone());
+        let (rt, r, cluster) = (
+            tokio::runtime::Handle::current(),
+            repo.clone(),
+            opts.cluster.clone(),
+        );
         crate::progress::blocking_with_progress(progress, move |counter| -> Result<Vec<WalEntry>> {
             let mut out = Vec::new();
             for name in names {
@@ -565,13 +597,28 @@ async fn run(
                         ),
                     )
                 };
-                let f = File::open(&p).map_err(cant)?;
-                let size = f.metadata().map_err(cant)?.len();
-                let s = if name == last_segment && keep_in_last > 0 {
-                    w.ingest_reader(&mut f.take(keep_in_last.min(size)))?
+                let keep = if name == last_segment && keep_in_last > 0 {
+                    keep_in_last
                 } else {
-                    let mut f = f;
-                    w.ingest_reader(&mut f)?
+                    u64::MAX
+                };
+                let (size, s) = match File::open(&p) {
+                    Ok(f) => {
+                        let size = f.metadata().map_err(cant)?.len();
+                        (size, w.ingest_reader(&mut f.take(keep.min(size)))?)
+                    }
+                    // Not in pg_wal, although the slot pins it: whatever removed it (an
+                    // operator, a tool managing pg_wal), the copy in this repository's
+                    // archive is the same WAL (checked against the cluster on the way in).
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        let data = rt
+                            .block_on(archived_wal(&r, &cluster, &name))?
+                            .ok_or_else(|| cant(e))?;
+                        let size = data.len() as u64;
+                        let part = &data[..keep.min(size) as usize];
+                        (size, w.ingest_bytes(part)?)
+                    }
+                    Err(e) => return Err(cant(e)),
                 };
                 counter.advance(s.size, 1);
                 out.push(WalEntry {
@@ -613,8 +660,9 @@ async fn run(
     if archive_mode != "off" && pgkeep_archives(&archive_command) {
         progress.note("waiting for the backup's WAL to be archived");
         let segments = WalSegmentName::range(start.lsn, stop.lsn, start.timeline, seg_size);
-        let timeout = Duration::from_secs(opts.archive_timeout_secs.unwrap_or(60));
-        crate::commands::archive::wait_for_wal_archived(repo, &opts.cluster, &segments, timeout)
+        let timeout = super::standby::archive_wait(session.client(), opts, standby).await;
+        let on_standby = standby.then(|| (session.client(), stop.lsn));
+        super::standby::wait_for_backup_wal(repo, &opts.cluster, &segments, timeout, on_standby)
             .await?;
     }
     if let Err(e) = session.finish().await {
@@ -675,6 +723,14 @@ async fn run(
         warnings,
         duration_secs: m.duration_secs,
     })
+}
+
+/// A WAL file of the backup from this repository's archive (`None` when it is not there).
+async fn archived_wal(repo: &Repository, cluster: &str, name: &str) -> Result<Option<Vec<u8>>> {
+    let Ok(file) = WalFileName::parse(name) else {
+        return Ok(None);
+    };
+    crate::commands::archive::fetch(repo, cluster, &file).await
 }
 
 /// A backup id newer than every existing one: the current UTC second. When the newest id is

@@ -19,6 +19,12 @@
 //!    does), `backup_manifest` is read and not kept;
 //! 4. the slot is checked (not lost) and dropped; packs, index, then the manifest.
 //!
+//! The server may be a standby: the slot is then made on the standby, `-X fetch` takes the
+//! WAL from the standby's own pg_wal, and the server sends `global/pg_control` last, which a
+//! standby backup needs; [`crate::commands::standby`] checks the stop point and explains the
+//! wait for the archive. `standby.signal` and the other files the local method leaves out
+//! are dropped from the stream.
+//!
 //! Clusters with tablespaces are refused: `-D -` carries a single tar stream, and
 //! pg_basebackup refuses to put more than one tablespace on stdout. Page checksums are
 //! verified by the server (which re-reads torn pages); its warnings become
@@ -28,7 +34,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use chrono::Utc;
 use pgkeep_pg::checksum::absolute_block;
@@ -62,13 +68,10 @@ pub(crate) async fn run(
     let client = PgClient::connect(&params).await.map_err(pg_error)?;
     let info = client.server_info().await.map_err(pg_error)?;
     info.ensure_supported(client.target()).map_err(pg_error)?;
-    if info.in_recovery {
-        return Err(Error::with_hint(
-            ErrorKind::Failure,
-            format!("{} is a standby (in recovery)", client.target()),
-            "back up the primary; backups from a standby are not supported yet",
-        ));
-    }
+    // pg_basebackup backs a standby up as it does a primary (the slot below is made on the
+    // standby, and `-X fetch` takes the WAL from the standby's pg_wal); see
+    // `super::standby` for the checks after it and the wait for the archive.
+    let standby = info.in_recovery;
     let tablespaces = client
         .query_text(
             "counting tablespaces",
@@ -270,6 +273,12 @@ pub(crate) async fn run(
         )));
     }
     wal.sort_by_key(|w| (!w.name.ends_with(".history"), w.name.clone()));
+    if standby {
+        if let Err(e) = super::standby::check_stop(&client, timeline, stop_lsn).await {
+            let _ = writer.finish().await;
+            return Err(e);
+        }
+    }
 
     let stats = writer.finish().await?;
     let lost = client
@@ -295,8 +304,9 @@ pub(crate) async fn run(
     if archive_mode != "off" && crate::commands::backup::pgkeep_archives(&archive_command) {
         progress.note("waiting for the backup's WAL to be archived");
         let segments = WalSegmentName::range(start_lsn, stop_lsn, timeline, cfg.seg_size);
-        let timeout = Duration::from_secs(opts.archive_timeout_secs.unwrap_or(60));
-        crate::commands::archive::wait_for_wal_archived(repo, &opts.cluster, &segments, timeout)
+        let timeout = super::standby::archive_wait(&client, opts, standby).await;
+        let on_standby = standby.then_some((&client, stop_lsn));
+        super::standby::wait_for_backup_wal(repo, &opts.cluster, &segments, timeout, on_standby)
             .await?;
     }
     if let Err(e) = client
@@ -670,6 +680,13 @@ fn parse_stream<R: Read>(
                 continue;
             }
             _ => {}
+        }
+        if pgkeep_pg::datadir::EXCLUDED_TOP_FILES.contains(&path.as_str()) {
+            // What the local method leaves out too: on a standby, standby.signal (a restore
+            // decides the recovery mode) and the backup_label.old of the pg_basebackup
+            // that made it.
+            read_all(&mut entry, size, counter)?;
+            continue;
         }
         if let Some(name) = path.strip_prefix("pg_wal/") {
             if name.contains('/') {

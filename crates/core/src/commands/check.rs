@@ -240,6 +240,17 @@ pub async fn check_archiving(
     info.ensure_supported(client.target()).map_err(pg_error)?;
     let server = client.target().to_string();
     let mut warnings = Vec::new();
+    // First of all: a standby's settings (archive_mode may well be off there) would only
+    // mislead, and the check needs a WAL switch, which PostgreSQL refuses during recovery.
+    if info.in_recovery {
+        return Err(Error::with_hint(
+            ErrorKind::Failure,
+            format!(
+                "{server} is a standby (in recovery): `pgkeep check` forces a WAL switch, which only a primary can do"
+            ),
+            "run `pgkeep check` with --pg naming the primary; a standby can be backed up (`pgkeep backup --pg` with the standby), its WAL is archived by the primary",
+        ));
+    }
 
     // The identity recorded by earlier pushes or backups must be this server's.
     let found = ClusterIdentity::new(
@@ -278,13 +289,6 @@ pub async fn check_archiving(
             ErrorKind::Failure,
             format!("archive_command is empty on {server}: WAL is not archived anywhere"),
             "set archive_command = 'pgkeep archive-push %p' and reload",
-        ));
-    }
-    if info.in_recovery {
-        return Err(Error::with_hint(
-            ErrorKind::Failure,
-            format!("{server} is a standby: pg_switch_wal() cannot run there"),
-            "run `pgkeep check` against the primary",
         ));
     }
     if !archive_command.contains("archive-push") {

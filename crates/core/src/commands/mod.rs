@@ -14,4 +14,5 @@ pub mod repo;
 pub mod restore;
 pub mod restore_dump;
 pub mod restore_plan;
+pub mod standby;
 pub mod verify;
