@@ -466,6 +466,31 @@ impl Repository {
         Ok(report)
     }
 
+    /// Reads the index again when the index files in storage are not those this handle
+    /// loaded; true when it did. A writer calls it right after taking its lock: a prune that
+    /// ran between opening the repository and taking the lock may have removed blobs the
+    /// loaded index still lists, and a backup deduplicated against them would reference
+    /// missing data. A prune that removes any indexed blob always replaces the index files,
+    /// so an unchanged set means nothing the handle knows was removed. One listing when
+    /// nothing changed.
+    pub async fn reload_index_if_changed(&self) -> Result<bool> {
+        let mut now: Vec<String> = self
+            .storage()
+            .list("index/")
+            .await?
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        let mut loaded = self.inner.index_files.read().unwrap().clone();
+        now.sort();
+        loaded.sort();
+        if now == loaded {
+            return Ok(false);
+        }
+        self.reload_index().await?;
+        Ok(true)
+    }
+
     async fn prune_inner(&self, opts: &PruneOptions) -> Result<PruneReport> {
         let mut report = PruneReport {
             dry_run: opts.dry_run,

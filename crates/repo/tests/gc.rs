@@ -528,8 +528,8 @@ async fn concurrent_writer(storage: Arc<dyn Storage>) {
     let new = pattern(3 << 20, 43).to_vec();
     let backup = async {
         let l = lock_waiting(&writer, LockKind::Shared).await;
-        // A writer reads the index again once it holds its lock: a prune may have run.
-        writer.reload_index().await.unwrap();
+        // A writer reads the index again once it holds its lock if a prune ran meanwhile.
+        writer.reload_index_if_changed().await.unwrap();
         let s = ingest(&writer, &new, None).await;
         save(&writer, "new", &s).await;
         l.release().await.unwrap();
@@ -544,6 +544,18 @@ async fn concurrent_writer(storage: Arc<dyn Storage>) {
     let (snew, r) = tokio::join!(backup, gc);
     assert_eq!(r.blobs_removed, sold.blobs.len() as u64, "{r}");
     assert_kept_exactly(&storage, &[(&sbase, &base), (&snew, &new)], 0).await;
+    // A handle opened before a prune sees that the index files changed, and reloads.
+    assert!(!repo.reload_index_if_changed().await.unwrap());
+    let stale = Repository::open(storage.clone(), None).await.unwrap();
+    assert!(stale.has_blob(&snew.blobs[0].id));
+    repo.delete_manifest("main", "new").await.unwrap();
+    prune(&repo, no_grace()).await;
+    assert!(stale.has_blob(&snew.blobs[0].id), "stale until reloaded");
+    assert!(stale.reload_index_if_changed().await.unwrap());
+    assert!(!stale.has_blob(&snew.blobs[0].id));
+    assert!(!stale.reload_index_if_changed().await.unwrap());
+    let snew = ingest(&repo, &new, None).await;
+    save(&repo, "new", &snew).await;
 
     let late = pattern(1 << 20, 44).to_vec();
     let writer = Repository::open(storage.clone(), None).await.unwrap();
