@@ -38,6 +38,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Serialize;
 
 use crate::error::{RepoError, Result};
@@ -45,10 +46,12 @@ use crate::format::{IndexBlob, IndexDelta, IndexFile, IndexPack, FORMAT_VERSION}
 use crate::id::{BlobId, Id, PackId};
 use crate::index::Index;
 use crate::pack::{pack_key, PackWriter};
-use crate::repository::Repository;
+use crate::repository::{ManifestKey, Repository};
 
-/// Packs per new index file: keeps each file a few MiB at most.
+/// Packs per new index file, and blobs: each file (and the memory to write it) stays a few
+/// MiB.
 const PACKS_PER_INDEX_FILE: usize = 2000;
+const BLOBS_PER_INDEX_FILE: usize = 50_000;
 
 /// Bytes of one blob's entry in a pack header.
 const HEADER_ENTRY_LEN: u64 = 44;
@@ -92,7 +95,8 @@ pub struct PruneReport {
     pub blobs_removed: u64,
     /// Packs in storage before.
     pub packs_total: u64,
-    /// Indexed packs deleted: those without a live blob and those repacked.
+    /// Indexed packs deleted: those without a live blob and those repacked (packs the
+    /// index named but that were already gone only leave the index).
     pub packs_removed: u64,
     /// Packs whose live blobs were copied into new packs (counted in `packs_removed` too).
     pub packs_repacked: u64,
@@ -429,7 +433,9 @@ impl Repository {
     /// blob that a manifest needs is in no index or in a missing pack: those need `repo
     /// check` and `repo repair-index`, and removing data first could make them worse.
     ///
-    /// The handle's in-memory index is dropped during the run and read again at the end.
+    /// The handle's in-memory index is dropped during the run and read again at the end (when
+    /// it was loaded): a handle from [`Repository::open_metadata_only`] prunes in the least
+    /// memory.
     pub async fn prune(&self, opts: &PruneOptions) -> Result<PruneReport> {
         if !(0.0..=1.0).contains(&opts.max_unused) {
             return Err(RepoError::Invalid(format!(
@@ -445,13 +451,44 @@ impl Repository {
                     .into(),
             ));
         }
-        // The handle's index would double the memory of the run; it is rebuilt at the end.
+        // The handle's index would double the memory of the run; it is read again at the
+        // end, unless the handle was opened without it (`open_metadata_only`, the cheapest
+        // way to prune).
+        let loaded = !self.inner.index_files.read().unwrap().is_empty();
         *self.inner.index.write().unwrap() = Index::default();
         let result = self.prune_inner(opts).await;
+        if !loaded {
+            return result;
+        }
         let reloaded = self.reload_index().await;
         let report = result?;
         reloaded?;
         Ok(report)
+    }
+
+    /// Reads the index again when the index files in storage are not those this handle
+    /// loaded; true when it did. A writer calls it right after taking its lock: a prune that
+    /// ran between opening the repository and taking the lock may have removed blobs the
+    /// loaded index still lists, and a backup deduplicated against them would reference
+    /// missing data. A prune that removes any indexed blob always replaces the index files,
+    /// so an unchanged set means nothing the handle knows was removed. One listing when
+    /// nothing changed.
+    pub async fn reload_index_if_changed(&self) -> Result<bool> {
+        let mut now: Vec<String> = self
+            .storage()
+            .list("index/")
+            .await?
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        let mut loaded = self.inner.index_files.read().unwrap().clone();
+        now.sort();
+        loaded.sort();
+        if now == loaded {
+            return Ok(false);
+        }
+        self.reload_index().await?;
+        Ok(true)
     }
 
     async fn prune_inner(&self, opts: &PruneOptions) -> Result<PruneReport> {
@@ -531,10 +568,13 @@ impl Repository {
             let packs = kept
                 .filter_map(|n| cat.index_pack(&by_pack, n))
                 .chain(new_packs.iter().cloned());
+            let mut blobs = 0;
             for p in packs {
+                blobs += p.blobs.len();
                 batch.push(p);
-                if batch.len() == PACKS_PER_INDEX_FILE {
+                if batch.len() == PACKS_PER_INDEX_FILE || blobs >= BLOBS_PER_INDEX_FILE {
                     new_keys.insert(self.write_gc_index(std::mem::take(&mut batch)).await?);
+                    blobs = 0;
                 }
             }
             if !batch.is_empty() {
@@ -556,10 +596,8 @@ impl Repository {
         let mut doomed: Vec<(PackId, u64)> = Vec::new();
         if rewrite {
             for p in &cat.packs {
-                if p.fate != Fate::Keep {
-                    if let Some((size, _)) = p.stored {
-                        doomed.push((p.id, size));
-                    }
+                if let (Fate::Remove | Fate::Repack, Some((size, _))) = (p.fate, p.stored) {
+                    doomed.push((p.id, size));
                     report.packs_removed += 1;
                 }
             }
@@ -592,8 +630,14 @@ impl Repository {
     async fn mark_live(&self, cat: &mut Catalog, report: &mut PruneReport) -> Result<()> {
         let mut missing: Vec<(BlobId, String)> = Vec::new();
         for m in self.list_manifests(None).await? {
-            let body = match self.load_manifest(&m.cluster, &m.id).await {
-                Ok(b) => b,
+            let mut mark = |id: BlobId| match cat.find(&id) {
+                Some(i) => {
+                    cat.mark(i);
+                }
+                None => missing.push((id, format!("referenced by {}", m.key()))),
+            };
+            match self.manifest_blobs(&m, &mut mark).await {
+                Ok(()) => {}
                 Err(RepoError::Storage(e)) => return Err(RepoError::Storage(e)),
                 Err(e) => {
                     return Err(RepoError::integrity(
@@ -605,18 +649,8 @@ impl Repository {
                         ),
                     ))
                 }
-            };
-            report.manifests += 1;
-            for s in Repository::stream_refs(&body) {
-                for b in &s.blobs {
-                    match cat.find(&b.id) {
-                        Some(i) => {
-                            cat.mark(i);
-                        }
-                        None => missing.push((b.id, format!("referenced by {}", m.key()))),
-                    }
-                }
             }
+            report.manifests += 1;
         }
         for id in std::mem::take(&mut cat.young_roots) {
             if let Some(i) = cat.find(&id) {
@@ -649,6 +683,36 @@ impl Repository {
             ));
         }
         Ok(())
+    }
+
+    /// Calls `f` with every blob id a manifest references. The manifest is parsed as it is
+    /// decompressed and never held as a JSON tree: a backup of a million blobs would take
+    /// hundreds of MiB that way (see [`Walk`]).
+    async fn manifest_blobs(&self, m: &ManifestKey, f: &mut dyn FnMut(BlobId)) -> Result<()> {
+        let key = m.key();
+        let sealed = self.storage().get(&key).await?;
+        let z = self
+            .sealer()
+            .open_meta(key.as_bytes(), &sealed)
+            .ok_or_else(|| {
+                RepoError::integrity(&key, "failed authentication (altered or truncated)")
+            })?;
+        drop(sealed);
+        let bad = |e: String| RepoError::integrity(&key, e);
+        let decoder = zstd::stream::read::Decoder::new(&z[..])
+            .map_err(|e| bad(format!("does not decompress: {e}")))?;
+        let mut de = serde_json::Deserializer::from_reader(std::io::BufReader::with_capacity(
+            1 << 16,
+            decoder,
+        ));
+        Walk {
+            f,
+            blob_ref: false,
+            blob_list: false,
+        }
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(|e| bad(format!("manifest does not parse: {e}")))
     }
 
     /// Copies the live blobs of every pack to repack, as stored, into new packs and uploads
@@ -744,7 +808,7 @@ fn dry_run_report(
         || cat.duplicates > 0
         || cat.packs.iter().any(|p| p.fate != Fate::Keep);
     for p in &cat.packs {
-        if p.fate == Fate::Keep || !rewrite {
+        if p.fate == Fate::Keep || p.stored.is_none() || !rewrite {
             continue;
         }
         report.packs_removed += 1;
@@ -765,4 +829,145 @@ fn dry_run_report(
     }
     report.bytes_after = report.bytes_before - removed + added;
     report
+}
+
+/// Walks a manifest's JSON as it is parsed and reports every blob reference: inside a
+/// `blobs` array, an object of exactly `id` (a blob id) and `len`, the shape of a
+/// [`StreamRef`](crate::format::StreamRef)'s blobs. Everything else is skipped over. It finds
+/// every blob that [`Repository::stream_refs`] finds (which also requires the `size` beside
+/// `blobs`); reporting more can only keep more.
+struct Walk<'f> {
+    f: &'f mut dyn FnMut(BlobId),
+    /// This value is an element of a `blobs` array.
+    blob_ref: bool,
+    /// This value is a `blobs` member.
+    blob_list: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Walk<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Walk<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON manifest")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+        let f = self.f;
+        while seq
+            .next_element_seed(Walk {
+                f: &mut *f,
+                blob_ref: self.blob_list,
+                blob_list: false,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+        let f = self.f;
+        let (mut id, mut len, mut other) = (None, false, false);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'_, str>>()? {
+            match &*key {
+                "id" if self.blob_ref => {
+                    let v: serde_json::Value = map.next_value()?;
+                    id = v.as_str().and_then(|s| s.parse::<Id>().ok());
+                    other |= id.is_none();
+                }
+                "len" if self.blob_ref => {
+                    let v: serde_json::Value = map.next_value()?;
+                    len = v.is_u64();
+                }
+                k => {
+                    other = true;
+                    map.next_value_seed(Walk {
+                        f: &mut *f,
+                        blob_ref: false,
+                        blob_list: k == "blobs",
+                    })?;
+                }
+            }
+        }
+        if let (Some(id), true, false) = (id, len, other) {
+            f(id);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::collect_stream_refs;
+
+    /// The streaming walk finds exactly the blobs that `stream_refs` finds in a manifest
+    /// with streams at several depths, in arrays, beside look-alikes that are not streams.
+    #[test]
+    fn the_streaming_walk_finds_the_blobs_of_every_stream_ref() {
+        let id = |n: u8| Id([n; 32]).to_hex();
+        let body = serde_json::json!({
+            "id": id(99),
+            "label": "blobs",
+            "files": [
+                {"path": "base/1", "data": {"size": 3, "blobs": [{"id": id(1), "len": 1}, {"id": id(2), "len": 2}]}},
+                {"path": "base/2", "data": {"size": 0, "blobs": []}, "nested": {"deeper": [{"size": 5, "blobs": [{"id": id(3), "len": 5}]}]}}
+            ],
+            "wal": {"size": 1, "blobs": [{"id": id(4), "len": 1}]},
+            "not_a_ref": {"blobs": [{"id": "zz", "len": 1}, {"id": id(5), "len": 1, "extra": true}, 7, null]},
+            "numbers": [1.5, -3, true]
+        });
+        let mut want = Vec::new();
+        let mut refs = Vec::new();
+        collect_stream_refs(&body, &mut refs);
+        for r in refs {
+            want.extend(r.blobs.iter().map(|b| b.id));
+        }
+        let json = serde_json::to_vec(&body).unwrap();
+        let mut got = Vec::new();
+        let mut f = |id: BlobId| got.push(id);
+        let mut de = serde_json::Deserializer::from_slice(&json);
+        Walk {
+            f: &mut f,
+            blob_ref: false,
+            blob_list: false,
+        }
+        .deserialize(&mut de)
+        .unwrap();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 4);
+    }
 }

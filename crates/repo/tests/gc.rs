@@ -528,8 +528,8 @@ async fn concurrent_writer(storage: Arc<dyn Storage>) {
     let new = pattern(3 << 20, 43).to_vec();
     let backup = async {
         let l = lock_waiting(&writer, LockKind::Shared).await;
-        // A writer reads the index again once it holds its lock: a prune may have run.
-        writer.reload_index().await.unwrap();
+        // A writer reads the index again once it holds its lock if a prune ran meanwhile.
+        writer.reload_index_if_changed().await.unwrap();
         let s = ingest(&writer, &new, None).await;
         save(&writer, "new", &s).await;
         l.release().await.unwrap();
@@ -544,6 +544,18 @@ async fn concurrent_writer(storage: Arc<dyn Storage>) {
     let (snew, r) = tokio::join!(backup, gc);
     assert_eq!(r.blobs_removed, sold.blobs.len() as u64, "{r}");
     assert_kept_exactly(&storage, &[(&sbase, &base), (&snew, &new)], 0).await;
+    // A handle opened before a prune sees that the index files changed, and reloads.
+    assert!(!repo.reload_index_if_changed().await.unwrap());
+    let stale = Repository::open(storage.clone(), None).await.unwrap();
+    assert!(stale.has_blob(&snew.blobs[0].id));
+    repo.delete_manifest("main", "new").await.unwrap();
+    prune(&repo, no_grace()).await;
+    assert!(stale.has_blob(&snew.blobs[0].id), "stale until reloaded");
+    assert!(stale.reload_index_if_changed().await.unwrap());
+    assert!(!stale.has_blob(&snew.blobs[0].id));
+    assert!(!stale.reload_index_if_changed().await.unwrap());
+    let snew = ingest(&repo, &new, None).await;
+    save(&repo, "new", &snew).await;
 
     let late = pattern(1 << 20, 44).to_vec();
     let writer = Repository::open(storage.clone(), None).await.unwrap();
@@ -765,4 +777,120 @@ async fn crash_loop(
         kills >= writes,
         "{kills} kills, expected at least {writes}: the prune wrote too little"
     );
+}
+
+/// Set in the child of the memory test: the repository directory.
+const MEMORY_CHILD_DIR: &str = "PGKEEP_GC_TEST_MEMORY_CHILD_DIR";
+
+/// Peak resident memory of this process (VmHWM), in bytes.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+/// A repository of two million blobs (in 20 000 packs of 100) whose one backup references
+/// half of them: prune, from a handle opened without its index as `expire` does, keeps its
+/// peak memory well under 300 MiB (measured in a child process of its own). The packs are
+/// stand-ins of the indexed sizes (prune reads no pack it keeps or removes whole), half of
+/// them already gone; the manifest alone is 90 MiB of JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_of_two_million_blobs_stays_well_under_300_mib() {
+    if let Ok(dir) = std::env::var(MEMORY_CHILD_DIR) {
+        let repo = Repository::open_metadata_only(local(std::path::Path::new(&dir)), None)
+            .await
+            .unwrap();
+        let r = prune(&repo, no_grace()).await;
+        println!("REPORT {}", serde_json::to_string(&r).unwrap());
+        println!("PEAK {}", peak_rss());
+        std::process::exit(0);
+    }
+    use std::fmt::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let storage = local(dir.path());
+    let repo = Repository::init(storage.clone(), InitOptions::default())
+        .await
+        .unwrap();
+    const PACKS: u32 = 20_000;
+    const PER_PACK: u32 = 100;
+    let blob = |p: u32, b: u32| {
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&p.to_le_bytes());
+        id[4..8].copy_from_slice(&b.to_le_bytes());
+        pgkeep_repo::Id(id)
+    };
+    let pack_id = |p: u32| {
+        let mut id = [0xa5u8; 32];
+        id[..4].copy_from_slice(&p.to_le_bytes());
+        pgkeep_repo::Id(id)
+    };
+    let pack_size = (PER_PACK * 10 + 100) as u64;
+    let mut manifest = String::from(r#"{"data":{"size":0,"blobs":["#);
+    for file in 0..PACKS / 1000 {
+        let mut packs = Vec::new();
+        for p in file * 1000..(file + 1) * 1000 {
+            let blobs: Vec<serde_json::Value> = (0..PER_PACK)
+                .map(|b| {
+                    serde_json::json!({"id": blob(p, b).to_hex(), "offset": b * 10, "length": 10, "raw_length": 10})
+                })
+                .collect();
+            packs.push(
+                serde_json::json!({"id": pack_id(p).to_hex(), "size": pack_size, "blobs": blobs}),
+            );
+            // Even packs exist and their blobs are live; odd ones are gone and dead.
+            if p % 2 == 0 {
+                let hex = pack_id(p).to_hex();
+                let d = dir.path().join("packs").join(&hex[..2]);
+                std::fs::create_dir_all(&d).unwrap();
+                std::fs::write(d.join(&hex), vec![0u8; pack_size as usize]).unwrap();
+                for b in 0..PER_PACK {
+                    if p > 0 || b > 0 {
+                        manifest.push(',');
+                    }
+                    write!(manifest, r#"{{"id":"{}","len":10}}"#, blob(p, b).to_hex()).unwrap();
+                }
+            }
+        }
+        let json = serde_json::to_vec(&serde_json::json!({"version": 1, "packs": packs})).unwrap();
+        let z = zstd::bulk::compress(&json, 3).unwrap();
+        let sealed = repo.sealer().seal_meta(b"pgkeep-index", &z);
+        let key = format!("index/{}", blake3::hash(&sealed).to_hex());
+        storage.put(&key, sealed.into()).await.unwrap();
+    }
+    manifest.push_str("]}}");
+    repo.put_sealed_if_absent("backups/main/big", b"backups/main/big", manifest.as_bytes())
+        .await
+        .unwrap();
+    drop(manifest);
+
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "prune_of_two_million_blobs_stays_well_under_300_mib",
+            "--nocapture",
+        ])
+        .env(MEMORY_CHILD_DIR, dir.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let field = |name: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("no {name} in {stdout}"))
+            .to_string()
+    };
+    let report: serde_json::Value = serde_json::from_str(&field("REPORT ")).unwrap();
+    let half = (PACKS * PER_PACK / 2) as u64;
+    assert_eq!(report["blobs_live"], half);
+    assert_eq!(report["blobs_removed"], half);
+    let peak: u64 = field("PEAK ").trim().parse().unwrap();
+    eprintln!("peak resident memory of the prune: {} MiB", peak >> 20);
+    assert!(peak < 200 << 20, "prune peaked at {} MiB", peak >> 20);
 }
