@@ -279,9 +279,14 @@ pub async fn backup(
             "backup",
         )
         .await?;
-    let result = match opts.method {
-        BackupMethod::Local => run(repo, opts, progress).await,
-        BackupMethod::Basebackup => super::backup_remote::run(repo, opts, progress).await,
+    // A prune may have run between opening the repository and taking the lock: the backup
+    // must not deduplicate against blobs it removed.
+    let result = match repo.reload_index_if_changed().await {
+        Err(e) => Err(e.into()),
+        Ok(_) => match opts.method {
+            BackupMethod::Local => run(repo, opts, progress).await,
+            BackupMethod::Basebackup => super::backup_remote::run(repo, opts, progress).await,
+        },
     };
     if let Err(e) = lock.release().await {
         tracing::warn!("could not release the repository lock: {e}");

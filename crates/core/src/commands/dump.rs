@@ -752,7 +752,12 @@ pub async fn dump(
     }
     let params = ConnParams::resolve(opts.conninfo.as_deref()).map_err(pg_err)?;
     let lock = repo.lock(LockKind::Shared, None, "dump").await?;
-    let result = dump_locked(repo, &params, opts, progress).await;
+    // A prune may have run between opening the repository and taking the lock: the dump
+    // must not deduplicate against (or delta-encode on) blobs it removed.
+    let result = match repo.reload_index_if_changed().await {
+        Err(e) => Err(e.into()),
+        Ok(_) => dump_locked(repo, &params, opts, progress).await,
+    };
     if let Err(e) = lock.release().await {
         tracing::warn!("could not release the repository lock: {e}");
     }
