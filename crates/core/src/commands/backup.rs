@@ -167,7 +167,7 @@ impl Report for BackupReport {
 /// A pgkeep-pg error as a core error (the kind follows what went wrong).
 pub(crate) fn pg_error(e: PgError) -> Error {
     let kind = match &e {
-        PgError::Conninfo(_) => ErrorKind::Usage,
+        PgError::Conninfo(_) | PgError::SslConfig { .. } => ErrorKind::Usage,
         _ => ErrorKind::Failure,
     };
     Error::new(kind, e.to_string())

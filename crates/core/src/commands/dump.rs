@@ -475,7 +475,7 @@ impl Report for DumpReport {
 /// A pgkeep-pg error as a core error.
 pub(crate) fn pg_err(e: PgError) -> Error {
     let kind = match &e {
-        PgError::Conninfo(_) => ErrorKind::Usage,
+        PgError::Conninfo(_) | PgError::SslConfig { .. } => ErrorKind::Usage,
         _ => ErrorKind::Failure,
     };
     Error::new(kind, e.to_string())
