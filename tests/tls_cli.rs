@@ -156,6 +156,13 @@ fn verify_full_and_require_back_up_and_dump_over_hostssl_only() {
         &format!("sslmode=verify-full sslrootcert={ca}"),
     );
 
+    // A root file in ~/.postgresql that would fail any verification: the explicit
+    // sslrootcert must win, for us and for the child tools (which fall back to this file if
+    // they do not get the setting).
+    let dotdir = s.path().join(".postgresql");
+    std::fs::create_dir_all(&dotdir).unwrap();
+    std::fs::copy(&pki.other_ca, dotdir.join("root.crt")).unwrap();
+
     // A physical backup over a verified connection.
     let pgdata = c.pgdata().to_str().unwrap().to_string();
     let b = s
@@ -202,6 +209,8 @@ fn verify_full_and_require_back_up_and_dump_over_hostssl_only() {
         info["dump"]["databases"][0]["tables"][0]["rows"], 250,
         "the dump holds the table's rows: {info}"
     );
+
+    std::fs::remove_dir_all(&dotdir).unwrap();
 
     // require: encrypted, not verified (no root file anywhere): works against 127.0.0.1, a
     // name the certificate does not hold.
