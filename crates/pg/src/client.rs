@@ -3,11 +3,12 @@
 //! Connection parameters come from a conninfo string (`key=value ...` or a `postgresql://` URI)
 //! laid over the libpq environment (`PGHOST`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`,
 //! `PGAPPNAME`, `PGCONNECT_TIMEOUT`), then libpq's defaults; a missing password is looked up in
-//! `PGPASSFILE` or `~/.pgpass`. TLS is not used (`NoTls`): connect over a unix socket or a
-//! trusted network.
+//! `PGPASSFILE` or `~/.pgpass`. TLS follows libpq's `sslmode`, `sslrootcert`, `sslcert`,
+//! `sslkey` and `PGSSL*` variables (see [`crate::tls`]).
 
 use crate::error::{PgError, Result};
 use crate::lsn::Lsn;
+use crate::tls::SslParams;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -44,7 +45,7 @@ pub fn conninfo_has_password(conninfo: &str) -> bool {
     }
 }
 
-fn is_uri(s: &str) -> bool {
+pub(crate) fn is_uri(s: &str) -> bool {
     let s = s.trim();
     s.starts_with("postgres://") || s.starts_with("postgresql://")
 }
@@ -70,7 +71,7 @@ fn uri_has_port(s: &str) -> bool {
 
 /// Split a `key=value key='quoted value'` conninfo into pairs (libpq's rules: spaces around `=`
 /// allowed, single quotes, backslash escapes).
-fn parse_keyvalue(s: &str) -> Result<Vec<(String, String)>> {
+pub(crate) fn parse_keyvalue(s: &str) -> Result<Vec<(String, String)>> {
     let mut out = Vec::new();
     let mut it = s.chars().peekable();
     loop {
@@ -139,6 +140,8 @@ pub struct ConnParams {
     pub dbname: String,
     pub application_name: Option<String>,
     pub connect_timeout: Option<Duration>,
+    /// TLS settings (`sslmode` and the certificate files).
+    pub ssl: SslParams,
     password: Option<String>,
 }
 
@@ -161,6 +164,22 @@ fn os_user_name() -> String {
     std::env::var("USER").unwrap_or_else(|_| "postgres".into())
 }
 
+/// The home directory as libpq finds it: `HOME`, else the password database.
+fn home_dir(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    if let Some(h) = env("HOME") {
+        return Some(PathBuf::from(h));
+    }
+    // SAFETY: getpwuid with our own uid; the result is copied out immediately.
+    unsafe {
+        let pw = libc::getpwuid(libc::geteuid());
+        if !pw.is_null() && !(*pw).pw_dir.is_null() {
+            let dir = std::ffi::CStr::from_ptr((*pw).pw_dir).to_string_lossy();
+            return Some(PathBuf::from(dir.into_owned()));
+        }
+    }
+    None
+}
+
 fn env_nonempty(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
@@ -176,11 +195,17 @@ impl ConnParams {
         conninfo: Option<&str>,
         env: &dyn Fn(&str) -> Option<String>,
     ) -> Result<ConnParams> {
-        let cfg = match conninfo.map(str::trim).filter(|s| !s.is_empty()) {
-            Some(ci) => tokio_postgres::Config::from_str(ci)
+        // The TLS settings are ours: tokio-postgres knows neither verify-ca/verify-full nor
+        // certificate files.
+        let (ssl_pairs, rest) = match conninfo.map(str::trim).filter(|s| !s.is_empty()) {
+            Some(ci) => crate::tls::split_conninfo(ci)?,
+            None => (Vec::new(), String::new()),
+        };
+        let cfg = match rest.trim() {
+            "" => tokio_postgres::Config::new(),
+            rest => tokio_postgres::Config::from_str(rest)
                 // tokio-postgres's message does not echo the string, so no secret leaks here.
                 .map_err(|e| PgError::Conninfo(e.to_string()))?,
-            None => tokio_postgres::Config::new(),
         };
         let host = match cfg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
@@ -225,6 +250,7 @@ impl ConnParams {
             dbname,
             application_name,
             connect_timeout,
+            ssl: SslParams::resolve(&ssl_pairs, env, home_dir(env))?,
             password: cfg
                 .get_password()
                 .map(|b| String::from_utf8_lossy(b).into_owned())
@@ -302,6 +328,7 @@ impl ConnParams {
         if let Some(app) = &self.application_name {
             v.push(("PGAPPNAME".to_string(), app.clone()));
         }
+        v.extend(self.ssl.libpq_env());
         v
     }
 }
@@ -424,19 +451,7 @@ impl PgClient {
     /// Connect with resolved parameters.
     pub async fn connect(params: &ConnParams) -> Result<PgClient> {
         let target = params.describe();
-        let (client, conn) = params
-            .to_config()
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| PgError::Connect {
-                target: target.clone(),
-                reason: error_text(&e),
-            })?;
-        let task = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!("PostgreSQL connection ended: {e}");
-            }
-        });
+        let (client, task) = crate::tls::connect(params).await?;
         Ok(PgClient {
             client,
             target,
@@ -701,7 +716,7 @@ fn parse_size(s: &str) -> Option<u64> {
 
 /// A tokio-postgres error as one line: the server's message (with detail and hint) when there
 /// is one, else the client-side error chain.
-fn error_text(e: &tokio_postgres::Error) -> String {
+pub(crate) fn error_text(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         let mut s = format!("{}: {}", db.severity(), db.message());
         if let Some(d) = db.detail() {

@@ -54,6 +54,20 @@ pub enum PgError {
     #[error("could not connect to PostgreSQL at {target}: {reason}. HINT: check --pg / PGHOST, PGPORT, PGUSER, PGDATABASE and that the server is running")]
     Connect { target: String, reason: String },
 
+    /// A TLS failure while connecting: the server offers no TLS where it is required, its
+    /// certificate is not trusted or does not name the host, or the handshake failed.
+    #[error("could not connect to PostgreSQL at {target}: {reason}. HINT: {hint}")]
+    Tls {
+        target: String,
+        reason: String,
+        hint: String,
+    },
+
+    /// The TLS settings are unusable: a bad value, a missing or unreadable certificate or key
+    /// file, an unsupported setting. A configuration mistake (exit 2 in the CLI).
+    #[error("{message}. HINT: {hint}")]
+    SslConfig { message: String, hint: String },
+
     /// A query failed on an established connection.
     #[error("{what} failed on {target}: {reason}")]
     Query {

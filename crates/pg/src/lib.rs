@@ -5,7 +5,8 @@
 //! base backup copies from a data directory ([`datadir`]), connections and the backup API
 //! ([`client`]), recovery settings for restores ([`recovery`]) and the pg_dump/pg_restore
 //! runners ([`dump`]), and the records of a WAL segment that point-in-time recovery needs
-//! ([`walrecords`]). This crate knows nothing of chunks, packs or encryption.
+//! ([`walrecords`]), and TLS with libpq's `sslmode` semantics ([`tls`]). This crate knows
+//! nothing of chunks, packs or encryption.
 
 pub mod archive;
 pub mod checksum;
@@ -17,6 +18,7 @@ pub mod error;
 pub mod lsn;
 pub mod recovery;
 pub mod timeline;
+pub mod tls;
 pub mod wal;
 pub mod walrecords;
 
@@ -31,4 +33,5 @@ pub use error::{PgError, Result};
 pub use lsn::Lsn;
 pub use recovery::{RecoveryConfig, RecoveryMode, RecoveryTarget, TargetAction, TargetTimeline};
 pub use timeline::{TimelineHistory, TimelineHistoryEntry};
+pub use tls::{SslMode, SslParams};
 pub use wal::{WalFileName, WalPageHeader, WalSegmentName};

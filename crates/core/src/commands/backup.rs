@@ -177,7 +177,7 @@ impl Report for BackupReport {
 /// A pgkeep-pg error as a core error (the kind follows what went wrong).
 pub(crate) fn pg_error(e: PgError) -> Error {
     let kind = match &e {
-        PgError::Conninfo(_) => ErrorKind::Usage,
+        PgError::Conninfo(_) | PgError::SslConfig { .. } => ErrorKind::Usage,
         // A release pgkeep does not handle is a cluster that does not fit (exit 15).
         PgError::UnsupportedVersion { .. } => ErrorKind::ClusterMismatch,
         _ => ErrorKind::Failure,
