@@ -17,6 +17,7 @@ pub mod error;
 pub mod lsn;
 pub mod recovery;
 pub mod timeline;
+pub mod tools;
 pub mod wal;
 pub mod walrecords;
 
