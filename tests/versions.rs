@@ -249,9 +249,11 @@ fn version_case(major: u32) {
     .unwrap();
     c.sql_db(
         "shop",
-        "CREATE TABLE events (id bigserial PRIMARY KEY, batch int NOT NULL, payload text NOT NULL);
+        // No sequence: PostgreSQL logs sequences 32 values ahead, so after any recovery
+        // they stand further on than in the source, and pg_dumpall would differ for that.
+        "CREATE TABLE events (id bigint PRIMARY KEY, batch int NOT NULL, payload text NOT NULL);
          ALTER TABLE events OWNER TO app; GRANT SELECT ON events TO reader;
-         INSERT INTO events (batch, payload) SELECT 0, md5(g::text) FROM generate_series(1, 1000) g;",
+         INSERT INTO events SELECT g, 0, md5(g::text) FROM generate_series(1, 1000) g;",
     )
     .unwrap();
     c.sql_db(
@@ -263,7 +265,7 @@ fn version_case(major: u32) {
     c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
 
     // A backup while pgbench writes.
-    let mut load = c
+    let load = c
         .client_command("pgbench")
         .args(["-n", "-c", "2", "-T", "4"])
         .stdout(Stdio::null())
@@ -288,7 +290,7 @@ fn version_case(major: u32) {
     let batch = |n: u32| {
         c.sql_db(
             "shop",
-            &format!("INSERT INTO events (batch, payload) SELECT {n}, md5(g::text) FROM generate_series(1, 1000) g"),
+            &format!("INSERT INTO events SELECT {n} * 1000 + g, {n}, md5(g::text) FROM generate_series(1, 1000) g"),
         )
         .unwrap();
     };
@@ -319,12 +321,21 @@ fn version_case(major: u32) {
     chown_postgres(&work);
     let full = work.join("full");
     let full_ts = work.join("full_ts");
-    st.restore(&full, (&ts, &full_ts), &[]);
+    // No target but an action: recovery through the archive to its end (without any
+    // option, restore leaves the backup as it is, consistent at its own end).
+    st.restore(&full, (&ts, &full_ts), &["--target-action", "promote"]);
     let r = start_promoted(major, &full);
     let restored = r.pg_dumpall().unwrap();
     let want = source_dumpall.replace(ts.to_str().unwrap(), full_ts.to_str().unwrap());
     if let Some(d) = first_difference(&want, &restored) {
-        panic!("PostgreSQL {major}: pg_dumpall of the restore differs from the source's: {d}");
+        let facts = "SELECT (SELECT count(*) FROM pgbench_history), (SELECT sum(abalance) FROM pgbench_accounts), pg_current_wal_lsn()";
+        panic!(
+            "PostgreSQL {major}: pg_dumpall of the restore differs from the source's: {d}\n\
+             source (history rows, balance, lsn): {}\nrestored: {}\nrestored log:\n{}",
+            c.sql(facts).unwrap(),
+            r.sql(facts).unwrap(),
+            r.log_tail()
+        );
     }
     assert_eq!(events(&r), events(&c));
     drop(r);
@@ -440,10 +451,9 @@ fn dump_round_trip(st: &Setup, c: &Cluster, major: u32) {
 
 /// Every segment archive-push stored has its summary beside it.
 fn wal_summaries(st: &Setup, c: &Cluster, major: u32) {
-    let archived: u64 = c
-        .sql("SELECT archived_count FROM pg_stat_archiver")
-        .unwrap()
-        .parse()
+    // The newest segment PostgreSQL archived (switch_and_wait left a segment there).
+    let last = c
+        .sql("SELECT last_archived_wal FROM pg_stat_archiver")
         .unwrap();
     let files = files_under(&st.s.repo().join("wal/main"));
     let names: Vec<String> = files
@@ -455,9 +465,8 @@ fn wal_summaries(st: &Setup, c: &Cluster, major: u32) {
         .filter(|n| n.len() == 24 && n.chars().all(|c| c.is_ascii_hexdigit()))
         .collect();
     assert!(
-        segments.len() as u64 >= archived && archived >= 3,
-        "PostgreSQL {major}: {} segments stored, {archived} archived",
-        segments.len()
+        segments.len() >= 3 && segments.contains(&&last),
+        "PostgreSQL {major}: segments stored {segments:?}, the last archived {last}"
     );
     let missing: Vec<&&String> = segments
         .iter()
