@@ -154,6 +154,17 @@ pub fn pg_restore_to_sql(tools: &ClientTools, extra_args: &[&str]) -> Result<Too
     spawn("pg_restore", cmd, true, true)
 }
 
+/// Start `psql` running the SQL script on its stdin in database `db`, stopping at the first
+/// error (for a restore script; see [`pg_restore_to_sql`]).
+pub fn psql_script(tools: &ClientTools, params: &ConnParams, db: &str) -> Result<ToolChild> {
+    let mut cmd = base_command(tools, "psql", params);
+    // As for pg_restore: a read-only default would make every statement fail.
+    cmd.env("PGOPTIONS", "-c default_transaction_read_only=off")
+        .env("PGDATABASE", db)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"]);
+    spawn("psql", cmd, true, false)
+}
+
 /// An SQL identifier in double quotes (always quoted: correct for every name, keywords and
 /// mixed case included).
 pub fn quote_ident(s: &str) -> String {

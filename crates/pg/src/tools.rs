@@ -4,8 +4,12 @@
 //! a newer pg_dump; a newer tool serves older servers. A host often has several installations
 //! (Debian's `/usr/lib/postgresql/<major>/bin`, the cache of `scripts/install-deps.sh`, a build
 //! named by `PGKEEP_PG_BIN`, whatever is on PATH), so [`ClientTools::find`] looks at all of them,
-//! asks each `--version`, and takes the server's own major when present, else the newest that
-//! is at least the major needed. When none fits it says which it found and how to get one.
+//! asks each `--version`, and takes the server's own major when present, else the OLDEST that
+//! is at least the major needed: the closest newer tool writes archives that the most
+//! pg_restore versions read (a pg_restore older than the archive's pg_dump cannot), and newer
+//! tools add session settings older servers reject (pg_restore 17 and later begin with
+//! `SET transaction_timeout`, unknown before PostgreSQL 17). When none fits it says which it
+//! found and how to get one.
 
 use crate::error::{PgError, Result};
 use serde::{Deserialize, Serialize};
@@ -153,12 +157,12 @@ fn choose(need: &ToolNeed<'_>, dirs: &[PathBuf]) -> Result<ClientTools> {
         .filter(fits)
         .find(|f| f.major == need.preferred_major)
         .or_else(|| {
-            // The newest; among equals the earlier (more preferred) directory.
+            // The closest newer one; among equals the earlier (more preferred) directory.
             found
                 .iter()
                 .filter(fits)
                 .fold(None, |best: Option<&Found>, f| match best {
-                    Some(b) if b.major >= f.major => Some(b),
+                    Some(b) if b.major <= f.major => Some(b),
                     _ => Some(f),
                 })
         });
@@ -253,7 +257,7 @@ mod tests {
     }
 
     #[test]
-    fn the_same_major_wins_else_the_newest_that_is_new_enough() {
+    fn the_same_major_wins_else_the_closest_newer_one() {
         let t = tempfile::tempdir().unwrap();
         let both = ["pg_dump", "pg_dumpall"];
         let v14 = install(t.path(), "14", "14.9", &both);
@@ -274,16 +278,17 @@ mod tests {
         ];
         assert_eq!(choose(&need(15, 15), &dirs).unwrap().bin_dir, v15);
         assert_eq!(choose(&need(17, 17), &dirs).unwrap().bin_dir, v17);
-        // 16: no pg_dump 16 with its pg_dumpall, so the newest, not the next.
+        // 16: no pg_dump 16 with its pg_dumpall, so the next one up.
         let c = choose(&need(16, 16), &dirs).unwrap();
-        assert_eq!((c.bin_dir, c.major), (v18.clone(), 18));
-        assert_eq!(c.version, "pg_dump (PostgreSQL) 18.6");
-        assert_eq!(choose(&need(13, 13), &dirs).unwrap().bin_dir, v18);
+        assert_eq!((c.bin_dir, c.major), (v17.clone(), 17));
+        assert_eq!(c.version, "pg_dump (PostgreSQL) 17.10");
+        assert_eq!(choose(&need(13, 13), &dirs).unwrap().bin_dir, v14);
+        assert_eq!(choose(&need(18, 16), &dirs).unwrap().bin_dir, v18);
         // An archive of pg_dump 17 restored into a 14 server: 14 is too old to read it.
         assert_eq!(choose(&need(17, 14), &dirs).unwrap().bin_dir, v17);
         // Earlier directories win among equal majors.
         let v18b = install(t.path(), "18b", "18.1", &both);
-        let c = choose(&need(16, 16), &[v18b.clone(), v18.clone()]).unwrap();
+        let c = choose(&need(16, 16), &[v18b.clone(), v18.clone(), v14]).unwrap();
         assert_eq!(c.bin_dir, v18b);
     }
 

@@ -1235,7 +1235,17 @@ async fn restore_one(
         args.push(format!("--use-list={}", path.display()));
     }
     progress.note(&format!("pg_restore {} -> {}", src.name, p.target));
-    let warnings = if opts.jobs > 1 {
+    let through_psql = needs_script(tools, p.target_version);
+    let warnings = if opts.jobs > 1 && through_psql {
+        return Err(Error::usage_hint(
+            format!(
+                "--jobs needs pg_restore to connect, and {} cannot restore into PostgreSQL {} (it sets transaction_timeout, which that server lacks)",
+                tools.version,
+                p.target_version / 10000
+            ),
+            "leave out --jobs, or install the client tools of the server's major version",
+        ));
+    } else if opts.jobs > 1 {
         let path = dir.join(format!(
             "pgkeep-restore-{}-{}.dump",
             m.id,
@@ -1262,6 +1272,9 @@ async fn restore_one(
         let w = wait_tool(child, &what).await;
         drop(guard);
         w?
+    } else if through_psql {
+        args.push("--single-transaction".into());
+        restore_through_psql(repo, tools, params, &p.target, &args, src, progress, &what).await?
     } else {
         args.push("--single-transaction".into());
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -1344,6 +1357,97 @@ async fn restore_one(
 
 /// A connection on which writes work even when the role's or database's
 /// default_transaction_read_only is on (restoring a cluster whose roles have it, say).
+/// The session setting pg_restore 17 and later open every restore with.
+const TRANSACTION_TIMEOUT_LINE: &[u8] = b"SET transaction_timeout = 0;\n";
+
+/// Whether a restore with `tools` into a server of `target_version` must go through a script:
+/// pg_restore 17 and later begin with `SET transaction_timeout = 0`, which servers before 17
+/// reject, so a dump that only a newer pg_restore can read (written by a newer pg_dump, the
+/// only one that served the server) could never be restored into its own server otherwise.
+fn needs_script(tools: &ClientTools, target_version: u32) -> bool {
+    tools.major >= 17 && target_version < 170000
+}
+
+/// `pg_restore -f - ARGS | psql`, without the `SET transaction_timeout` line (see
+/// [`needs_script`]); COPY data is passed on untouched. Returns what psql printed.
+#[allow(clippy::too_many_arguments)]
+async fn restore_through_psql(
+    repo: &Repository,
+    tools: &ClientTools,
+    params: &ConnParams,
+    target: &str,
+    args: &[String],
+    src: &DumpedDatabase,
+    progress: &dyn Progress,
+    what: &str,
+) -> Result<String> {
+    progress.note(&format!(
+        "{} sets transaction_timeout, which the server lacks: its script goes through psql without that line",
+        tools.version
+    ));
+    let refs: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--no-password")
+        .collect();
+    let mut restore = pgkeep_pg::dump::pg_restore_to_sql(tools, &refs).map_err(pg_err)?;
+    let mut psql = pgkeep_pg::dump::psql_script(tools, params, target).map_err(pg_err)?;
+    let script = restore
+        .take_stdout()
+        .ok_or_else(|| Error::new(ErrorKind::Failure, "pg_restore's stdout is not a pipe"))?
+        .into_owned_fd()
+        .map_err(|e| Error::io("taking the pipe of pg_restore", e))?;
+    let input = psql
+        .take_stdin()
+        .ok_or_else(|| Error::new(ErrorKind::Failure, "psql's stdin is not a pipe"))?
+        .into_owned_fd()
+        .map_err(|e| Error::io("taking the pipe to psql", e))?;
+    let filter = tokio::task::spawn_blocking(move || {
+        drop_line_outside_copy(
+            std::io::BufReader::new(std::fs::File::from(script)),
+            std::fs::File::from(input),
+            TRANSACTION_TIMEOUT_LINE,
+        )
+    });
+    let fed = feed_archive(repo, &src.stream, &mut restore, progress).await;
+    let restored = wait_tool(restore, what).await;
+    let copied = filter
+        .await
+        .map_err(|e| Error::new(ErrorKind::Failure, format!("script filter failed: {e}")))?;
+    // psql's verdict first: it holds the server's error; broken pipes are symptoms.
+    let warnings = wait_tool(psql, what).await?;
+    restored?;
+    copied.map_err(|e| Error::io("passing the restore script to psql", e))?;
+    fed?;
+    Ok(warnings)
+}
+
+/// Copies a psql script from `input` to `out` without the lines equal to `line`, except
+/// inside COPY data (between `COPY ... FROM stdin;` and `\.`), which is copied as it is.
+fn drop_line_outside_copy(
+    mut input: impl BufRead,
+    mut out: impl Write,
+    line: &[u8],
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut in_copy = false;
+    loop {
+        buf.clear();
+        if input.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        if in_copy {
+            in_copy = buf.as_slice() != b"\\.\n";
+        } else if buf.starts_with(b"COPY ") && buf.ends_with(b"FROM stdin;\n") {
+            in_copy = true;
+        } else if buf.as_slice() == line {
+            continue;
+        }
+        out.write_all(&buf)?;
+    }
+    out.flush()
+}
+
 async fn connect_rw(params: &ConnParams, db: &str) -> Result<PgClient> {
     let c = connect_db(params, db).await?;
     c.inner()
@@ -1429,5 +1533,25 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_transaction_timeout_line_is_dropped_but_never_from_copy_data() {
+        let script = "SET statement_timeout = 0;\nSET transaction_timeout = 0;\n\
+            COPY public.t (v) FROM stdin;\nSET transaction_timeout = 0;\n\\.\n\
+            \\connect x\nSET transaction_timeout = 0;\nSELECT 1;\n";
+        let mut out = Vec::new();
+        drop_line_outside_copy(script.as_bytes(), &mut out, TRANSACTION_TIMEOUT_LINE).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "SET statement_timeout = 0;\n\
+             COPY public.t (v) FROM stdin;\nSET transaction_timeout = 0;\n\\.\n\
+             \\connect x\nSELECT 1;\n"
+        );
     }
 }
