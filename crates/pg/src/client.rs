@@ -386,6 +386,18 @@ impl ServerInfo {
     pub fn major_version(&self) -> u32 {
         self.version_num / 10000
     }
+
+    /// Refuses a server of a release pgkeep does not handle (before anything is read from
+    /// it); `target` names the server.
+    pub fn ensure_supported(&self, target: &str) -> Result<()> {
+        if crate::control::is_supported_major(self.major_version()) {
+            return Ok(());
+        }
+        Err(PgError::UnsupportedVersion {
+            subject: format!("the server at {target}"),
+            found: format!("PostgreSQL {} ({})", self.major_version(), self.version),
+        })
+    }
 }
 
 /// A connection to a server. The connection task runs on the tokio runtime until the client is
@@ -730,12 +742,12 @@ impl BackupSession {
     /// Create the WAL-pinning slot and start the backup (with an immediate checkpoint).
     pub async fn start(client: PgClient, label: &str) -> Result<BackupSession> {
         let version_num = client.server_version_num().await?;
-        if version_num < 130000 {
-            return Err(PgError::Unsupported {
-                what: "PostgreSQL version",
-                detail: format!(
-                    "{} runs {version_num}; pgkeep needs 13 or later",
-                    client.target
+        if !crate::control::is_supported_major(version_num / 10000) {
+            return Err(PgError::UnsupportedVersion {
+                subject: format!("the server at {}", client.target),
+                found: format!(
+                    "PostgreSQL {} (server_version_num {version_num})",
+                    version_num / 10000
                 ),
             });
         }

@@ -5,7 +5,9 @@
 //! Directory") and what pg_basebackup skips:
 //! - the contents of `pg_wal`, `pg_replslot`, `pg_dynshmem`, `pg_notify`, `pg_serial`,
 //!   `pg_snapshots`, `pg_stat_tmp` and `pg_subtrans` (the directories themselves are kept, empty;
-//!   `pg_wal/archive_status` too, and a symlinked `pg_wal` becomes a plain directory);
+//!   `pg_wal/archive_status` too, and from PostgreSQL 17 on `pg_wal/summaries`, the WAL
+//!   summaries of incremental backups, kept empty as pg_basebackup sends it; a symlinked
+//!   `pg_wal` becomes a plain directory);
 //! - `postmaster.pid`, `postmaster.opts`, `backup_label`, `tablespace_map` and their `.old`
 //!   copies, `postgresql.auto.conf.tmp`, `current_logfiles.tmp` (the backup's own backup_label
 //!   and tablespace_map come from `pg_backup_stop`);
@@ -42,6 +44,10 @@ pub const EXCLUDED_DIR_CONTENTS: &[&str] = &[
     "pg_stat_tmp",
     "pg_subtrans",
 ];
+
+/// Subdirectories of `pg_wal` a base backup keeps, empty: `archive_status`, and `summaries`
+/// (PostgreSQL 17 and later; its WAL summary files are WAL-derived and not copied).
+pub const KEPT_WAL_SUBDIRS: &[&str] = &["archive_status", "summaries"];
 
 /// Top-level files a base backup skips.
 pub const EXCLUDED_TOP_FILES: &[&str] = &[
@@ -390,10 +396,23 @@ impl Walker {
                 for sub in list(&path)? {
                     let sub_rel = join_rel(&rel_path, &sub);
                     let sub_path = path.join(&sub);
-                    if name == "pg_wal" && sub == "archive_status" {
+                    if name == "pg_wal" && KEPT_WAL_SUBDIRS.contains(&sub.as_str()) {
                         if let Ok(m) = std::fs::symlink_metadata(&sub_path) {
                             if m.is_dir() {
-                                self.push(&sub_path, sub_rel, &m, EntryKind::Dir, None, false)?;
+                                self.push(
+                                    &sub_path,
+                                    sub_rel.clone(),
+                                    &m,
+                                    EntryKind::Dir,
+                                    None,
+                                    false,
+                                )?;
+                                for f in list(&sub_path)? {
+                                    self.exclude(
+                                        join_rel(&sub_rel, &f),
+                                        ExcludeReason::DirContents,
+                                    );
+                                }
                                 continue;
                             }
                         }
@@ -663,6 +682,10 @@ mod tests {
             assert_eq!(excluded(wal), Some(ExcludeReason::DirContents), "{wal}");
         }
         assert!(get("pg_wal/archive_status/000000010000000000000001.done").is_none());
+        assert_eq!(
+            excluded("pg_wal/archive_status/000000010000000000000001.done"),
+            Some(ExcludeReason::DirContents)
+        );
         for init in [
             "global/pg_internal.init",
             "base/5/pg_internal.init",
@@ -752,6 +775,46 @@ mod tests {
             .excluded
             .iter()
             .any(|e| e.rel_path == "pg_wal/000000010000000000000001"));
+    }
+
+    #[test]
+    fn wal_summaries_of_17_and_18_are_kept_as_an_empty_directory() {
+        // PostgreSQL 17's WAL summarizer writes pg_wal/summaries/*.summary for incremental
+        // backups; pg_basebackup sends the directory, empty, like archive_status.
+        for major in ["17", "18"] {
+            let t = tempfile::tempdir().unwrap();
+            let d = t.path().join("data");
+            touch(&d.join("PG_VERSION"), format!("{major}\n").as_bytes());
+            let summary = "pg_wal/summaries/0000000100000000010000280000000001000130.summary";
+            touch(&d.join(summary), b"x");
+            touch(&d.join("pg_wal/summaries/temp.summary"), b"x");
+            touch(
+                &d.join("pg_wal/archive_status/000000010000000000000001.ready"),
+                b"",
+            );
+            touch(&d.join("pg_wal/000000010000000000000001"), b"x");
+            let l = walk(&d).unwrap();
+            let get = |p: &str| l.entries.iter().find(|e| e.rel_path == p);
+            let excluded = |p: &str| l.excluded.iter().any(|e| e.rel_path == p);
+            for dir in ["pg_wal", "pg_wal/summaries", "pg_wal/archive_status"] {
+                assert_eq!(
+                    get(dir).map(|e| e.kind),
+                    Some(EntryKind::Dir),
+                    "{major} {dir}"
+                );
+            }
+            assert!(
+                !l.entries
+                    .iter()
+                    .any(|e| e.rel_path.starts_with("pg_wal/summaries/")),
+                "{major}: a summary file was listed"
+            );
+            assert!(excluded(summary) && excluded("pg_wal/summaries/temp.summary"));
+            assert!(excluded(
+                "pg_wal/archive_status/000000010000000000000001.ready"
+            ));
+            assert!(excluded("pg_wal/000000010000000000000001"));
+        }
     }
 
     #[test]

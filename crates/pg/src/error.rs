@@ -44,6 +44,12 @@ pub enum PgError {
     #[error("unsupported {what}: {detail}")]
     Unsupported { what: &'static str, detail: String },
 
+    /// A cluster, server or WAL of a PostgreSQL release pgkeep does not handle: `subject` is
+    /// the data directory, file or server, `found` the release seen (and the format number
+    /// that told it).
+    #[error("{subject} is {found}; pgkeep supports PostgreSQL 13 to 18. HINT: nothing was read or written; use a cluster of a supported release, or this release's own pg_basebackup / pg_dump")]
+    UnsupportedVersion { subject: String, found: String },
+
     /// Connecting to the server failed.
     #[error("could not connect to PostgreSQL at {target}: {reason}. HINT: check --pg / PGHOST, PGPORT, PGUSER, PGDATABASE and that the server is running")]
     Connect { target: String, reason: String },

@@ -353,7 +353,7 @@ fn segment_identity(path: &Path, data: &[u8], seg: &WalSegmentName) -> Result<Cl
         Error::new(
             ErrorKind::ClusterMismatch,
             format!(
-                "{}: WAL page magic {:#06X} belongs to no PostgreSQL major version this pgkeep knows; nothing was archived",
+                "{}: WAL page magic {:#06X} belongs to no PostgreSQL release this pgkeep knows (it supports PostgreSQL 13 to 18); nothing was archived",
                 path.display(),
                 h.magic
             ),
@@ -615,7 +615,7 @@ pub fn summarize_bytes(data: &[u8], seg: &WalSegmentName) -> Result<SegmentSumma
         Error::with_hint(
             ErrorKind::Failure,
             format!("reading the records of WAL segment {seg}: {e}"),
-            "point-in-time targets by time, xid or name are checked by reading PostgreSQL 15-17 WAL",
+            "point-in-time targets by time, xid or name are checked by reading the WAL (PostgreSQL 13 to 18)",
         )
     })
 }

@@ -168,9 +168,17 @@ impl Report for BackupReport {
 pub(crate) fn pg_error(e: PgError) -> Error {
     let kind = match &e {
         PgError::Conninfo(_) => ErrorKind::Usage,
+        // A release pgkeep does not handle is a cluster that does not fit (exit 15).
+        PgError::UnsupportedVersion { .. } => ErrorKind::ClusterMismatch,
         _ => ErrorKind::Failure,
     };
-    Error::new(kind, e.to_string())
+    let text = e.to_string();
+    match text.split_once(". HINT: ") {
+        Some((message, hint)) if kind == ErrorKind::ClusterMismatch => {
+            Error::with_hint(kind, message, hint)
+        }
+        _ => Error::new(kind, text),
+    }
 }
 
 fn io_err(what: &str, path: &Path, e: std::io::Error) -> Error {
@@ -280,6 +288,7 @@ async fn run(
     let params = ConnParams::resolve(opts.conninfo.as_deref()).map_err(pg_error)?;
     let client = PgClient::connect(&params).await.map_err(pg_error)?;
     let info = client.server_info().await.map_err(pg_error)?;
+    info.ensure_supported(client.target()).map_err(pg_error)?;
     if info.in_recovery {
         return Err(Error::with_hint(
             ErrorKind::Failure,
@@ -292,12 +301,28 @@ async fn run(
         .clone()
         .unwrap_or_else(|| info.data_directory.clone());
     let control = ControlFile::read(&pgdata).map_err(|e| {
+        if matches!(e, PgError::UnsupportedVersion { .. }) {
+            return pg_error(e);
+        }
         Error::with_hint(
             ErrorKind::Usage,
             format!("cannot read the data directory {}: {e}", pgdata.display()),
             "run on the database host as a user that can read the data directory, or give --pgdata",
         )
     })?;
+    if control.major_version() != info.major_version() {
+        return Err(Error::with_hint(
+            ErrorKind::ClusterMismatch,
+            format!(
+                "the data directory {} is PostgreSQL {} but the server at {} runs PostgreSQL {}; nothing was backed up",
+                pgdata.display(),
+                control.major_version(),
+                client.target(),
+                info.major_version()
+            ),
+            "give --pgdata the data directory of the server that --pg reaches (SHOW data_directory on it), or point --pg at the server of that data directory",
+        ));
+    }
     if control.system_identifier != info.system_identifier {
         return Err(Error::with_hint(
             ErrorKind::ClusterMismatch,

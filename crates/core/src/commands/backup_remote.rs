@@ -61,6 +61,7 @@ pub(crate) async fn run(
     let params = ConnParams::resolve(opts.conninfo.as_deref()).map_err(pg_error)?;
     let client = PgClient::connect(&params).await.map_err(pg_error)?;
     let info = client.server_info().await.map_err(pg_error)?;
+    info.ensure_supported(client.target()).map_err(pg_error)?;
     if info.in_recovery {
         return Err(Error::with_hint(
             ErrorKind::Failure,

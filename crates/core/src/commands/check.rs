@@ -237,6 +237,7 @@ pub async fn check_archiving(
     let params = ConnParams::resolve(conninfo.as_deref()).map_err(pg_error)?;
     let client = PgClient::connect(&params).await.map_err(pg_error)?;
     let info = client.server_info().await.map_err(pg_error)?;
+    info.ensure_supported(client.target()).map_err(pg_error)?;
     let server = client.target().to_string();
     let mut warnings = Vec::new();
 

@@ -511,9 +511,17 @@ pub(crate) fn pg_err(e: PgError) -> Error {
         // or point PGKEEP_PG_BIN at them), found before anything ran: a retry as it is would
         // fail the same way, so it is not the "failure" of a run.
         PgError::Conninfo(_) | PgError::NoClientTools { .. } => ErrorKind::Usage,
+        // A release pgkeep does not handle is a cluster that does not fit (exit 15).
+        PgError::UnsupportedVersion { .. } => ErrorKind::ClusterMismatch,
         _ => ErrorKind::Failure,
     };
-    Error::new(kind, e.to_string())
+    let text = e.to_string();
+    match text.split_once(". HINT: ") {
+        Some((message, hint)) if kind == ErrorKind::ClusterMismatch => {
+            Error::with_hint(kind, message, hint)
+        }
+        _ => Error::new(kind, text),
+    }
 }
 
 /// Refuses a conninfo holding a password (it would show in the process list).

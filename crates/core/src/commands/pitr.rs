@@ -496,7 +496,7 @@ impl<'r> ArchiveReach<'r> {
     }
 
     fn content_readable(m: &BackupManifest) -> bool {
-        (15..=17).contains(&m.pg_major)
+        pgkeep_pg::walrecords::reads_records_of(m.pg_major)
     }
 
     async fn check_time(&self, m: &BackupManifest, w: &Window, t: DateTime<Utc>) -> Result<()> {
