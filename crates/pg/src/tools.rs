@@ -296,7 +296,7 @@ mod tests {
     fn none_new_enough_is_refused_with_what_was_found() {
         let t = tempfile::tempdir().unwrap();
         let v15 = install(t.path(), "15", "15.18", &["pg_dump", "pg_dumpall"]);
-        let e = choose(&need(17, 17), &[v15.clone()]).unwrap_err();
+        let e = choose(&need(17, 17), std::slice::from_ref(&v15)).unwrap_err();
         let msg = e.to_string();
         assert!(msg.contains("PostgreSQL 17 or newer"), "{msg}");
         assert!(msg.contains(&format!("{} (15)", v15.join("pg_dump").display())));
