@@ -11,6 +11,7 @@
 
 use crate::client::{ConnParams, PgClient};
 use crate::error::{PgError, Result};
+use crate::tools::ClientTools;
 use serde::{Deserialize, Serialize};
 use std::process::Stdio;
 use tokio::io::AsyncReadExt;
@@ -24,8 +25,8 @@ pub struct ToolChild {
     stderr: tokio::task::JoinHandle<String>,
 }
 
-fn base_command(program: &str, params: &ConnParams) -> Command {
-    let mut cmd = Command::new(program);
+fn base_command(tools: &ClientTools, program: &str, params: &ConnParams) -> Command {
+    let mut cmd = Command::new(tools.path(program));
     // Settings from the caller's environment must not redirect the child elsewhere.
     for v in [
         "PGSERVICE",
@@ -106,8 +107,13 @@ impl ToolChild {
 
 /// Start `pg_dump -Fc -Z0` of database `db`, writing the archive to stdout. Compression is off
 /// so that day-to-day dumps deduplicate; the repository compresses.
-pub fn pg_dump(params: &ConnParams, db: &str, extra_args: &[&str]) -> Result<ToolChild> {
-    let mut cmd = base_command("pg_dump", params);
+pub fn pg_dump(
+    tools: &ClientTools,
+    params: &ConnParams,
+    db: &str,
+    extra_args: &[&str],
+) -> Result<ToolChild> {
+    let mut cmd = base_command(tools, "pg_dump", params);
     cmd.env("PGDATABASE", db)
         .args(["--format=custom", "--compress=0", "--no-sync"])
         .args(extra_args);
@@ -115,16 +121,21 @@ pub fn pg_dump(params: &ConnParams, db: &str, extra_args: &[&str]) -> Result<Too
 }
 
 /// Start `pg_dumpall --globals-only` (roles and tablespaces as SQL text) to stdout.
-pub fn pg_dumpall_globals(params: &ConnParams) -> Result<ToolChild> {
-    let mut cmd = base_command("pg_dumpall", params);
+pub fn pg_dumpall_globals(tools: &ClientTools, params: &ConnParams) -> Result<ToolChild> {
+    let mut cmd = base_command(tools, "pg_dumpall", params);
     cmd.args(["--globals-only", "--no-sync"]);
     spawn("pg_dumpall", cmd, false, true)
 }
 
 /// Start `pg_restore` reading a custom-format archive from stdin into database `db`
 /// (`extra_args` e.g. `--clean`, `--create`, `--single-transaction`).
-pub fn pg_restore(params: &ConnParams, db: &str, extra_args: &[&str]) -> Result<ToolChild> {
-    let mut cmd = base_command("pg_restore", params);
+pub fn pg_restore(
+    tools: &ClientTools,
+    params: &ConnParams,
+    db: &str,
+    extra_args: &[&str],
+) -> Result<ToolChild> {
+    let mut cmd = base_command(tools, "pg_restore", params);
     // A role or database whose default_transaction_read_only is on (a common safety net)
     // would make every statement of the restore fail; options of the connection itself
     // take precedence over those settings.
@@ -137,10 +148,21 @@ pub fn pg_restore(params: &ConnParams, db: &str, extra_args: &[&str]) -> Result<
 
 /// Start `pg_restore -f - ` turning a custom-format archive on stdin into SQL text on stdout
 /// (no connection; for exporting a dump as plain SQL).
-pub fn pg_restore_to_sql(extra_args: &[&str]) -> Result<ToolChild> {
-    let mut cmd = Command::new("pg_restore");
+pub fn pg_restore_to_sql(tools: &ClientTools, extra_args: &[&str]) -> Result<ToolChild> {
+    let mut cmd = Command::new(tools.path("pg_restore"));
     cmd.args(["--file=-"]).args(extra_args).kill_on_drop(true);
     spawn("pg_restore", cmd, true, true)
+}
+
+/// Start `psql` running the SQL script on its stdin in database `db`, stopping at the first
+/// error (for a restore script; see [`pg_restore_to_sql`]).
+pub fn psql_script(tools: &ClientTools, params: &ConnParams, db: &str) -> Result<ToolChild> {
+    let mut cmd = base_command(tools, "psql", params);
+    // As for pg_restore: a read-only default would make every statement fail.
+    cmd.env("PGOPTIONS", "-c default_transaction_read_only=off")
+        .env("PGDATABASE", db)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"]);
+    spawn("psql", cmd, true, false)
 }
 
 /// An SQL identifier in double quotes (always quoted: correct for every name, keywords and

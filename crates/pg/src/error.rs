@@ -88,6 +88,15 @@ pub enum PgError {
         stderr: String,
     },
 
+    /// No installed client tool can serve the server (or read the archive) at hand.
+    #[error("no {program} that can serve {purpose}: it needs PostgreSQL {min_major} or newer; found: {found}. HINT: install the PostgreSQL {min_major} (or newer) client tools (e.g. postgresql-client-{min_major}), or set PGKEEP_PG_BIN to their bin directory")]
+    NoClientTools {
+        program: String,
+        purpose: String,
+        min_major: u32,
+        found: String,
+    },
+
     /// WAL needed by a backup was lost before it could be copied.
     #[error("{0}")]
     WalLost(String),

@@ -19,6 +19,7 @@ pub mod lsn;
 pub mod recovery;
 pub mod timeline;
 pub mod tls;
+pub mod tools;
 pub mod wal;
 pub mod walrecords;
 

@@ -377,22 +377,35 @@ async fn dump_and_restore_runners() {
     )
     .unwrap();
     let params = ConnParams::resolve(Some(&c.conninfo())).unwrap();
+    let major: u32 = c
+        .sql("show server_version_num")
+        .unwrap()
+        .parse::<u32>()
+        .unwrap()
+        / 10000;
+    let tools = pgkeep_pg::tools::ClientTools::find(&pgkeep_pg::tools::ToolNeed {
+        programs: &["pg_dump", "pg_dumpall", "pg_restore"],
+        min_major: major,
+        preferred_major: major,
+        purpose: "the test server",
+    })
+    .unwrap();
 
-    let mut d = dump::pg_dump(&params, "src", &[]).unwrap();
+    let mut d = dump::pg_dump(&tools, &params, "src", &[]).unwrap();
     let mut out = d.take_stdout().unwrap();
     let mut archive = Vec::new();
     out.read_to_end(&mut archive).await.unwrap();
     d.wait().await.unwrap();
     assert!(archive.starts_with(b"PGDMP"));
 
-    let mut r = dump::pg_restore(&params, "dst", &[]).unwrap();
+    let mut r = dump::pg_restore(&tools, &params, "dst", &[]).unwrap();
     let mut input = r.take_stdin().unwrap();
     input.write_all(&archive).await.unwrap();
     drop(input);
     r.wait().await.unwrap();
     assert_eq!(c.pg_dump("src").unwrap(), c.pg_dump("dst").unwrap());
 
-    let mut g = dump::pg_dumpall_globals(&params).unwrap();
+    let mut g = dump::pg_dumpall_globals(&tools, &params).unwrap();
     let mut globals = String::new();
     g.take_stdout()
         .unwrap()
@@ -403,7 +416,7 @@ async fn dump_and_restore_runners() {
     assert!(globals.contains("CREATE ROLE reader"), "{globals}");
 
     // Failures carry the tool's stderr.
-    let mut bad = dump::pg_dump(&params, "no_such_db", &[]).unwrap();
+    let mut bad = dump::pg_dump(&tools, &params, "no_such_db", &[]).unwrap();
     let mut sink = Vec::new();
     bad.take_stdout()
         .unwrap()

@@ -10,6 +10,11 @@
 //! to `postgres` and `initdb`/`postgres` run through `runuser -u postgres --`. Client tools
 //! (psql, pg_dump, pgbench) run as the test user and connect as the database user `postgres`
 //! (trust authentication).
+//!
+//! [`ClusterBuilder::version`] picks a major version: its server binaries come from the cache
+//! of `scripts/install-deps.sh` ([`versioned_bin_dir`]), and client tools the server's own
+//! directory lacks from the newest installation there (the PostgreSQL 18 client tools serve
+//! every older server).
 
 use anyhow::{anyhow, bail, Context, Result};
 use std::net::TcpListener;
@@ -95,6 +100,56 @@ fn find_pg_bin_dir(
     })
 }
 
+/// Names the cache directory of `scripts/install-deps.sh` (PostgreSQL 13 to 18, one
+/// `<major>/bin` each).
+pub const PG_CACHE_ENV: &str = "PGKEEP_PG_CACHE";
+
+/// The cache directory of `scripts/install-deps.sh` when [`PG_CACHE_ENV`] is not set.
+pub const DEFAULT_PG_CACHE: &str = "/var/cache/pgkeep/pg";
+
+/// The cache directory of `scripts/install-deps.sh`.
+pub fn pg_cache_dir() -> PathBuf {
+    std::env::var_os(PG_CACHE_ENV)
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PG_CACHE))
+}
+
+/// The server binaries of PostgreSQL `major`: `<cache>/<major>/bin` (see [`pg_cache_dir`]),
+/// else Debian's `/usr/lib/postgresql/<major>/bin`. Fails with the fix when neither holds a
+/// `postgres` binary.
+pub fn versioned_bin_dir(major: u32) -> Result<PathBuf> {
+    let cache = pg_cache_dir().join(major.to_string()).join("bin");
+    let debian = PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"));
+    for dir in [&cache, &debian] {
+        if dir.join("postgres").is_file() {
+            return Ok(dir.clone());
+        }
+    }
+    bail!(
+        "no PostgreSQL {major} server: neither {} nor {} holds `postgres`. HINT: run \
+         scripts/install-deps.sh (it installs PostgreSQL 13 to 18 into {}; {PG_CACHE_ENV} moves it)",
+        cache.display(),
+        debian.display(),
+        pg_cache_dir().display()
+    )
+}
+
+/// The newest installation of `program` of major `min_major` or later, in the install-deps
+/// cache or Debian's directories.
+fn newest_client(program: &str, min_major: u32) -> Option<PathBuf> {
+    [pg_cache_dir(), PathBuf::from("/usr/lib/postgresql")]
+        .iter()
+        .flat_map(|root| std::fs::read_dir(root).into_iter().flatten().flatten())
+        .filter_map(|e| {
+            let major: u32 = e.file_name().to_str()?.parse().ok()?;
+            let path = e.path().join("bin").join(program);
+            (major >= min_major && path.is_file()).then_some((major, path))
+        })
+        .max_by_key(|(major, _)| *major)
+        .map(|(_, p)| p)
+}
+
 /// Operating-system user that runs the server when the tests run as root.
 const PG_OS_USER: &str = "postgres";
 
@@ -114,6 +169,7 @@ pub enum StopMode {
 /// Options for a new or existing cluster. Start from [`Cluster::builder`].
 #[derive(Debug, Clone)]
 pub struct ClusterBuilder {
+    major: Option<u32>,
     checksums: bool,
     settings: Vec<(String, String)>,
     port: Option<u16>,
@@ -123,6 +179,7 @@ pub struct ClusterBuilder {
 impl Default for ClusterBuilder {
     fn default() -> Self {
         ClusterBuilder {
+            major: None,
             checksums: true,
             settings: Vec::new(),
             port: None,
@@ -132,6 +189,21 @@ impl Default for ClusterBuilder {
 }
 
 impl ClusterBuilder {
+    /// Run this major version of PostgreSQL (see [`versioned_bin_dir`]) instead of the
+    /// default server ([`pg_bin_dir`]).
+    pub fn version(mut self, major: u32) -> Self {
+        self.major = Some(major);
+        self
+    }
+
+    /// The server binaries this builder runs.
+    fn bin_dir(&self) -> Result<PathBuf> {
+        match self.major {
+            Some(m) => versioned_bin_dir(m),
+            None => Ok(pg_bin_dir()?.to_path_buf()),
+        }
+    }
+
     /// Turn data page checksums on (the default) or off at initdb time.
     pub fn data_checksums(mut self, on: bool) -> Self {
         self.checksums = on;
@@ -177,9 +249,9 @@ impl ClusterBuilder {
             .context("creating the cluster's temporary directory")?;
         let root = dir.path().to_path_buf();
         let pgdata = root.join("data");
-        pg_bin_dir()?;
+        let bin_dir = self.bin_dir()?;
         prepare_private_dirs(&root)?;
-        let mut cmd = pg_command("initdb");
+        let mut cmd = pg_command(&bin_dir, "initdb");
         cmd.arg("--no-sync").arg("-D").arg(&pgdata).args([
             "-U",
             "postgres",
@@ -200,7 +272,7 @@ impl ClusterBuilder {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        Ok(Cluster::assemble(dir, pgdata, self))
+        Ok(Cluster::assemble(dir, pgdata, bin_dir, self))
     }
 
     /// Run initdb and start the server.
@@ -230,6 +302,7 @@ impl ClusterBuilder {
                 pgdata.display()
             );
         }
+        let bin_dir = self.bin_dir()?;
         let dir = tempfile::Builder::new()
             .prefix("pgkeep-cluster-")
             .tempdir()
@@ -239,7 +312,7 @@ impl ClusterBuilder {
         // A copy of a running cluster carries its postmaster.pid; PostgreSQL would refuse to
         // start if the pid in it belongs to a live process.
         let _ = std::fs::remove_file(pgdata.join("postmaster.pid"));
-        Ok(Cluster::assemble(dir, pgdata, self))
+        Ok(Cluster::assemble(dir, pgdata, bin_dir, self))
     }
 }
 
@@ -247,6 +320,7 @@ impl ClusterBuilder {
 pub struct Cluster {
     dir: Option<tempfile::TempDir>,
     pgdata: PathBuf,
+    bin_dir: PathBuf,
     socket_dir: PathBuf,
     log_path: PathBuf,
     port: u16,
@@ -276,11 +350,17 @@ impl Cluster {
         Cluster::builder().start()
     }
 
-    fn assemble(dir: tempfile::TempDir, pgdata: PathBuf, opts: ClusterBuilder) -> Cluster {
+    fn assemble(
+        dir: tempfile::TempDir,
+        pgdata: PathBuf,
+        bin_dir: PathBuf,
+        opts: ClusterBuilder,
+    ) -> Cluster {
         let root = dir.path().to_path_buf();
         Cluster {
             dir: Some(dir),
             pgdata,
+            bin_dir,
             socket_dir: root.join("sock"),
             log_path: root.join("server.log"),
             port: opts.port.unwrap_or(0),
@@ -293,6 +373,30 @@ impl Cluster {
     /// The data directory.
     pub fn pgdata(&self) -> &Path {
         &self.pgdata
+    }
+
+    /// The directory of the server binaries this cluster runs.
+    pub fn bin_dir(&self) -> &Path {
+        &self.bin_dir
+    }
+
+    /// The major version chosen with [`ClusterBuilder::version`], if any.
+    pub fn major(&self) -> Option<u32> {
+        self.opts.major
+    }
+
+    /// The client tool `program` for this cluster: the server's own directory's, else (for a
+    /// cluster of a chosen major) the newest installed one of that major or later, else the
+    /// bare name, found on PATH.
+    pub fn client_program(&self, program: &str) -> PathBuf {
+        let own = self.bin_dir.join(program);
+        if own.is_file() {
+            return own;
+        }
+        self.opts
+            .major
+            .and_then(|m| newest_client(program, m))
+            .unwrap_or_else(|| PathBuf::from(program))
     }
 
     /// The TCP port (and the socket's port number). 0 before the first start with a free port.
@@ -357,9 +461,14 @@ impl Cluster {
     }
 
     /// A command for a client tool with this cluster's libpq environment (and no PGPASSWORD or
-    /// PGSERVICE leaking in from the test's environment).
+    /// PGSERVICE leaking in from the test's environment). A bare name is looked up with
+    /// [`Cluster::client_program`].
     pub fn client_command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(program);
+        let mut cmd = if program.contains('/') {
+            Command::new(program)
+        } else {
+            Command::new(self.client_program(program))
+        };
         for v in ["PGPASSWORD", "PGSERVICE", "PGOPTIONS", "PGPASSFILE"] {
             cmd.env_remove(v);
         }
@@ -405,7 +514,7 @@ impl Cluster {
             .open(&self.log_path)
             .with_context(|| format!("opening {}", self.log_path.display()))?;
         chown_to_server_user(&self.log_path)?;
-        let mut cmd = pg_command("postgres");
+        let mut cmd = pg_command(&self.bin_dir, "postgres");
         cmd.arg("-D")
             .arg(&self.pgdata)
             .arg("-p")
@@ -576,7 +685,7 @@ impl Cluster {
     /// database; returns its stdout.
     pub fn pgbench(&self, args: &[&str]) -> Result<String> {
         let out = self
-            .client_command(&format!("{PG_BIN_DIR}/pgbench"))
+            .client_command("pgbench")
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -683,12 +792,12 @@ pub fn running_as_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
-/// A command for a server binary, wrapped in `runuser -u postgres --` when root.
-fn pg_command(bin: &str) -> Command {
-    let path = format!("{PG_BIN_DIR}/{bin}");
+/// A command for a server binary of `bin_dir`, wrapped in `runuser -u postgres --` when root.
+fn pg_command(bin_dir: &Path, bin: &str) -> Command {
+    let path = bin_dir.join(bin);
     let mut cmd = if running_as_root() {
         let mut c = Command::new("runuser");
-        c.args(["-u", PG_OS_USER, "--", &path]);
+        c.args(["-u", PG_OS_USER, "--"]).arg(&path);
         c
     } else {
         Command::new(path)
@@ -833,6 +942,15 @@ mod tests {
         assert!(PathBuf::from(PG_BIN_DIR.to_string())
             .join("postgres")
             .is_file());
+    }
+
+    #[test]
+    fn a_missing_major_names_the_install_script() {
+        let e = versioned_bin_dir(99).unwrap_err().to_string();
+        assert!(
+            e.contains("PostgreSQL 99") && e.contains("scripts/install-deps.sh"),
+            "{e}"
+        );
     }
 
     #[test]

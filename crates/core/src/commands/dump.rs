@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use pgkeep_pg::archive::Rechunker;
 use pgkeep_pg::dump::{DatabaseProperties, ToolChild};
+use pgkeep_pg::tools::{ClientTools, ToolNeed};
 use pgkeep_pg::{ConnParams, PgClient, PgError};
 use pgkeep_repo::{BlobWriter, LockKind, Repository, StreamRef, WriterOptions};
 use serde::{Deserialize, Serialize};
@@ -414,8 +415,38 @@ pub struct DumpReport {
     pub totals: DumpTotals,
     /// Seconds.
     pub duration_secs: f64,
+    /// The pg_dump that ran.
+    pub pg_dump: ToolUsed,
     /// Warnings pg_dump printed.
     pub warnings: Vec<String>,
+}
+
+/// A client tool a command ran, as chosen for the server (see [`pgkeep_pg::tools`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct ToolUsed {
+    /// Its path.
+    pub path: String,
+    /// The first line of its `--version`.
+    pub version: String,
+    /// Its major version.
+    pub major: u32,
+}
+
+impl ToolUsed {
+    /// `program` of the chosen `tools`.
+    pub fn of(tools: &ClientTools, program: &str) -> Self {
+        ToolUsed {
+            path: tools.display(program),
+            version: tools.version.clone(),
+            major: tools.major,
+        }
+    }
+}
+
+impl fmt::Display for ToolUsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.path, self.version)
+    }
 }
 
 /// A database of a [`DumpReport`].
@@ -459,6 +490,7 @@ impl fmt::Display for DumpReport {
                 d.duration_secs
             )?;
         }
+        writeln!(f, "  pg_dump: {}", self.pg_dump)?;
         for w in &self.warnings {
             writeln!(f, "WARNING: {w}")?;
         }
@@ -475,7 +507,12 @@ impl Report for DumpReport {
 /// A pgkeep-pg error as a core error.
 pub(crate) fn pg_err(e: PgError) -> Error {
     let kind = match &e {
-        PgError::Conninfo(_) | PgError::SslConfig { .. } => ErrorKind::Usage,
+        // No suitable pg_dump/pg_restore is a matter of the host's setup (install the tools
+        // or point PGKEEP_PG_BIN at them), found before anything ran: a retry as it is would
+        // fail the same way, so it is not the "failure" of a run.
+        PgError::Conninfo(_) | PgError::SslConfig { .. } | PgError::NoClientTools { .. } => {
+            ErrorKind::Usage
+        }
         // A release pgkeep does not handle is a cluster that does not fit (exit 15).
         PgError::UnsupportedVersion { .. } => ErrorKind::ClusterMismatch,
         _ => ErrorKind::Failure,
@@ -526,26 +563,31 @@ pub(crate) fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-/// `pg_dump --version` (first line), e.g. `pg_dump (PostgreSQL) 15.18`.
-pub(crate) async fn tool_version(program: &str) -> Result<String> {
-    let out = tokio::process::Command::new(program)
-        .arg("--version")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .map_err(|e| {
-            Error::with_hint(
-                ErrorKind::Failure,
-                format!("cannot run {program}: {e}"),
-                "install the PostgreSQL client tools or put them on PATH",
-            )
-        })?;
-    Ok(String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_string())
+/// Chooses the client tools for a job (see [`pgkeep_pg::tools`]): `programs` from one
+/// installation of at least `min_major`, the `preferred_major` when there is one.
+pub(crate) async fn client_tools(
+    programs: &'static [&'static str],
+    min_major: u32,
+    preferred_major: u32,
+    purpose: String,
+) -> Result<ClientTools> {
+    let tools = tokio::task::spawn_blocking(move || {
+        ClientTools::find(&ToolNeed {
+            programs,
+            min_major,
+            preferred_major,
+            purpose: &purpose,
+        })
+    })
+    .await
+    .map_err(|e| Error::new(ErrorKind::Failure, format!("looking for pg_dump: {e}")))?
+    .map_err(pg_err)?;
+    tracing::info!(
+        "using {} from {} for {programs:?}",
+        tools.version,
+        tools.bin_dir.display()
+    );
+    Ok(tools)
 }
 
 /// Bytes at the start of an archive stored as their own blob (see [`ingest_stdout`]).
@@ -761,7 +803,7 @@ pub async fn dump(
     if let Err(e) = lock.release().await {
         tracing::warn!("could not release the repository lock: {e}");
     }
-    let m = result?;
+    let (m, tools) = result?;
     let mut warnings = Vec::new();
     for d in &m.databases {
         if let Some(w) = &d.pg_dump_warnings {
@@ -786,18 +828,19 @@ pub async fn dump(
         globals: m.globals.is_some(),
         totals: m.totals.clone(),
         duration_secs: m.duration_secs,
+        pg_dump: ToolUsed::of(&tools, "pg_dump"),
         warnings,
     })
 }
 
 /// The dump itself, under a lock the caller holds (`restore-dump` calls it for the safety
-/// dump). Returns the saved manifest.
+/// dump). Returns the saved manifest and the tools that made it.
 pub(crate) async fn dump_locked(
     repo: &Repository,
     params: &ConnParams,
     opts: &DumpOptions,
     progress: &dyn Progress,
-) -> Result<DumpManifest> {
+) -> Result<(DumpManifest, ClientTools)> {
     let started = Instant::now();
     let start_time = Utc::now();
     // The first connection answers for the server; with --all it goes to the maintenance
@@ -847,8 +890,17 @@ pub(crate) async fn dump_locked(
     } else {
         vec![first_db.clone()]
     };
+    // pg_dump refuses servers newer than itself: the server's own major, else the newest.
+    let major = server_version_num / 10000;
+    let tools = client_tools(
+        &["pg_dump", "pg_dumpall"],
+        major,
+        major,
+        format!("the PostgreSQL {major} server at {}", client.target()),
+    )
+    .await?;
     drop(client);
-    let pg_dump_version = tool_version("pg_dump").await?;
+    let pg_dump_version = tools.version.clone();
 
     let previous = previous_dumps(repo, &opts.cluster).await;
     let writer = repo.writer(WriterOptions::default());
@@ -856,7 +908,7 @@ pub(crate) async fn dump_locked(
         let mut dumped = Vec::new();
         let globals = if opts.all {
             progress.note("pg_dumpall --globals-only");
-            let mut child = pgkeep_pg::dump::pg_dumpall_globals(params).map_err(pg_err)?;
+            let mut child = pgkeep_pg::dump::pg_dumpall_globals(&tools, params).map_err(pg_err)?;
             let parent = previous.globals.as_ref();
             let stream = match ingest_stdout(&writer, &mut child, progress, parent).await {
                 Ok(s) => s,
@@ -875,6 +927,7 @@ pub(crate) async fn dump_locked(
             dumped.push(
                 dump_one(
                     &writer,
+                    &tools,
                     params,
                     db,
                     server_version_num,
@@ -935,7 +988,7 @@ pub(crate) async fn dump_locked(
         totals,
     };
     repo.save_manifest(&opts.cluster, &id, &m).await?;
-    Ok(m)
+    Ok((m, tools))
 }
 
 /// Connects to database `db` of the server of `params`.
@@ -1118,6 +1171,7 @@ async fn previous_dumps(repo: &Repository, cluster: &str) -> PreviousDumps {
 #[allow(clippy::too_many_arguments)]
 async fn dump_one(
     writer: &BlobWriter,
+    tools: &ClientTools,
     params: &ConnParams,
     db: &str,
     server_version_num: u32,
@@ -1170,7 +1224,7 @@ async fn dump_one(
     let args: Vec<&str> = snap_arg.iter().map(String::as_str).collect();
     progress.note(&format!("pg_dump of {db}"));
     progress.begin(Phase::Backup, size.max(0) as u64, 1);
-    let mut child = pgkeep_pg::dump::pg_dump(params, db, &args).map_err(pg_err)?;
+    let mut child = pgkeep_pg::dump::pg_dump(tools, params, db, &args).map_err(pg_err)?;
     // The archive streams in while the counts run in the same snapshot on our connection.
     let (ingest, counts) = tokio::join!(
         ingest_stdout(writer, &mut child, progress, parent),

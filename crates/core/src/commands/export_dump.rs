@@ -17,7 +17,9 @@ use std::time::Instant;
 use pgkeep_repo::{LockKind, Repository};
 use serde::{Deserialize, Serialize};
 
-use crate::commands::dump::{feed_stdin, load_dump, pg_err, read_into, wait_tool};
+use crate::commands::dump::{
+    client_tools, feed_stdin, load_dump, pg_err, read_into, wait_tool, ToolUsed,
+};
 use crate::context::Report;
 use crate::error::{Error, ErrorKind, Result};
 use crate::progress::{human_bytes, NoProgress, Progress};
@@ -61,6 +63,8 @@ pub struct ExportDumpReport {
     pub format: ExportFormat,
     /// Bytes written.
     pub bytes: u64,
+    /// The pg_restore that turned the archive into SQL (plain format only).
+    pub pg_restore: Option<ToolUsed>,
     /// Seconds.
     pub duration_secs: f64,
 }
@@ -79,7 +83,11 @@ impl fmt::Display for ExportDumpReport {
             },
             human_bytes(self.bytes),
             self.duration_secs
-        )
+        )?;
+        if let Some(t) = &self.pg_restore {
+            writeln!(f, "  pg_restore: {t}")?;
+        }
+        Ok(())
     }
 }
 
@@ -125,13 +133,14 @@ pub async fn export_dump(
     if let Err(e) = lock.release().await {
         tracing::warn!("could not release the repository lock: {e}");
     }
-    let (id, database, bytes) = result?;
+    let (id, database, bytes, pg_restore) = result?;
     Ok(ExportDumpReport {
         id,
         database,
         output: opts.output.clone(),
         format: opts.format,
         bytes,
+        pg_restore,
         duration_secs: started.elapsed().as_secs_f64(),
     })
 }
@@ -140,7 +149,7 @@ async fn export_locked(
     repo: &Repository,
     opts: &ExportDumpOptions,
     progress: &dyn Progress,
-) -> Result<(String, String, u64)> {
+) -> Result<(String, String, u64, Option<ToolUsed>)> {
     let m = load_dump(repo, &opts.cluster, &opts.id).await?;
     let db = m.database(opts.db.as_deref())?;
     let out = &opts.output;
@@ -167,11 +176,20 @@ async fn export_locked(
         path: tmp_path.clone(),
         committed: false,
     };
-    let file = create_private(&tmp_path)?;
-    let file = match opts.format {
-        ExportFormat::Custom => read_into(repo, &db.stream, file, progress).await?,
+    // A pg_restore older than the pg_dump that wrote the archive cannot read it.
+    let tools = match opts.format {
+        ExportFormat::Custom => None,
         ExportFormat::Plain => {
-            let mut child = pgkeep_pg::dump::pg_restore_to_sql(&[]).map_err(pg_err)?;
+            let major = pgkeep_pg::tools::major_of(&m.pg_dump_version).unwrap_or(0);
+            let purpose = format!("an archive of {}", m.pg_dump_version);
+            Some(client_tools(&["pg_restore"], major, major, purpose).await?)
+        }
+    };
+    let file = create_private(&tmp_path)?;
+    let file = match &tools {
+        None => read_into(repo, &db.stream, file, progress).await?,
+        Some(tools) => {
+            let mut child = pgkeep_pg::dump::pg_restore_to_sql(tools, &[]).map_err(pg_err)?;
             let stdout = child.take_stdout().ok_or_else(|| {
                 Error::new(ErrorKind::Failure, "pg_restore's stdout is not a pipe")
             })?;
@@ -194,7 +212,8 @@ async fn export_locked(
     };
     let bytes = finish_file(file, &tmp_path, out)?;
     tmp.committed = true;
-    Ok((m.id.clone(), db.name.clone(), bytes))
+    let used = tools.map(|t| ToolUsed::of(&t, "pg_restore"));
+    Ok((m.id.clone(), db.name.clone(), bytes, used))
 }
 
 /// Syncs `file`, renames it from `tmp` to `out` and syncs the directory; returns its size.

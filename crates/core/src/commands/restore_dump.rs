@@ -36,6 +36,7 @@ use std::time::Instant;
 
 use pgkeep_pg::archive::Rechunker;
 use pgkeep_pg::dump::{DatabaseProperties, PropertyStatement};
+use pgkeep_pg::tools::ClientTools;
 use pgkeep_pg::{ConnParams, PgClient};
 use pgkeep_repo::{LockKind, Repository};
 use serde::{Deserialize, Serialize};
@@ -43,7 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::commands::dump::{
     self, connect_db, feed_archive, feed_stdin, load_dump, load_properties, pg_err, quote_ident,
     read_into, refuse_password, sql_err, sql_text, wait_tool, DumpManifest, DumpOptions,
-    DumpedDatabase, SAFETY_LABEL,
+    DumpedDatabase, ToolUsed, SAFETY_LABEL,
 };
 use crate::commands::export_dump::create_private;
 use crate::context::Report;
@@ -188,6 +189,8 @@ pub struct RestoreDumpReport {
     pub globals_errors: Vec<String>,
     /// The databases.
     pub databases: Vec<RestoredDatabase>,
+    /// The pg_restore that ran (or would run); psql of the same directory runs the globals.
+    pub pg_restore: Option<ToolUsed>,
     /// Warnings.
     pub warnings: Vec<String>,
     /// Seconds.
@@ -268,6 +271,9 @@ impl fmt::Display for RestoreDumpReport {
                 )?;
             }
         }
+        if let Some(t) = &self.pg_restore {
+            writeln!(f, "  pg_restore: {t}")?;
+        }
         for w in &self.warnings {
             writeln!(f, "WARNING: {w}")?;
         }
@@ -343,6 +349,7 @@ async fn run(
         globals: opts.all && m.globals.is_some(),
         globals_errors: Vec::new(),
         databases: Vec::new(),
+        pg_restore: None,
         warnings: Vec::new(),
         duration_secs: 0.0,
     };
@@ -363,11 +370,13 @@ async fn run(
         let props = load_properties(repo, src).await?;
         plans.push(plan(params, src, props, &target, opts).await?);
     }
+    let tools = restore_tools(&m, plans.first().map(|p| p.target_version)).await?;
+    report.pg_restore = Some(ToolUsed::of(&tools, "pg_restore"));
     if opts.dry_run {
         for (src, p) in sources.iter().zip(plans) {
             report
                 .databases
-                .push(dry_run(repo, params, src, p, opts).await?);
+                .push(dry_run(repo, &tools, params, src, p, opts).await?);
         }
         report.duration_secs = started.elapsed().as_secs_f64();
         return Ok(report);
@@ -378,14 +387,14 @@ async fn run(
     if opts.all {
         if let Some(g) = &m.globals {
             progress.note("restoring the globals (roles, tablespaces)");
-            report.globals_errors = restore_globals(repo, params, g).await?;
+            report.globals_errors = restore_globals(repo, &tools, params, g).await?;
             for e in &report.globals_errors {
                 report.warnings.push(format!("globals: {e}"));
             }
         }
     }
     for (src, p) in sources.iter().zip(plans) {
-        let d = restore_one(repo, params, &m, src, p, opts, progress).await?;
+        let d = restore_one(repo, &tools, params, &m, src, p, opts, progress).await?;
         for diff in &d.row_differences {
             report.warnings.push(format!(
                 "{}: table {}.{} has {} rows, the dump recorded {}{}",
@@ -408,6 +417,29 @@ async fn run(
     }
     report.duration_secs = started.elapsed().as_secs_f64();
     Ok(report)
+}
+
+/// The pg_restore (and psql) for restoring `m` into a server of `target_version`
+/// (`server_version_num`; `None` when nothing is planned): the server's own major, else the
+/// newest, and never older than the pg_dump that wrote the archive (an older pg_restore
+/// cannot read a newer archive).
+async fn restore_tools(m: &DumpManifest, target_version: Option<u32>) -> Result<ClientTools> {
+    let archive_major = pgkeep_pg::tools::major_of(&m.pg_dump_version).unwrap_or(0);
+    let server_major = target_version.map_or(archive_major, |v| v / 10000);
+    let purpose = match target_version {
+        Some(_) => format!(
+            "the PostgreSQL {server_major} server with an archive of {}",
+            m.pg_dump_version
+        ),
+        None => format!("an archive of {}", m.pg_dump_version),
+    };
+    dump::client_tools(
+        &["pg_restore", "psql"],
+        server_major.max(archive_major),
+        server_major,
+        purpose,
+    )
+    .await
 }
 
 /// What is known about one target before anything changes.
@@ -644,11 +676,16 @@ async fn confirm(p: &Plan, opts: &RestoreDumpOptions) -> Result<()> {
 }
 
 /// The archive's table of contents, `pg_restore --list` with `args` (e.g. a selection).
-async fn toc_list(repo: &Repository, src: &DumpedDatabase, args: &[String]) -> Result<String> {
+async fn toc_list(
+    repo: &Repository,
+    tools: &ClientTools,
+    src: &DumpedDatabase,
+    args: &[String],
+) -> Result<String> {
     let mut all = vec!["--list".to_string()];
     all.extend(args.iter().cloned());
     let refs: Vec<&str> = all.iter().map(String::as_str).collect();
-    let mut child = pgkeep_pg::dump::pg_restore_to_sql(&refs).map_err(pg_err)?;
+    let mut child = pgkeep_pg::dump::pg_restore_to_sql(tools, &refs).map_err(pg_err)?;
     let stdout = child
         .take_stdout()
         .ok_or_else(|| Error::new(ErrorKind::Failure, "pg_restore's stdout is not a pipe"))?;
@@ -743,12 +780,13 @@ fn schemas_to_create(
 /// so nothing is parsed but the entry type.
 async fn use_list(
     repo: &Repository,
+    tools: &ClientTools,
     src: &DumpedDatabase,
     opts: &RestoreDumpOptions,
     create_schemas: &[String],
 ) -> Result<String> {
-    let full = toc_list(repo, src, &[]).await?;
-    let chosen = toc_list(repo, src, &selection_args(opts)).await?;
+    let full = toc_list(repo, tools, src, &[]).await?;
+    let chosen = toc_list(repo, tools, src, &selection_args(opts)).await?;
     let chosen: std::collections::HashSet<&str> = chosen
         .lines()
         .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
@@ -950,6 +988,7 @@ fn summary(p: &Plan, src: &DumpedDatabase, opts: &RestoreDumpOptions) -> Restore
 
 async fn dry_run(
     repo: &Repository,
+    tools: &ClientTools,
     params: &ConnParams,
     src: &DumpedDatabase,
     p: Plan,
@@ -963,9 +1002,9 @@ async fn dry_run(
             vec!["public".to_string()]
         };
         let create = schemas_to_create(opts, src, &existing);
-        count_objects(&use_list(repo, src, opts, &create).await?)
+        count_objects(&use_list(repo, tools, src, opts, &create).await?)
     } else {
-        count_objects(&toc_list(repo, src, &[]).await?)
+        count_objects(&toc_list(repo, tools, src, &[]).await?)
     };
     if p.over_existing() && !opts.no_safety_dump {
         d.safety_dump = Some("would be taken".into());
@@ -975,12 +1014,13 @@ async fn dry_run(
 
 async fn restore_globals(
     repo: &Repository,
+    tools: &ClientTools,
     params: &ConnParams,
     globals: &pgkeep_repo::StreamRef,
 ) -> Result<Vec<String>> {
     // The script is psql input (roles, tablespaces). Like the usual `psql -f globals.sql`
     // it goes on after an error: in a fresh cluster the bootstrap role already exists.
-    let mut cmd = tokio::process::Command::new("psql");
+    let mut cmd = tokio::process::Command::new(tools.path("psql"));
     for v in [
         "PGSERVICE",
         "PGSERVICEFILE",
@@ -1036,8 +1076,10 @@ async fn restore_globals(
         .collect())
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn restore_one(
     repo: &Repository,
+    tools: &ClientTools,
     params: &ConnParams,
     m: &DumpManifest,
     src: &DumpedDatabase,
@@ -1068,7 +1110,7 @@ async fn restore_one(
                     "fix the cause, or restore without it with --no-safety-dump",
                 )
             })?;
-        d.safety_dump = Some(safety.id);
+        d.safety_dump = Some(safety.0.id);
     }
     // 2. Sessions, drop, create.
     let admin = connect_rw(params, &p.maintenance_db).await?;
@@ -1177,7 +1219,7 @@ async fn restore_one(
     if selective(opts) {
         let existing = schema_names(&connect_db(params, &p.target).await?).await?;
         let create = schemas_to_create(opts, src, &existing);
-        let list = use_list(repo, src, opts, &create).await?;
+        let list = use_list(repo, tools, src, opts, &create).await?;
         // Object names only, but still private: 0600, removed afterwards.
         let path = dir.join(format!(
             "pgkeep-restore-{}-{}.list",
@@ -1193,7 +1235,17 @@ async fn restore_one(
         args.push(format!("--use-list={}", path.display()));
     }
     progress.note(&format!("pg_restore {} -> {}", src.name, p.target));
-    let warnings = if opts.jobs > 1 {
+    let through_psql = needs_script(tools, p.target_version);
+    let warnings = if opts.jobs > 1 && through_psql {
+        return Err(Error::usage_hint(
+            format!(
+                "--jobs needs pg_restore to connect, and {} cannot restore into PostgreSQL {} (it sets transaction_timeout, which that server lacks)",
+                tools.version,
+                p.target_version / 10000
+            ),
+            "leave out --jobs, or install the client tools of the server's major version",
+        ));
+    } else if opts.jobs > 1 {
         let path = dir.join(format!(
             "pgkeep-restore-{}-{}.dump",
             m.id,
@@ -1216,14 +1268,18 @@ async fn restore_one(
         args.push(format!("--jobs={}", opts.jobs));
         args.push(path.display().to_string());
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let child = pgkeep_pg::dump::pg_restore(params, &p.target, &refs).map_err(pg_err)?;
+        let child = pgkeep_pg::dump::pg_restore(tools, params, &p.target, &refs).map_err(pg_err)?;
         let w = wait_tool(child, &what).await;
         drop(guard);
         w?
+    } else if through_psql {
+        args.push("--single-transaction".into());
+        restore_through_psql(repo, tools, params, &p.target, &args, src, progress, &what).await?
     } else {
         args.push("--single-transaction".into());
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut child = pgkeep_pg::dump::pg_restore(params, &p.target, &refs).map_err(pg_err)?;
+        let mut child =
+            pgkeep_pg::dump::pg_restore(tools, params, &p.target, &refs).map_err(pg_err)?;
         let fed = feed_archive(repo, &src.stream, &mut child, progress).await;
         // pg_restore's verdict first: when it fails, our broken pipe is only the symptom.
         let w = wait_tool(child, &what).await?;
@@ -1301,6 +1357,97 @@ async fn restore_one(
 
 /// A connection on which writes work even when the role's or database's
 /// default_transaction_read_only is on (restoring a cluster whose roles have it, say).
+/// The session setting pg_restore 17 and later open every restore with.
+const TRANSACTION_TIMEOUT_LINE: &[u8] = b"SET transaction_timeout = 0;\n";
+
+/// Whether a restore with `tools` into a server of `target_version` must go through a script:
+/// pg_restore 17 and later begin with `SET transaction_timeout = 0`, which servers before 17
+/// reject, so a dump that only a newer pg_restore can read (written by a newer pg_dump, the
+/// only one that served the server) could never be restored into its own server otherwise.
+fn needs_script(tools: &ClientTools, target_version: u32) -> bool {
+    tools.major >= 17 && target_version < 170000
+}
+
+/// `pg_restore -f - ARGS | psql`, without the `SET transaction_timeout` line (see
+/// [`needs_script`]); COPY data is passed on untouched. Returns what psql printed.
+#[allow(clippy::too_many_arguments)]
+async fn restore_through_psql(
+    repo: &Repository,
+    tools: &ClientTools,
+    params: &ConnParams,
+    target: &str,
+    args: &[String],
+    src: &DumpedDatabase,
+    progress: &dyn Progress,
+    what: &str,
+) -> Result<String> {
+    progress.note(&format!(
+        "{} sets transaction_timeout, which the server lacks: its script goes through psql without that line",
+        tools.version
+    ));
+    let refs: Vec<&str> = args
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != "--no-password")
+        .collect();
+    let mut restore = pgkeep_pg::dump::pg_restore_to_sql(tools, &refs).map_err(pg_err)?;
+    let mut psql = pgkeep_pg::dump::psql_script(tools, params, target).map_err(pg_err)?;
+    let script = restore
+        .take_stdout()
+        .ok_or_else(|| Error::new(ErrorKind::Failure, "pg_restore's stdout is not a pipe"))?
+        .into_owned_fd()
+        .map_err(|e| Error::io("taking the pipe of pg_restore", e))?;
+    let input = psql
+        .take_stdin()
+        .ok_or_else(|| Error::new(ErrorKind::Failure, "psql's stdin is not a pipe"))?
+        .into_owned_fd()
+        .map_err(|e| Error::io("taking the pipe to psql", e))?;
+    let filter = tokio::task::spawn_blocking(move || {
+        drop_line_outside_copy(
+            std::io::BufReader::new(std::fs::File::from(script)),
+            std::fs::File::from(input),
+            TRANSACTION_TIMEOUT_LINE,
+        )
+    });
+    let fed = feed_archive(repo, &src.stream, &mut restore, progress).await;
+    let restored = wait_tool(restore, what).await;
+    let copied = filter
+        .await
+        .map_err(|e| Error::new(ErrorKind::Failure, format!("script filter failed: {e}")))?;
+    // psql's verdict first: it holds the server's error; broken pipes are symptoms.
+    let warnings = wait_tool(psql, what).await?;
+    restored?;
+    copied.map_err(|e| Error::io("passing the restore script to psql", e))?;
+    fed?;
+    Ok(warnings)
+}
+
+/// Copies a psql script from `input` to `out` without the lines equal to `line`, except
+/// inside COPY data (between `COPY ... FROM stdin;` and `\.`), which is copied as it is.
+fn drop_line_outside_copy(
+    mut input: impl BufRead,
+    mut out: impl Write,
+    line: &[u8],
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut in_copy = false;
+    loop {
+        buf.clear();
+        if input.read_until(b'\n', &mut buf)? == 0 {
+            break;
+        }
+        if in_copy {
+            in_copy = buf.as_slice() != b"\\.\n";
+        } else if buf.starts_with(b"COPY ") && buf.ends_with(b"FROM stdin;\n") {
+            in_copy = true;
+        } else if buf.as_slice() == line {
+            continue;
+        }
+        out.write_all(&buf)?;
+    }
+    out.flush()
+}
+
 async fn connect_rw(params: &ConnParams, db: &str) -> Result<PgClient> {
     let c = connect_db(params, db).await?;
     c.inner()
@@ -1386,5 +1533,25 @@ struct RemoveOnDrop(PathBuf);
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_transaction_timeout_line_is_dropped_but_never_from_copy_data() {
+        let script = "SET statement_timeout = 0;\nSET transaction_timeout = 0;\n\
+            COPY public.t (v) FROM stdin;\nSET transaction_timeout = 0;\n\\.\n\
+            \\connect x\nSET transaction_timeout = 0;\nSELECT 1;\n";
+        let mut out = Vec::new();
+        drop_line_outside_copy(script.as_bytes(), &mut out, TRANSACTION_TIMEOUT_LINE).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "SET statement_timeout = 0;\n\
+             COPY public.t (v) FROM stdin;\nSET transaction_timeout = 0;\n\\.\n\
+             \\connect x\nSELECT 1;\n"
+        );
     }
 }
