@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo test --workspace --all-targets -- --test-threads="${PGKEEP_TEST_THREADS:-4}"
+cargo test --workspace --all-targets --no-fail-fast -- --test-threads="${PGKEEP_TEST_THREADS:-4}"
