@@ -238,7 +238,7 @@ fn bad_environment_values_exit_2() {
 #[test]
 fn every_command_spelling_of_the_architecture_page_parses() {
     let s = Sandbox::new();
-    let cases: [(&[&str], &str); 14] = [
+    let cases: [(&[&str], &str); 17] = [
         (
             &[
                 "backup",
