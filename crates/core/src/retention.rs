@@ -230,8 +230,11 @@ pub struct Decision {
     pub reasons: Vec<String>,
 }
 
+/// The bucket a time falls in, for one calendar rule.
+type BucketOf = fn(&DateTime<Utc>) -> i64;
+
 /// The calendar buckets of the count rules, in the order they are reported.
-const BUCKETS: [(&str, fn(&DateTime<Utc>) -> i64); 5] = [
+const BUCKETS: [(&str, BucketOf); 5] = [
     ("hourly", |t| t.timestamp().div_euclid(3600)),
     ("daily", |t| t.num_days_from_ce() as i64),
     ("weekly", |t| {

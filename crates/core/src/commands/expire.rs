@@ -387,7 +387,7 @@ async fn plan_wal(
             keys: vec![],
         });
     }
-    kept.sort_by(|a, b| b.start_time.cmp(&a.start_time));
+    kept.sort_by_key(|m| std::cmp::Reverse(m.start_time));
     let seg_size = kept[0].wal_segment_size;
     let range = |m: &BackupManifest| -> Result<(u64, u64)> {
         let lsn = |s: &str| {
