@@ -5,7 +5,6 @@
 
 mod cli_support;
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,28 +13,6 @@ use cli_support::{listing, Sandbox};
 use pgkeep_testing::Cluster;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgkeep");
-
-/// A sandbox whose repository the server user can write (the archiver runs as `postgres`).
-fn shared_sandbox() -> Sandbox {
-    let s = Sandbox::new();
-    s.run_repo(&["repo", "init", "--no-encryption"], &[])
-        .expect(0);
-    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    std::fs::set_permissions(
-        s.path().join("empty.toml"),
-        std::fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
-    if pgkeep_testing::cluster::running_as_root() {
-        let st = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(s.repo())
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    s
-}
 
 /// `archive_command` calling the binary with the sandbox's config and repository; also
 /// keeps a `cp` copy in `<cluster dir>/cp` to compare with what archive-get returns.
@@ -108,7 +85,7 @@ fn pg_env(c: &Cluster) -> String {
 
 #[test]
 fn a_cluster_archives_through_pgkeep_check_get_refusals_and_verify() {
-    let s = shared_sandbox();
+    let s = Sandbox::shared();
     let c = start_archiving(&s);
     let conninfo = pg_env(&c);
     let pg = [("PGKEEP_PG", conninfo.as_str())];
@@ -253,7 +230,7 @@ fn a_cluster_archives_through_pgkeep_check_get_refusals_and_verify() {
 
 #[test]
 fn check_fails_when_wal_does_not_reach_the_repository() {
-    let s = shared_sandbox();
+    let s = Sandbox::shared();
     let c = Cluster::builder()
         .archive_command("/bin/true")
         .start()
@@ -287,7 +264,7 @@ fn check_fails_when_wal_does_not_reach_the_repository() {
 
 #[test]
 fn async_mode_pushes_in_the_background_and_acknowledges_only_stored_segments() {
-    let s = shared_sandbox();
+    let s = Sandbox::shared();
     let spool = s.path().join("spool");
     std::fs::create_dir(&spool).unwrap();
     if pgkeep_testing::cluster::running_as_root() {
@@ -394,7 +371,7 @@ fn restored_count(dir: &std::path::Path) -> String {
 
 #[test]
 fn point_in_time_restore_to_name_lsn_time_and_xid_refuses_unreachable_targets() {
-    let s = shared_sandbox();
+    let s = Sandbox::shared();
     let c = start_archiving(&s);
     let conninfo = c.conninfo();
     let pg = [("PGKEEP_PG", conninfo.as_str())];

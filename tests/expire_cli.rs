@@ -9,36 +9,12 @@
 
 mod cli_support;
 
-use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cli_support::Sandbox;
 use pgkeep_testing::Cluster;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgkeep");
-
-/// A sandbox whose repository the server user can write (the archiver runs as `postgres`).
-fn shared_sandbox() -> Sandbox {
-    let s = Sandbox::new();
-    s.run_repo(&["repo", "init", "--no-encryption"], &[])
-        .expect(0);
-    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
-    std::fs::set_permissions(
-        s.path().join("empty.toml"),
-        std::fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
-    if pgkeep_testing::cluster::running_as_root() {
-        let st = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(s.repo())
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-    s
-}
 
 fn start_archiving(s: &Sandbox) -> Cluster {
     let command = format!(
@@ -120,7 +96,7 @@ fn archived_segments(s: &Sandbox) -> Vec<String> {
 
 #[test]
 fn expire_keeps_labelled_pinned_and_last_backups_and_everything_kept_still_restores() {
-    let s = shared_sandbox();
+    let s = Sandbox::shared();
     let c = start_archiving(&s);
     let pg = [("PGKEEP_PG", c.conninfo())];
     let pg: Vec<(&str, &str)> = pg.iter().map(|(k, v)| (*k, v.as_str())).collect();

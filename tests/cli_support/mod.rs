@@ -115,3 +115,29 @@ pub fn listing(root: &Path) -> BTreeMap<PathBuf, (Vec<u8>, std::time::SystemTime
     }
     out
 }
+
+impl Sandbox {
+    /// A sandbox with a plain repository that the PostgreSQL server user can write (the
+    /// archiver runs `pgkeep archive-push` as `postgres`).
+    pub fn shared() -> Self {
+        use std::os::unix::fs::PermissionsExt;
+        let s = Sandbox::new();
+        s.run_repo(&["repo", "init", "--no-encryption"], &[])
+            .expect(0);
+        std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+        std::fs::set_permissions(
+            s.path().join("empty.toml"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        if pgkeep_testing::cluster::running_as_root() {
+            let st = Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(s.repo())
+                .status()
+                .unwrap();
+            assert!(st.success());
+        }
+        s
+    }
+}
