@@ -355,17 +355,7 @@ fn restored_count(dir: &std::path::Path) -> String {
         .start_timeout(Duration::from_secs(120))
         .start_existing(dir)
         .unwrap();
-    // The server accepts connections (hot standby) before recovery reaches the target and
-    // promotes: wait for the promotion, then count.
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while c.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not promoted; log:\n{}",
-            c.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_until_promoted(Duration::from_secs(120)).unwrap();
     c.sql("SELECT count(*) FROM items").unwrap()
 }
 
@@ -487,6 +477,9 @@ fn point_in_time_restore_to_name_lsn_time_and_xid_refuses_unreachable_targets() 
             .unwrap();
     }
     c2.start().unwrap();
+    // Regression: writing as soon as the server accepted connections failed with "read-only
+    // transaction" when the promotion had not happened yet.
+    c2.wait_until_promoted(Duration::from_secs(120)).unwrap();
     assert_eq!(c2.sql("SELECT count(*) FROM items").unwrap(), "100");
     let tl2 = switch_and_wait(&c2, 2);
     assert!(tl2.iter().all(|n| n.starts_with("00000002")), "{tl2:?}");

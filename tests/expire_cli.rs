@@ -57,11 +57,7 @@ fn restored_count(s: &Sandbox, id: &str, target: &[&str], dir: &str) -> String {
         .start_timeout(Duration::from_secs(120))
         .start_existing(&d)
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while c.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
-        assert!(Instant::now() < deadline, "not promoted:\n{}", c.log_tail());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_until_promoted(Duration::from_secs(120)).unwrap();
     c.sql("SELECT count(*) FROM items").unwrap()
 }
 

@@ -178,15 +178,7 @@ fn start_promoted(dir: &Path, archive_command: Option<&str>) -> Cluster {
         b = b.archive_command(a);
     }
     let c = b.start_existing(dir).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while c.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
-        assert!(
-            Instant::now() < deadline,
-            "not promoted; log:\n{}",
-            c.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_until_promoted(Duration::from_secs(120)).unwrap();
     c
 }
 

@@ -189,9 +189,7 @@ fn start_promoted(dir: &Path) -> Cluster {
         .start_timeout(Duration::from_secs(180))
         .start_existing(dir)
         .unwrap();
-    wait_until(&c, "the restored copy is promoted", || {
-        c.sql("SELECT pg_is_in_recovery()").unwrap() == "f"
-    });
+    c.wait_until_promoted(Duration::from_secs(120)).unwrap();
     c
 }
 

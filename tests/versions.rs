@@ -166,15 +166,7 @@ fn start_promoted(major: u32, dir: &Path) -> Cluster {
         .start_timeout(Duration::from_secs(120))
         .start_existing(dir)
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while c.sql("SELECT pg_is_in_recovery()").unwrap() != "f" {
-        assert!(
-            Instant::now() < deadline,
-            "not promoted; log:\n{}",
-            c.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    c.wait_until_promoted(Duration::from_secs(60)).unwrap();
     c
 }
 

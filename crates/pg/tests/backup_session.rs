@@ -210,13 +210,8 @@ async fn backup_copy_restores_and_starts() {
 
     let r = Cluster::builder().start_existing(&restored).unwrap();
     // Recovery ends at consistency (the stop LSN) and promotes.
-    for _ in 0..200 {
-        if r.sql("select pg_is_in_recovery()").unwrap() == "f" {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert_eq!(r.sql("select pg_is_in_recovery()").unwrap(), "f");
+    r.wait_until_promoted(std::time::Duration::from_secs(10))
+        .unwrap();
     let copy = r.pg_dump("postgres").unwrap();
     assert_eq!(first_difference(&original, &copy), None);
     // The unlogged table exists, empty (reset from its init fork).

@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::ops::Range;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -526,6 +527,7 @@ async fn concurrent_writer(storage: Arc<dyn Storage>) {
     held.release().await.unwrap();
 
     let new = pattern(3 << 20, 43).to_vec();
+    let order = AtomicUsize::new(0);
     let backup = async {
         let l = lock_waiting(&writer, LockKind::Shared).await;
         // A writer reads the index again once it holds its lock if a prune ran meanwhile.
@@ -533,19 +535,25 @@ async fn concurrent_writer(storage: Arc<dyn Storage>) {
         let s = ingest(&writer, &new, None).await;
         save(&writer, "new", &s).await;
         l.release().await.unwrap();
-        s
+        (s, order.fetch_add(1, Ordering::SeqCst))
     };
     let gc = async {
         let l = lock_waiting(&repo, LockKind::Exclusive).await;
         let r = repo.prune(&no_grace()).await.unwrap();
         l.release().await.unwrap();
-        r
+        (r, order.fetch_add(1, Ordering::SeqCst))
     };
-    let (snew, r) = tokio::join!(backup, gc);
+    let ((snew, backup_done), (r, gc_done)) = tokio::join!(backup, gc);
     assert_eq!(r.blobs_removed, sold.blobs.len() as u64, "{r}");
     assert_kept_exactly(&storage, &[(&sbase, &base), (&snew, &new)], 0).await;
-    // A handle opened before a prune sees that the index files changed, and reloads.
+    // The pruning handle wrote the index itself, so it has nothing to reload unless the
+    // backup saved its index after the prune (the lock order is up to the scheduler).
+    assert_eq!(
+        repo.reload_index_if_changed().await.unwrap(),
+        backup_done > gc_done
+    );
     assert!(!repo.reload_index_if_changed().await.unwrap());
+    // A handle opened before a prune sees that the index files changed, and reloads.
     let stale = Repository::open(storage.clone(), None).await.unwrap();
     assert!(stale.has_blob(&snew.blobs[0].id));
     repo.delete_manifest("main", "new").await.unwrap();

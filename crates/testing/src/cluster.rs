@@ -642,6 +642,25 @@ impl Cluster {
         r
     }
 
+    /// Waits until recovery has ended and the server was promoted (`pg_is_in_recovery()` is
+    /// false). A restored server accepts read-only connections (hot standby) before it reaches
+    /// its recovery target, so a test that writes or counts must wait for this first. Fails
+    /// with the server log's tail after `timeout`.
+    pub fn wait_until_promoted(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while self.sql("SELECT pg_is_in_recovery()")? != "f" {
+            if Instant::now() >= deadline {
+                bail!(
+                    "the server on {} was not promoted within {timeout:?}; log:\n{}",
+                    self.pgdata.display(),
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// Run SQL through `psql -XAtq` on the `postgres` database; returns stdout without the
     /// trailing newline (rows on lines, columns separated by `|`).
     pub fn sql(&self, query: &str) -> Result<String> {
