@@ -52,7 +52,7 @@ fn unknown_key_exits_2_naming_key_file_and_line() {
     assert_eq!(
         r.stderr(),
         format!(
-            "pgkeep: error: {cfg}:4:1: unknown field `compresion_level`, expected one of `name`, `url`, `endpoint`, `region`, `force_path_style`, `allow_http`, `azure_use_emulator`, `azure_account`, `retry_max_attempts`, `retry_base_delay_ms`, `request_timeout_secs`, `compression_level`, `passphrase_file` in [repository]\n"
+            "pgkeep: error: {cfg}:4:1: unknown field `compresion_level`, expected one of `name`, `url`, `endpoint`, `region`, `force_path_style`, `allow_http`, `azure_use_emulator`, `azure_account`, `retry_max_attempts`, `retry_base_delay_ms`, `request_timeout_secs`, `storage_class`, `sse`, `sse_kms_key_id`, `sse_bucket_key`, `compression_level`, `passphrase_file` in [repository]\n"
         )
     );
     // Rejected before anything is touched: the configured repository was not created.

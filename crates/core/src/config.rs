@@ -114,6 +114,14 @@ pub mod env {
     pub const REPO_RETRY_BASE_DELAY_MS: &str = "PGKEEP_REPO_RETRY_BASE_DELAY_MS";
     /// `repository.request_timeout_secs`.
     pub const REPO_REQUEST_TIMEOUT_SECS: &str = "PGKEEP_REPO_REQUEST_TIMEOUT_SECS";
+    /// `repository.storage_class`.
+    pub const REPO_STORAGE_CLASS: &str = "PGKEEP_REPO_STORAGE_CLASS";
+    /// `repository.sse`.
+    pub const REPO_SSE: &str = "PGKEEP_REPO_SSE";
+    /// `repository.sse_kms_key_id`.
+    pub const REPO_SSE_KMS_KEY_ID: &str = "PGKEEP_REPO_SSE_KMS_KEY_ID";
+    /// `repository.sse_bucket_key`.
+    pub const REPO_SSE_BUCKET_KEY: &str = "PGKEEP_REPO_SSE_BUCKET_KEY";
     /// `repository.compression_level` (also `repo init --compression-level`).
     pub const COMPRESSION_LEVEL: &str = "PGKEEP_COMPRESSION_LEVEL";
     /// `repository.passphrase_file` (same variable as the secrets module reads).
@@ -181,6 +189,10 @@ struct RawRepository {
     retry_max_attempts: Option<Spanned<i64>>,
     retry_base_delay_ms: Option<Spanned<i64>>,
     request_timeout_secs: Option<Spanned<i64>>,
+    storage_class: Option<Spanned<String>>,
+    sse: Option<Spanned<String>>,
+    sse_kms_key_id: Option<Spanned<String>>,
+    sse_bucket_key: Option<bool>,
     compression_level: Option<Spanned<i64>>,
     passphrase_file: Option<PathBuf>,
 }
@@ -267,6 +279,15 @@ pub struct StorageSettings {
     pub retry_base_delay_ms: Option<u64>,
     /// Timeout of one HTTP request, seconds.
     pub request_timeout_secs: Option<u64>,
+    /// Storage class of the packs (the bulk of the data), e.g. `STANDARD_IA`; metadata keeps
+    /// the bucket's default, see [`check_storage_class`].
+    pub storage_class: Option<String>,
+    /// S3 server-side encryption, see [`check_sse`].
+    pub sse: Option<String>,
+    /// S3 SSE-KMS key id or ARN.
+    pub sse_kms_key_id: Option<String>,
+    /// S3 SSE-KMS with a Bucket Key.
+    pub sse_bucket_key: Option<bool>,
 }
 
 /// One `[[repository]]`.
@@ -501,6 +522,46 @@ pub const MAX_RELATION_CHUNK_SIZE: u32 = 16 << 20;
 /// are chunked content-defined like every file), or a size in bytes (suffixes `K`/`KiB`,
 /// `M`/`MiB`), a multiple of the 8 KiB page, at most 16 MiB: relation files are cut into
 /// aligned pieces of that size.
+/// A storage class: letters, digits and `_` (`STANDARD_IA`, `GLACIER_IR`, `INTELLIGENT_TIERING`,
+/// Azure's `Cool`, GCS's `NEARLINE`), at most 64. The provider checks the value itself.
+pub fn check_storage_class(v: &str) -> std::result::Result<String, String> {
+    let ok =
+        !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+    if ok {
+        Ok(v.to_string())
+    } else {
+        Err(format!(
+            "{v:?} is not a storage class (letters, digits and '_', e.g. STANDARD_IA)"
+        ))
+    }
+}
+
+/// S3 server-side encryption modes.
+pub const SSE_MODES: [&str; 3] = ["AES256", "aws:kms", "aws:kms:dsse"];
+
+/// One of [`SSE_MODES`].
+pub fn check_sse(v: &str) -> std::result::Result<String, String> {
+    if SSE_MODES.contains(&v) {
+        Ok(v.to_string())
+    } else {
+        Err(format!(
+            "{v:?} is not a server-side encryption mode: use AES256 (SSE-S3), aws:kms (SSE-KMS) or aws:kms:dsse"
+        ))
+    }
+}
+
+/// The SSE settings together: a KMS key or a Bucket Key only with a KMS mode.
+fn check_sse_combination(s: &StorageSettings) -> std::result::Result<(), String> {
+    let kms = matches!(s.sse.as_deref(), Some("aws:kms") | Some("aws:kms:dsse"));
+    if (s.sse_kms_key_id.is_some() || s.sse_bucket_key.is_some()) && !kms {
+        return Err(
+            "sse_kms_key_id and sse_bucket_key need sse = \"aws:kms\" or \"aws:kms:dsse\""
+                .to_string(),
+        );
+    }
+    Ok(())
+}
+
 pub fn check_relation_chunk_size(v: &str) -> std::result::Result<u32, String> {
     let t = v.trim();
     if t.eq_ignore_ascii_case("cdc") {
@@ -659,20 +720,38 @@ impl ConfigFile {
             let request_timeout_secs =
                 positive(&r.request_timeout_secs, "request_timeout_secs", 86_400)?
                     .map(|v| v as u64);
+            let checked =
+                |v: &Option<Spanned<String>>,
+                 key: &str,
+                 check: fn(&str) -> std::result::Result<String, String>| {
+                    match v {
+                        Some(v) => check(v.get_ref())
+                            .map(Some)
+                            .map_err(|m| src.error(v.span(), format!("repository.{key}: {m}"))),
+                        None => Ok(None),
+                    }
+                };
+            let storage = StorageSettings {
+                endpoint: r.endpoint.map(Spanned::into_inner),
+                region: r.region,
+                force_path_style: r.force_path_style,
+                allow_http: r.allow_http.unwrap_or(false),
+                azure_use_emulator: r.azure_use_emulator.unwrap_or(false),
+                azure_account: r.azure_account,
+                retry_max_attempts,
+                retry_base_delay_ms,
+                request_timeout_secs,
+                storage_class: checked(&r.storage_class, "storage_class", check_storage_class)?,
+                sse: checked(&r.sse, "sse", check_sse)?,
+                sse_kms_key_id: r.sse_kms_key_id.map(Spanned::into_inner),
+                sse_bucket_key: r.sse_bucket_key,
+            };
+            check_sse_combination(&storage)
+                .map_err(|m| src.error(r.name.span(), format!("repository {name:?}: {m}")))?;
             cfg.repositories.push(RepositoryConfig {
                 name,
                 url,
-                storage: StorageSettings {
-                    endpoint: r.endpoint.map(Spanned::into_inner),
-                    region: r.region,
-                    force_path_style: r.force_path_style,
-                    allow_http: r.allow_http.unwrap_or(false),
-                    azure_use_emulator: r.azure_use_emulator.unwrap_or(false),
-                    azure_account: r.azure_account,
-                    retry_max_attempts,
-                    retry_base_delay_ms,
-                    request_timeout_secs,
-                },
+                storage,
                 compression_level,
                 passphrase_file: r.passphrase_file,
             });
@@ -1021,6 +1100,19 @@ impl Settings {
                 if let Some(n) = env_parse(env, env::REPO_REQUEST_TIMEOUT_SECS, range(86_400))? {
                     storage.request_timeout_secs = Some(n as u64);
                 }
+                if let Some(c) = env_parse(env, env::REPO_STORAGE_CLASS, check_storage_class)? {
+                    storage.storage_class = Some(c);
+                }
+                if let Some(m) = env_parse(env, env::REPO_SSE, check_sse)? {
+                    storage.sse = Some(m);
+                }
+                if let Some(k) = env.non_empty(env::REPO_SSE_KMS_KEY_ID) {
+                    storage.sse_kms_key_id = Some(k);
+                }
+                if let Some(b) = env_parse(env, env::REPO_SSE_BUCKET_KEY, parse_bool)? {
+                    storage.sse_bucket_key = Some(b);
+                }
+                check_sse_combination(&storage).map_err(|m| Error::usage(format!("{src}: {m}")))?;
                 let compression_level = match flags.compression_level {
                     Some(l) => check_compression(l as i64)
                         .map_err(|m| Error::usage(format!("--compression-level: {m}")))?,
@@ -1206,6 +1298,51 @@ repository = "offsite"
     }
 
     #[test]
+    fn storage_class_and_sse_parse_and_bad_values_are_refused_with_their_position() {
+        let ok = r#"
+[[repository]]
+name = "offsite"
+url = "s3://backups/pgkeep"
+storage_class = "STANDARD_IA"
+sse = "aws:kms"
+sse_kms_key_id = "arn:aws:kms:eu-west-1:111122223333:key/1234abcd"
+sse_bucket_key = true
+"#;
+        let c = parse(ok).unwrap();
+        let st = &c.repositories[0].storage;
+        assert_eq!(st.storage_class.as_deref(), Some("STANDARD_IA"));
+        assert_eq!(st.sse.as_deref(), Some("aws:kms"));
+        assert_eq!(st.sse_bucket_key, Some(true));
+        // The variables override the file, and are checked the same way.
+        let env = Env::from_pairs([(env::REPO_SSE, "AES256"), (env::REPO_SSE_KMS_KEY_ID, "")]);
+        let s = Settings::resolve(Some(&c), &env, &Overrides::default()).unwrap_err();
+        assert_eq!(
+            s.to_string(),
+            "repository.url: sse_kms_key_id and sse_bucket_key need sse = \"aws:kms\" or \"aws:kms:dsse\""
+        );
+
+        let bad = ok.replace("aws:kms\"", "KMS\"");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("pgkeep.toml:6:")
+                && e.contains("repository.sse: \"KMS\" is not a server-side encryption mode"),
+            "{e}"
+        );
+        let bad = ok.replace("STANDARD_IA", "standard ia");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("pgkeep.toml:5:") && e.contains("repository.storage_class"),
+            "{e}"
+        );
+        let bad = ok.replace("sse = \"aws:kms\"\n", "");
+        let e = parse(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("sse_kms_key_id and sse_bucket_key need sse"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn retention_per_kind_with_a_cluster_override_and_zero_counts_refused_with_position() {
         let text = r#"
 [retention.physical]
@@ -1283,7 +1420,7 @@ name = "reports"
             ),
             (
                 "[[repository]]\nname = \"a\"\nurl = \"/x\"\ncompresion_level = 3\n",
-                format!("{f}:4:1: unknown field `compresion_level`, expected one of `name`, `url`, `endpoint`, `region`, `force_path_style`, `allow_http`, `azure_use_emulator`, `azure_account`, `retry_max_attempts`, `retry_base_delay_ms`, `request_timeout_secs`, `compression_level`, `passphrase_file` in [repository]"),
+                format!("{f}:4:1: unknown field `compresion_level`, expected one of `name`, `url`, `endpoint`, `region`, `force_path_style`, `allow_http`, `azure_use_emulator`, `azure_account`, `retry_max_attempts`, `retry_base_delay_ms`, `request_timeout_secs`, `storage_class`, `sse`, `sse_kms_key_id`, `sse_bucket_key`, `compression_level`, `passphrase_file` in [repository]"),
             ),
             (
                 "[general]\nx = 1\n",

@@ -100,6 +100,14 @@ pub fn storage_options_of(r: &RepositorySettings) -> StorageOptions {
         allow_http: s.allow_http,
         azure_use_emulator: s.azure_use_emulator,
         azure_account: s.azure_account.clone(),
+        storage_class: s.storage_class.clone(),
+        // The class is for the bulk of the data; metadata that is small, read on every run
+        // or rewritten (config, keys, locks, index, manifests, WAL) keeps the bucket's default,
+        // since infrequent-access classes bill a minimum size and every read.
+        storage_class_prefixes: vec!["packs/".to_string()],
+        sse: s.sse.clone(),
+        sse_kms_key_id: s.sse_kms_key_id.clone(),
+        sse_bucket_key: s.sse_bucket_key,
         ..StorageOptions::default()
     };
     if let Some(n) = s.retry_max_attempts {

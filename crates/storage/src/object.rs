@@ -8,7 +8,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use object_store::{
+    Attribute, Attributes, ObjectStore, ObjectStoreExt, PutMode, PutMultipartOptions, PutOptions,
+    PutPayload,
+};
 
 use crate::redact::redact_text;
 use crate::{validate_key, validate_prefix, ErrorKind, ObjectMeta, Result, Storage, StorageError};
@@ -40,6 +43,8 @@ pub struct ObjectStoreStorage {
     location: String,
     multipart_threshold: usize,
     part_size: usize,
+    /// Storage class and the key prefixes it applies to (empty: every key).
+    storage_class: Option<(String, Vec<String>)>,
 }
 
 impl ObjectStoreStorage {
@@ -52,6 +57,7 @@ impl ObjectStoreStorage {
             location: location.into(),
             multipart_threshold: DEFAULT_MULTIPART_THRESHOLD,
             part_size: DEFAULT_PART_SIZE,
+            storage_class: None,
         }
     }
 
@@ -60,6 +66,24 @@ impl ObjectStoreStorage {
         self.multipart_threshold = threshold;
         self.part_size = part_size.max(1);
         self
+    }
+
+    /// Writes objects whose keys start with one of `prefixes` (every object when empty) with
+    /// the storage class `class` (S3 `x-amz-storage-class`, Azure access tier, GCS class).
+    pub fn with_storage_class(mut self, class: &str, prefixes: &[String]) -> Self {
+        self.storage_class = Some((class.to_owned(), prefixes.to_vec()));
+        self
+    }
+
+    /// The attributes of a new object under `key`: its storage class, if one applies.
+    fn attributes_for(&self, key: &str) -> Attributes {
+        let mut a = Attributes::new();
+        if let Some((class, prefixes)) = &self.storage_class {
+            if prefixes.is_empty() || prefixes.iter().any(|p| key.starts_with(p.as_str())) {
+                a.insert(Attribute::StorageClass, class.clone().into());
+            }
+        }
+        a
     }
 
     /// The underlying store, for tests and tools that need raw access.
@@ -111,9 +135,13 @@ impl ObjectStoreStorage {
     }
 
     async fn put_multipart(&self, key: &str, path: &Path, data: Bytes) -> Result<()> {
+        let opts = PutMultipartOptions {
+            attributes: self.attributes_for(key),
+            ..Default::default()
+        };
         let mut upload = self
             .store
-            .put_multipart(path)
+            .put_multipart_opts(path, opts)
             .await
             .map_err(|e| self.err("put", key, e))?;
         // put_part must be called in order (it numbers the parts); the returned futures
@@ -221,7 +249,14 @@ impl Storage for ObjectStoreStorage {
         let len = data.len() as u64;
         if data.len() <= self.multipart_threshold {
             self.store
-                .put_opts(&path, PutPayload::from_bytes(data), PutOptions::default())
+                .put_opts(
+                    &path,
+                    PutPayload::from_bytes(data),
+                    PutOptions {
+                        attributes: self.attributes_for(key),
+                        ..Default::default()
+                    },
+                )
                 .await
                 .map_err(|e| self.err("put", key, e))?;
         } else {
@@ -237,7 +272,11 @@ impl Storage for ObjectStoreStorage {
             .put_opts(
                 &path,
                 PutPayload::from_bytes(data),
-                PutOptions::from(PutMode::Create),
+                PutOptions {
+                    mode: PutMode::Create,
+                    attributes: self.attributes_for(key),
+                    ..Default::default()
+                },
             )
             .await
             .map_err(|e| self.err("put_if_absent", key, e))?;

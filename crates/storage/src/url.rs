@@ -51,6 +51,18 @@ pub struct StorageOptions {
     pub retry_base_delay_ms: u64,
     /// Timeout of one HTTP request, in seconds; default 120 (an 8 MiB PUT or part on a slow link).
     pub request_timeout_secs: u64,
+    /// Storage class of the objects whose keys start with one of `storage_class_prefixes`
+    /// (S3 `x-amz-storage-class`, e.g. `STANDARD_IA`; Azure access tier; GCS storage class).
+    /// Other objects get the bucket's default. `None`: every object the default.
+    pub storage_class: Option<String>,
+    /// Key prefixes that get `storage_class` (empty: every key).
+    pub storage_class_prefixes: Vec<String>,
+    /// S3 server-side encryption: `AES256` (SSE-S3), `aws:kms` (SSE-KMS) or `aws:kms:dsse`.
+    pub sse: Option<String>,
+    /// S3 SSE-KMS key id or ARN (with `sse` = `aws:kms` or `aws:kms:dsse`). Not a secret.
+    pub sse_kms_key_id: Option<String>,
+    /// S3 SSE-KMS: use an S3 Bucket Key (fewer KMS requests).
+    pub sse_bucket_key: Option<bool>,
 }
 
 impl Default for StorageOptions {
@@ -65,6 +77,11 @@ impl Default for StorageOptions {
             retry_max_attempts: 5,
             retry_base_delay_ms: 200,
             request_timeout_secs: 120,
+            storage_class: None,
+            storage_class_prefixes: Vec::new(),
+            sse: None,
+            sse_kms_key_id: None,
+            sse_bucket_key: None,
         }
     }
 }
@@ -174,6 +191,21 @@ pub fn open_storage_unwrapped(url: &str, opts: &StorageOptions) -> Result<Arc<dy
             if let Some(p) = opts.force_path_style {
                 b = b.with_virtual_hosted_style_request(!p);
             }
+            // object_store's own configuration names (its encryption key enum is not public).
+            let sse = [
+                ("aws_server_side_encryption", opts.sse.clone()),
+                ("aws_sse_kms_key_id", opts.sse_kms_key_id.clone()),
+                (
+                    "aws_sse_bucket_key_enabled",
+                    opts.sse_bucket_key.map(|b| b.to_string()),
+                ),
+            ];
+            for (name, value) in sse {
+                if let Some(v) = value {
+                    let key: AmazonS3ConfigKey = name.parse().expect("object_store knows the key");
+                    b = b.with_config(key, v);
+                }
+            }
             let store = b
                 .build()
                 .map_err(|e| build_err(&shown, e, "AWS_ACCESS_KEY_ID"))?;
@@ -181,6 +213,7 @@ pub fn open_storage_unwrapped(url: &str, opts: &StorageOptions) -> Result<Arc<dy
                 Arc::new(store),
                 &prefix,
                 format!("s3://{bucket}"),
+                opts,
             ))
         }
         "az" | "azure" => {
@@ -211,6 +244,7 @@ pub fn open_storage_unwrapped(url: &str, opts: &StorageOptions) -> Result<Arc<dy
                 Arc::new(store),
                 &prefix,
                 format!("az://{container}"),
+                opts,
             ))
         }
         "gs" => {
@@ -231,6 +265,7 @@ pub fn open_storage_unwrapped(url: &str, opts: &StorageOptions) -> Result<Arc<dy
                 Arc::new(store),
                 &prefix,
                 format!("gs://{bucket}"),
+                opts,
             ))
         }
         other => Err(config_err(format!(
@@ -239,13 +274,22 @@ pub fn open_storage_unwrapped(url: &str, opts: &StorageOptions) -> Result<Arc<dy
     }
 }
 
-fn object_backend(store: Arc<dyn ObjectStore>, prefix: &str, base: String) -> Arc<dyn Storage> {
+fn object_backend(
+    store: Arc<dyn ObjectStore>,
+    prefix: &str,
+    base: String,
+    opts: &StorageOptions,
+) -> Arc<dyn Storage> {
     let location = if prefix.is_empty() {
         base
     } else {
         format!("{base}/{prefix}")
     };
-    Arc::new(ObjectStoreStorage::new(store, prefix, location))
+    let mut s = ObjectStoreStorage::new(store, prefix, location);
+    if let Some(class) = &opts.storage_class {
+        s = s.with_storage_class(class, &opts.storage_class_prefixes);
+    }
+    Arc::new(s)
 }
 
 fn build_err(shown: &str, e: object_store::Error, vars: &str) -> StorageError {

@@ -115,3 +115,61 @@ async fn failed_multipart_leaves_nothing() {
     assert_eq!(s.head("big").await.unwrap_err().kind, ErrorKind::NotFound);
     assert!(s.list("").await.unwrap().is_empty());
 }
+
+/// `storage_class` reaches the server for the prefixes it names, and only those; `sse` is
+/// sent with every write. SeaweedFS records both from the request headers (its filer's
+/// metadata shows them), so this checks what pgkeep sends, as far as SeaweedFS honours it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_class_goes_to_the_named_prefixes_and_sse_to_every_object() {
+    let server = S3Server::start().await.expect("start SeaweedFS");
+    let prefix = unique_prefix("class");
+    let opts = pgkeep_storage::StorageOptions {
+        storage_class: Some("STANDARD_IA".into()),
+        storage_class_prefixes: vec!["packs/".into()],
+        sse: Some("AES256".into()),
+        ..server.storage_options()
+    };
+    let envs = server.env();
+    for (k, v) in &envs {
+        std::env::set_var(k, v);
+    }
+    let s = open_storage(&server.url(&prefix), &opts).expect("open");
+    s.put("packs/ab/pack1", Bytes::from(vec![7u8; 1 << 20]))
+        .await
+        .unwrap();
+    s.put_if_absent("index/i1", Bytes::from_static(b"index"))
+        .await
+        .unwrap();
+    // A pack above the multipart threshold goes up in parts, with the class too.
+    let big = pgkeep_storage::DEFAULT_MULTIPART_THRESHOLD + 1;
+    s.put("packs/cd/pack2", Bytes::from(vec![9u8; big]))
+        .await
+        .unwrap();
+    let extended = |key: &str| {
+        let e = server
+            .filer_entry(&server.bucket, &format!("{prefix}/{key}"))
+            .unwrap();
+        serde_json::to_string(&e["Extended"]).unwrap()
+    };
+    let (pack1, pack2, index) = (
+        extended("packs/ab/pack1"),
+        extended("packs/cd/pack2"),
+        extended("index/i1"),
+    );
+    // The filer keeps header values base64-encoded.
+    let standard_ia = "U1RBTkRBUkRfSUE="; // STANDARD_IA
+    assert!(pack1.contains(standard_ia), "{pack1}");
+    assert!(pack2.contains(standard_ia), "{pack2}");
+    assert!(!index.contains(standard_ia), "{index}");
+    for (what, e) in [("pack1", &pack1), ("pack2", &pack2), ("index", &index)] {
+        assert!(
+            e.to_ascii_lowercase().contains("server-side-encryption"),
+            "{what}: {e}"
+        );
+    }
+    // Reads are unaffected.
+    assert_eq!(
+        s.get("index/i1").await.unwrap(),
+        Bytes::from_static(b"index")
+    );
+}

@@ -115,6 +115,9 @@ pub struct S3Server {
     pub access_key: String,
     /// Secret access key ([`SECRET_KEY`]).
     pub secret_key: String,
+    /// The SeaweedFS filer's HTTP endpoint, `http://127.0.0.1:PORT` (no authentication): what
+    /// the server stored about an object, see [`S3Server::filer_entry`].
+    pub filer: String,
 }
 
 static PREFIX_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -165,8 +168,13 @@ impl S3Server {
             "-s3.port.iceberg=0".into(),
             "-s3.port.lance=0".into(),
         ];
+        let mut filer = 0;
         for flag in ["master.port", "volume.port", "filer.port", "admin.port"] {
-            args.push(format!("-{flag}={}", free_port_pair()?));
+            let port = free_port_pair()?;
+            if flag == "filer.port" {
+                filer = port;
+            }
+            args.push(format!("-{flag}={port}"));
         }
         for flag in ["metricsPort", "debug.port", "s3.debug.port"] {
             args.push(format!("-{flag}={}", free_port()?));
@@ -192,6 +200,7 @@ impl S3Server {
             region: REGION.to_owned(),
             access_key: ACCESS_KEY.to_owned(),
             secret_key: SECRET_KEY.to_owned(),
+            filer: format!("http://127.0.0.1:{filer}"),
         };
         server.wait_ready().await?;
         Ok(server)
@@ -301,6 +310,26 @@ impl S3Server {
             allow_http: true,
             ..StorageOptions::default()
         }
+    }
+
+    /// The filer's JSON description of the object `key` of `bucket` (`?metadata=true`): its
+    /// `Extended` map holds what the S3 gateway recorded from the request headers (storage
+    /// class, server-side encryption). A plain HTTP GET on loopback.
+    pub fn filer_entry(&self, bucket: &str, key: &str) -> Result<serde_json::Value> {
+        use std::io::{Read, Write};
+        let addr = self.filer.trim_start_matches("http://");
+        let mut conn = std::net::TcpStream::connect(addr)?;
+        write!(
+            conn,
+            "GET /buckets/{bucket}/{key}?metadata=true HTTP/1.0\r\nHost: {addr}\r\nAccept: application/json\r\n\r\n"
+        )?;
+        let mut resp = String::new();
+        conn.read_to_string(&mut resp)?;
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        serde_json::from_str(body).with_context(|| format!("filer answer for {key}: {resp}"))
     }
 
     /// Environment for a child process (the pgkeep binary) to reach this server.

@@ -363,7 +363,7 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::Usage);
         assert_eq!(
             e.to_string(),
-            "copy: no backup nope of cluster main in the source"
+            "copy: no backup nope of cluster main in the source\nHINT: see `pgkeep list` for the ids"
         );
     }
 }
