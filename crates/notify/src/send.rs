@@ -371,9 +371,15 @@ impl Sender {
                     pw.expose().to_string(),
                 ));
         }
-        match builder.build().send(message).await {
-            Ok(_) => Ok(()),
-            Err(err) => {
+        // lettre's timeout covers connecting, not every reply: bound the whole exchange.
+        let sent = tokio::time::timeout(self.timeout, builder.build().send(message)).await;
+        match sent {
+            Err(_) => Err(Failure::temporary(format!(
+                "SMTP: no answer within {}",
+                humantime::format_duration(self.timeout)
+            ))),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => {
                 let text = chain(&err);
                 // Permanent SMTP answers (5xx: bad recipient, auth refused) will not pass later.
                 if err.is_permanent() {
