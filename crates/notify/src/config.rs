@@ -229,15 +229,18 @@ impl NotifyConfig {
     }
 }
 
+/// Parses a duration such as `"1h"`, `"30m"`, `"90s"`, `"1h 30m"` (humantime's syntax).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!("{text:?} is not a duration ({e}); write e.g. \"1h\", \"30m\", \"10s\"")
+    })
+}
+
 fn de_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
     let text = String::deserialize(d)?;
-    humantime::parse_duration(text.trim())
+    parse_duration(&text)
         .map(Some)
-        .map_err(|e| {
-            serde::de::Error::custom(format!(
-                "{text:?} is not a duration ({e}); write e.g. \"1h\", \"30m\", \"10s\""
-            ))
-        })
+        .map_err(serde::de::Error::custom)
 }
 
 fn ser_duration<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
