@@ -188,13 +188,13 @@ pub async fn notify_run(
                 failed_runs: 0,
                 id: notice_id(Utc::now()),
             };
-            (Decision::Send(n), Vec::new())
+            (Decision::Send(Box::new(n)), Vec::new())
         }
     };
     let new = match decision {
         Decision::Send(n) => {
             report.trigger = Some(n.trigger);
-            Some(n)
+            Some(*n)
         }
         Decision::Suppressed(t, at) => {
             report.trigger = Some(t);

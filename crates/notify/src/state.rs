@@ -90,7 +90,7 @@ fn one() -> u32 {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Decision {
     /// Send this notice (to the channels whose `on` holds its trigger).
-    Send(Notice),
+    Send(Box<Notice>),
     /// The same notice was sent at this time, within the dedup window.
     Suppressed(Trigger, DateTime<Utc>),
 }
@@ -148,13 +148,13 @@ impl State {
                 fingerprint,
             },
         );
-        Decision::Send(Notice {
+        Decision::Send(Box::new(Notice {
             trigger,
             event: event.clone(),
             failing_since: since,
             failed_runs: runs,
             id,
-        })
+        }))
     }
 
     /// Takes the pending notices of the given channels out of the state (to retry them now);
@@ -424,7 +424,7 @@ mod tests {
             Duration::ZERO,
             "a".into(),
         ) {
-            Decision::Send(n) => n,
+            Decision::Send(n) => *n,
             _ => unreachable!(),
         };
         let now = n.event.ended;
