@@ -391,9 +391,9 @@ async fn email_over_starttls_with_authentication() {
             file.display()
         )
     };
-    // A wrong password is refused (aiosmtpd then keeps the session open: the timeout ends it).
+    // A good password and a wrong one.
     let cfg = config(&format!(
-        "[notify]\nretries = 0\ntimeout = \"3s\"\n{}{}",
+        "[notify]\nretries = 1\nretry_delay = \"10ms\"\ntimeout = \"5s\"\n{}{}",
         email("good", &pw),
         email("bad", &wrong)
     ));
@@ -402,6 +402,13 @@ async fn email_over_starttls_with_authentication() {
     let bad = r.deliveries.iter().find(|d| d.sink == "bad").unwrap();
     assert!(good.delivered, "{r}");
     assert!(!bad.delivered, "{r}");
+    // A refused password is a permanent SMTP answer: reported, not retried.
+    let err = bad.error.as_deref().unwrap();
+    assert!(
+        err.contains("535") && err.contains("Authentication credentials invalid"),
+        "{r}"
+    );
+    assert_eq!(bad.attempts, 1, "{r}");
     assert_no_canary(
         "report",
         &format!("{r}{}", serde_json::to_string(&r).unwrap()),

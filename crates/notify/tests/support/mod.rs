@@ -297,7 +297,8 @@ port, mdir, cert, key, user = sys.argv[1:6]
 password = os.environ["SMTP_TEST_PASSWORD"]
 def auth(server, session, envelope, mechanism, data):
     ok = isinstance(data, LoginPassword) and data.login.decode() == user and data.password.decode() == password
-    return AuthResult(success=ok)
+    # handled=False: aiosmtpd answers 535 itself (without it, a refusal left the client waiting).
+    return AuthResult(success=ok, handled=False)
 ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
 ctx.load_cert_chain(cert, key)
 c = Controller(Mailbox(mdir), hostname="127.0.0.1", port=int(port), authenticator=auth,
