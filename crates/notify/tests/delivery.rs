@@ -477,3 +477,32 @@ async fn test_notice_goes_to_every_channel_and_reports_each() {
     );
     assert!(notify_test(&NotifyConfig::default(), "h").await.is_err());
 }
+
+#[tokio::test]
+async fn email_over_smtps() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let smtp = SmtpSink::smtps(
+        &certs.path().join("server.pem"),
+        &certs.path().join("server.key"),
+    );
+    let cfg = config(&format!(
+        "[notify]\nretries = 0\ntimeout = \"5s\"\n[[notify.email]]\nsmtp_host = \"127.0.0.1\"\nsmtp_port = {}\ntls = \"tls\"\nca_file = \"{}\"\nfrom = \"pgkeep@db1.example\"\nto = [\"dba@example.com\"]\non = [\"warning\"]\n",
+        smtp.port,
+        certs.path().join("ca.pem").display()
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let r = notify_run(
+        &cfg,
+        dir.path(),
+        &event(RunResult::Warning, Some("2 files changed while being read")),
+    )
+    .await;
+    assert_eq!(r.failed(), 0, "{r}");
+    let mails = smtp.wait_for(1);
+    assert!(
+        mails[0].contains("Subject: [pgkeep] WARNING: backup of cluster main"),
+        "{}",
+        mails[0]
+    );
+}

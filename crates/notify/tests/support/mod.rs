@@ -200,6 +200,42 @@ impl SmtpSink {
         })
     }
 
+    /// SMTPS (TLS from the first byte), no authentication: aiosmtpd's `--smtpscert`.
+    pub fn smtps(cert: &Path, key: &Path) -> Self {
+        require_aiosmtpd();
+        let dir = tempfile::tempdir().unwrap();
+        let maildir = dir.path().join("mail");
+        for d in ["tmp", "new", "cur"] {
+            std::fs::create_dir_all(maildir.join(d)).unwrap();
+        }
+        let port = free_port();
+        let child = Command::new("python3")
+            .args([
+                "-m",
+                "aiosmtpd",
+                "-n",
+                "-l",
+                &format!("127.0.0.1:{port}"),
+                "-c",
+                "aiosmtpd.handlers.Mailbox",
+            ])
+            .arg("--smtpscert")
+            .arg(cert)
+            .arg("--smtpskey")
+            .arg(key)
+            .arg(&maildir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        Self::ready(SmtpSink {
+            port,
+            maildir,
+            child,
+            _dir: dir,
+        })
+    }
+
     /// STARTTLS required, then AUTH (PLAIN/LOGIN) with `user`/`password` required, with the
     /// certificate and key files given (PEM).
     pub fn starttls_auth(cert: &Path, key: &Path, user: &str, password: &str) -> Self {
