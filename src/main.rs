@@ -12,7 +12,7 @@ use pgkeep_core::commands::repo::{
     self, RepoCheckOptions, RepoInitOptions, RepoKeyRemoveOptions, RepoUnlockOptions,
 };
 use pgkeep_core::commands::{
-    archive, backup, check, dump, expire, export_dump, list, notify, restore, restore_dump,
+    archive, backup, check, copy, dump, expire, export_dump, list, notify, restore, restore_dump,
     restore_plan, verify,
 };
 use pgkeep_core::config::{Env, Overrides};
@@ -160,6 +160,8 @@ enum Command {
         #[arg(value_name = "ID|latest")]
         id: String,
     },
+    /// Copy backups, dumps and WAL into a second repository, sending only what it lacks.
+    Copy(CopyArgs),
     /// Check the cluster's archiving and the repository end to end.
     Check(pgkeep_core::commands::check::ArchiveCheckOptions),
     /// Show the state of backups and archiving.
@@ -175,6 +177,54 @@ enum Command {
 enum NotifyCommand {
     /// Send a test message to every configured channel; exit 1 if any did not receive it.
     Test,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("which").args(["ids", "latest", "all"]).multiple(false)))]
+struct CopyArgs {
+    /// The target: a [[repository]] name of the configuration file, a path or a URL. Its
+    /// passphrase comes from PGKEEP_TO_PASSPHRASE, PGKEEP_TO_PASSPHRASE_FILE or its
+    /// configured passphrase_file.
+    #[arg(long, value_name = "REPO2")]
+    to: String,
+    /// Backup or dump ids to copy.
+    #[arg(value_name = "ID")]
+    ids: Vec<String>,
+    /// The newest physical backup and the newest dump of each database.
+    #[arg(long)]
+    latest: bool,
+    /// Every backup and dump of the cluster.
+    #[arg(long)]
+    all: bool,
+    /// Also the cluster's WAL archive (every object the target lacks).
+    #[arg(long)]
+    wal: bool,
+}
+
+impl CopyArgs {
+    fn options(&self, ctx: &Context, target_location: String) -> Result<copy::CopyOptions, Error> {
+        let selection = if self.all {
+            copy::CopySelection::All
+        } else if self.latest {
+            copy::CopySelection::Latest
+        } else if !self.ids.is_empty() {
+            copy::CopySelection::Ids(self.ids.clone())
+        } else if self.wal {
+            copy::CopySelection::None
+        } else {
+            return Err(Error::usage_hint(
+                "copy: nothing selected",
+                "give backup ids, --latest, --all or --wal",
+            ));
+        };
+        Ok(copy::CopyOptions {
+            cluster: ctx.settings.cluster.name.clone(),
+            selection,
+            wal: self.wal,
+            threads: ctx.settings.threads,
+            target_location,
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -630,6 +680,7 @@ impl Cli {
             Command::Expire(_) => "expire",
             Command::Pin { .. } => "pin",
             Command::Unpin { .. } => "unpin",
+            Command::Copy(_) => "copy",
             Command::Check(_) => "check",
             Command::Status => "status",
             Command::Notify { .. } => "notify",
@@ -851,6 +902,14 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
             let opts = e.options(ctx)?;
             let repo = ctx.open_repository().await?;
             Ok(emit(json, &expire::expire(&repo, &opts).await?))
+        }
+        Command::Copy(c) => {
+            let source = ctx.open_repository().await?;
+            let env = Env::from_process();
+            let target = ctx.open_other_repository(&c.to, &env).await?;
+            let location = target.storage().location();
+            let opts = c.options(ctx, location)?;
+            Ok(emit(json, &copy::copy(&source, &target, &opts).await?))
         }
         Command::Pin { id } | Command::Unpin { id } => {
             let pinned = matches!(cli.command, Command::Pin { .. });

@@ -885,6 +885,8 @@ pub struct Settings {
     pub spool_dir: Option<PathBuf>,
     /// Names of the file's repositories (for the hint when none was selected).
     pub configured_repositories: Vec<String>,
+    /// The file's repositories, for commands that use a second one (`copy --to NAME`).
+    pub file_repositories: Vec<RepositoryConfig>,
     /// Retention policies of the cluster: `[retention]` with the cluster's own over them.
     pub retention: RetentionConfig,
     /// `[notify]` with `PGKEEP_NOTIFY_*` over it.
@@ -1134,6 +1136,7 @@ impl Settings {
             configured_repositories: file
                 .map(|f| f.repositories.iter().map(|r| r.name.clone()).collect())
                 .unwrap_or_default(),
+            file_repositories: file.map(|f| f.repositories.clone()).unwrap_or_default(),
             retention: file
                 .map(|f| {
                     let own = file_cluster
@@ -1142,6 +1145,39 @@ impl Settings {
                     f.retention.overlay(&own)
                 })
                 .unwrap_or_default(),
+        })
+    }
+
+    /// A second repository (`copy --to`): a `[[repository]]` of the file by name, else a
+    /// path or URL (without credentials; storage defaults, credentials from the provider's
+    /// environment variables as for `--repo`).
+    pub fn other_repository(&self, name_or_url: &str) -> Result<RepositorySettings> {
+        if let Some(r) = self
+            .file_repositories
+            .iter()
+            .find(|r| r.name == name_or_url)
+        {
+            return Ok(RepositorySettings {
+                name: Some(r.name.clone()),
+                url: r.url.clone(),
+                storage: r.storage.clone(),
+                compression_level: r.compression_level.unwrap_or(DEFAULT_COMPRESSION_LEVEL),
+                passphrase_file: r.passphrase_file.clone(),
+            });
+        }
+        check_repo_url(name_or_url, "--to")?;
+        check_url(name_or_url).map_err(|m| {
+            Error::usage_hint(
+                format!("--to: {m}"),
+                "give the name of a [[repository]] of the configuration file, a path or a URL",
+            )
+        })?;
+        Ok(RepositorySettings {
+            name: None,
+            url: name_or_url.to_string(),
+            storage: StorageSettings::default(),
+            compression_level: DEFAULT_COMPRESSION_LEVEL,
+            passphrase_file: None,
         })
     }
 

@@ -52,32 +52,16 @@ impl Context {
 
     /// The storage options of the repository, for `pgkeep_storage::open_storage`.
     pub fn storage_options(&self) -> Result<StorageOptions> {
-        let s = &self.repository()?.storage;
-        let mut o = StorageOptions {
-            endpoint: s.endpoint.clone(),
-            region: s.region.clone(),
-            force_path_style: s.force_path_style,
-            allow_http: s.allow_http,
-            azure_use_emulator: s.azure_use_emulator,
-            azure_account: s.azure_account.clone(),
-            ..StorageOptions::default()
-        };
-        if let Some(n) = s.retry_max_attempts {
-            o.retry_max_attempts = n;
-        }
-        if let Some(n) = s.retry_base_delay_ms {
-            o.retry_base_delay_ms = n;
-        }
-        if let Some(n) = s.request_timeout_secs {
-            o.request_timeout_secs = n;
-        }
-        Ok(o)
+        Ok(storage_options_of(self.repository()?))
     }
 
     /// Opens the repository's storage (with retries for temporary errors).
     pub fn open_storage(&self) -> Result<Arc<dyn Storage>> {
-        let url = &self.repository()?.url;
-        Ok(pgkeep_storage::open_storage(url, &self.storage_options()?)?)
+        let r = self.repository()?;
+        Ok(pgkeep_storage::open_storage(
+            &r.url,
+            &storage_options_of(r),
+        )?)
     }
 
     /// Opens the repository. The passphrase given by the environment or a file is used as
@@ -85,21 +69,65 @@ impl Context {
     /// encrypted, the user is prompted on a terminal. Reads only: a wrong passphrase fails
     /// with exit 12 and writes nothing.
     pub async fn open_repository(&self) -> Result<Repository> {
-        let storage = self.open_storage()?;
-        if self.passphrases.is_given() {
-            let p = self.passphrases.current()?;
-            return Ok(Repository::open(storage, p.as_ref().map(|s| s.expose())).await?);
+        open_repository_at(self.repository()?, &self.passphrases).await
+    }
+
+    /// Opens a second repository (`copy --to NAME|URL`) with its own passphrase sources
+    /// (see [`Passphrases::for_target`]).
+    pub async fn open_other_repository(&self, name_or_url: &str, env: &Env) -> Result<Repository> {
+        let r = self.settings.other_repository(name_or_url)?;
+        let p = Passphrases::for_target(env, r.passphrase_file.as_deref())?;
+        open_repository_at(&r, &p)
+            .await
+            .map_err(|e| match e.kind() {
+                ErrorKind::WrongKey if !p.is_given() => Error::with_hint(
+                    ErrorKind::WrongKey,
+                    format!("the target repository {} is encrypted", r.url),
+                    "set PGKEEP_TO_PASSPHRASE_FILE (or the repository's passphrase_file)",
+                ),
+                _ => e,
+            })
+    }
+}
+
+/// Storage options from a repository's settings.
+pub fn storage_options_of(r: &RepositorySettings) -> StorageOptions {
+    let s = &r.storage;
+    let mut o = StorageOptions {
+        endpoint: s.endpoint.clone(),
+        region: s.region.clone(),
+        force_path_style: s.force_path_style,
+        allow_http: s.allow_http,
+        azure_use_emulator: s.azure_use_emulator,
+        azure_account: s.azure_account.clone(),
+        ..StorageOptions::default()
+    };
+    if let Some(n) = s.retry_max_attempts {
+        o.retry_max_attempts = n;
+    }
+    if let Some(n) = s.retry_base_delay_ms {
+        o.retry_base_delay_ms = n;
+    }
+    if let Some(n) = s.request_timeout_secs {
+        o.request_timeout_secs = n;
+    }
+    o
+}
+
+/// Opens the repository `r` with the passphrase sources `p` (see
+/// [`Context::open_repository`]).
+pub async fn open_repository_at(r: &RepositorySettings, p: &Passphrases) -> Result<Repository> {
+    let storage = pgkeep_storage::open_storage(&r.url, &storage_options_of(r))?;
+    if p.is_given() {
+        let pass = p.current()?;
+        return Ok(Repository::open(storage, pass.as_ref().map(|s| s.expose())).await?);
+    }
+    match Repository::open(storage.clone(), None).await {
+        Err(e) if e.kind() == RepoErrorKind::PassphraseRequired && p.has_source() => {
+            let pass = p.current()?;
+            Ok(Repository::open(storage, pass.as_ref().map(|s| s.expose())).await?)
         }
-        match Repository::open(storage.clone(), None).await {
-            Err(e)
-                if e.kind() == RepoErrorKind::PassphraseRequired
-                    && self.passphrases.has_source() =>
-            {
-                let p = self.passphrases.current()?;
-                Ok(Repository::open(storage, p.as_ref().map(|s| s.expose())).await?)
-            }
-            other => Ok(other?),
-        }
+        other => Ok(other?),
     }
 }
 

@@ -59,6 +59,10 @@ pub struct Passphrases {
 pub const ENV_PASSPHRASE: &str = "PGKEEP_PASSPHRASE";
 /// Environment variable naming a file whose first line is the passphrase.
 pub const ENV_PASSPHRASE_FILE: &str = "PGKEEP_PASSPHRASE_FILE";
+/// Environment variable holding the passphrase of `copy`'s target repository.
+pub const ENV_TO_PASSPHRASE: &str = "PGKEEP_TO_PASSPHRASE";
+/// Environment variable naming a file holding the passphrase of `copy`'s target repository.
+pub const ENV_TO_PASSPHRASE_FILE: &str = "PGKEEP_TO_PASSPHRASE_FILE";
 /// Environment variable holding the new passphrase for `repo key add`.
 pub const ENV_NEW_PASSPHRASE: &str = "PGKEEP_NEW_PASSPHRASE";
 /// Environment variable naming a file holding the new passphrase for `repo key add`.
@@ -82,6 +86,25 @@ impl Passphrases {
             current,
             new,
             interactive: std::io::stdin().is_terminal(),
+        })
+    }
+
+    /// The passphrases of a second repository (`copy --to`): `PGKEEP_TO_PASSPHRASE` or
+    /// `PGKEEP_TO_PASSPHRASE_FILE`, else that repository's configured `passphrase_file`.
+    /// Never prompts: a copy usually runs unattended, and one prompt for two repositories
+    /// would be ambiguous.
+    pub fn for_target(env: &Env, config_passphrase_file: Option<&Path>) -> Result<Self> {
+        let current = match source(env, ENV_TO_PASSPHRASE, ENV_TO_PASSPHRASE_FILE)? {
+            Some(s) => Some(s),
+            None => match config_passphrase_file {
+                Some(p) => Some(read_passphrase_file(p, "repository.passphrase_file")?),
+                None => None,
+            },
+        };
+        Ok(Passphrases {
+            current,
+            new: None,
+            interactive: false,
         })
     }
 

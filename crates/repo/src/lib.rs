@@ -8,6 +8,7 @@
 
 pub mod check;
 mod chunker;
+pub mod copy;
 pub mod crypto;
 pub mod error;
 pub mod format;
@@ -22,6 +23,7 @@ pub mod repository;
 pub mod writer;
 
 pub use check::{CheckOptions, CheckProblem, CheckReport};
+pub use copy::{BlobTranslation, CopyStats};
 pub use error::{ErrorKind, RepoError, Result};
 pub use format::{BlobRef, ChunkerParams, KdfParams, RepoConfig, StreamRef};
 pub use gc::{PruneOptions, PruneReport};

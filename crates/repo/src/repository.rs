@@ -153,6 +153,11 @@ impl std::fmt::Debug for Repository {
 
 const INDEX_AAD: &[u8] = b"pgkeep-index";
 
+/// 16 random hex digits, to make object names unique across hosts.
+pub(crate) fn random_suffix() -> String {
+    random_hex(8)
+}
+
 fn random_hex(n: usize) -> String {
     let mut b = vec![0u8; n];
     rand::rng().fill_bytes(&mut b);
@@ -539,6 +544,22 @@ impl Repository {
         };
         serde_json::from_slice(&plain)
             .map_err(|e| RepoError::integrity(&key, format!("manifest does not parse: {e}")))
+    }
+
+    /// True when the manifest `backups/<cluster>/<id>` exists (a HEAD; nothing is read).
+    pub async fn has_manifest(&self, cluster: &str, id: &str) -> Result<bool> {
+        check_segment("cluster name", cluster)?;
+        check_segment("backup id", id)?;
+        let key = ManifestKey {
+            cluster: cluster.into(),
+            id: id.into(),
+        }
+        .key();
+        match self.inner.storage.head(&key).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.kind == SErr::NotFound => Ok(false),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Lists manifests, sorted by cluster then id.

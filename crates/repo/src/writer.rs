@@ -386,6 +386,17 @@ impl BlobWriter {
         Ok(out)
     }
 
+    /// Stores `data` as one blob, as given (no chunking): for copying blobs from another
+    /// repository with their boundaries. Deduplicated like any chunk. BLOCKING, like
+    /// [`BlobWriter::ingest_reader`].
+    pub fn store_blob(&self, data: Bytes) -> Result<BlobRef> {
+        let mut out = StreamRef::default();
+        let len = data.len();
+        self.store_chunks(&data, &[len], &mut out, None)?;
+        self.check_failed()?;
+        Ok(out.blobs[0])
+    }
+
     /// The lengths of the FastCDC chunks at the start of `data`. Unless `eof`, a chunk is cut
     /// only when `max` bytes follow its start, since its cut may depend on any of them: so
     /// the cut points are those of FastCDC over the whole stream, whatever the blocks.

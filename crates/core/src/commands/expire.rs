@@ -315,7 +315,7 @@ fn wants(opts: &ExpireOptions, kind: BackupKind) -> bool {
     }
 }
 
-fn dump_database(body: &serde_json::Value) -> Option<String> {
+pub(crate) fn dump_database(body: &serde_json::Value) -> Option<String> {
     let dbs = body.get("databases")?.as_array()?;
     match dbs.as_slice() {
         [one] => one.get("name")?.as_str().map(str::to_owned),

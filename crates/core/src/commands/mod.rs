@@ -5,6 +5,7 @@ pub mod archive_async;
 pub mod backup;
 pub mod backup_remote;
 pub mod check;
+pub mod copy;
 pub mod dump;
 pub mod expire;
 pub mod export_dump;
