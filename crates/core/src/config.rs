@@ -140,6 +140,10 @@ pub mod env {
     pub const RELATION_CHUNK_SIZE: &str = "PGKEEP_RELATION_CHUNK_SIZE";
     /// `options.spool_dir` (also read by `archive-push` / `archive-get --spool-dir`).
     pub const SPOOL_DIR: &str = "PGKEEP_SPOOL_DIR";
+    /// `notify.state_dir`.
+    pub const NOTIFY_STATE_DIR: &str = "PGKEEP_NOTIFY_STATE_DIR";
+    /// `notify.dedup_window`.
+    pub const NOTIFY_DEDUP_WINDOW: &str = "PGKEEP_NOTIFY_DEDUP_WINDOW";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -156,6 +160,10 @@ struct RawFile {
     cluster: Vec<RawCluster>,
     #[serde(default)]
     retention: RawRetention,
+    /// `[notify]`: parsed and checked by pgkeep-notify (unknown keys and bad values carry
+    /// their position like everything else here).
+    #[serde(default)]
+    notify: pgkeep_notify::NotifyConfig,
 }
 
 /// `[retention]` (and `[cluster.retention]`): one policy per kind of backup.
@@ -223,6 +231,8 @@ pub struct ConfigFile {
     pub clusters: Vec<ClusterConfig>,
     /// `[retention]`: the policies of every cluster, unless its own `retention` overrides them.
     pub retention: RetentionConfig,
+    /// `[notify]`: notification channels (secrets only as their source, never the value).
+    pub notify: pgkeep_notify::NotifyConfig,
 }
 
 /// Retention policies per kind of backup (`[retention.physical]`, `[retention.dump]`).
@@ -632,6 +642,9 @@ impl ConfigFile {
         let doc: toml::Table = toml::from_str(text).map_err(|e| src.toml_error(&e))?;
         let mut secrets = Vec::new();
         secret_keys(&doc, "", &mut secrets);
+        if let Some(toml::Value::Table(notify)) = doc.get("notify") {
+            secrets.extend(pgkeep_notify::config::inline_secret_keys(notify));
+        }
         if !secrets.is_empty() && group_other_bits != 0 {
             return Err(Error::usage_hint(
                 format!(
@@ -802,6 +815,7 @@ impl ConfigFile {
             });
         }
         cfg.retention = check_retention(raw.retention, src, "retention")?;
+        cfg.notify = raw.notify;
         Ok(cfg)
     }
 
@@ -954,6 +968,8 @@ pub struct Settings {
     pub file_repositories: Vec<RepositoryConfig>,
     /// Retention policies of the cluster: `[retention]` with the cluster's own over them.
     pub retention: RetentionConfig,
+    /// `[notify]` with `PGKEEP_NOTIFY_*` over it.
+    pub notify: pgkeep_notify::NotifyConfig,
 }
 
 fn default_threads() -> usize {
@@ -990,6 +1006,23 @@ fn parse_int(v: &str) -> std::result::Result<i64, String> {
     v.trim()
         .parse::<i64>()
         .map_err(|_| format!("{v:?} is not an integer"))
+}
+
+/// `[notify]` of the file with `PGKEEP_NOTIFY_STATE_DIR` and `PGKEEP_NOTIFY_DEDUP_WINDOW`
+/// over it.
+fn resolve_notify(file: Option<&ConfigFile>, env: &Env) -> Result<pgkeep_notify::NotifyConfig> {
+    let mut notify = file.map(|f| f.notify.clone()).unwrap_or_default();
+    if let Some(d) = env.non_empty(env::NOTIFY_STATE_DIR) {
+        notify.state_dir = Some(PathBuf::from(d));
+    }
+    if let Some(w) = env_parse(
+        env,
+        env::NOTIFY_DEDUP_WINDOW,
+        pgkeep_notify::config::parse_duration,
+    )? {
+        notify.dedup_window = Some(w);
+    }
+    Ok(notify)
 }
 
 impl Settings {
@@ -1178,7 +1211,9 @@ impl Settings {
             None => file.and_then(|f| f.options.spool_dir.clone()),
         };
 
+        let notify = resolve_notify(file, env)?;
         Ok(Settings {
+            notify,
             config_file: file.map(|f| f.path.clone()),
             repository,
             cluster: ClusterSettings {
@@ -1424,7 +1459,7 @@ name = "reports"
             ),
             (
                 "[general]\nx = 1\n",
-                format!("{f}:1:2: unknown field `general`, expected one of `options`, `repository`, `cluster`, `retention`"),
+                format!("{f}:1:2: unknown field `general`, expected one of `options`, `repository`, `cluster`, `retention`, `notify`"),
             ),
             (
                 "[options]\nthreads = \"four\"\n",
@@ -1712,6 +1747,69 @@ name = "reports"
             .to_string()
             .starts_with("--repo: the repository URL holds credentials"));
         assert!(!e.to_string().contains("SECRETX"));
+    }
+
+    #[test]
+    fn notify_section_parses_with_positions_and_private_secrets() {
+        let f = "/etc/pgkeep/pgkeep.toml";
+        let c = parse(
+            "[notify]\ndedup_window = \"2h\"\n[[notify.webhook]]\nurl = \"http://127.0.0.1:9/h\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.notify.webhook[0].url, "http://127.0.0.1:9/h");
+        assert_eq!(
+            c.notify.dedup_window(),
+            std::time::Duration::from_secs(7200)
+        );
+        let cases = [
+            ("[[notify.webhook]]\nurl = \"http://x\"\nuri = 1\n", format!("{f}:3:1: unknown field `uri`")),
+            ("[notify]\ndedup_window = \"soon\"\n", format!("{f}:2:16: notify.dedup_window: \"soon\" is not a duration")),
+            ("[notify]\n\n[[notify.slack]]\nname = \"x\"\n", format!("{f}:3:1: notify.slack: give webhook_url, webhook_url_env or webhook_url_file")),
+            ("[[notify.email]]\nsmtp_host = \"h\"\nfrom = \"a@b\"\nto = [\"c@d\"]\ntls = \"ssl\"\n", format!("{f}:5:7: notify.email.tls: unknown variant `ssl`")),
+        ];
+        for (text, want) in cases {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.starts_with(&want), "{text}\n got: {e}\nwant: {want}");
+        }
+        // An inline Slack URL is a secret: the file must be private; the value never shows.
+        let text =
+            "[[notify.slack]]\nwebhook_url = \"https://hooks.slack.com/services/T/B/CANARY\"\n";
+        let e = ConfigFile::parse(text, Path::new(f), 0o044)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("holds secrets (notify.slack.webhook_url)"),
+            "{e}"
+        );
+        assert!(!e.contains("CANARY"), "{e}");
+        let e = ConfigFile::parse(
+            "[[notify.pagerduty]]\nrouting_key = \"CANARY\"\n",
+            Path::new(f),
+            0o004,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("holds secrets (notify.pagerduty.routing_key)") && !e.contains("CANARY"),
+            "{e}"
+        );
+        let private = ConfigFile::parse(text, Path::new(f), 0).unwrap();
+        assert!(!serde_json::to_string(&private).unwrap().contains("CANARY"));
+        // Variables over the file.
+        let env = Env::from_pairs([
+            ("PGKEEP_NOTIFY_STATE_DIR", "/s"),
+            ("PGKEEP_NOTIFY_DEDUP_WINDOW", "5m"),
+        ]);
+        let s = Settings::resolve(Some(&private), &env, &Overrides::default()).unwrap();
+        assert_eq!(s.notify.state_dir, Some(PathBuf::from("/s")));
+        assert_eq!(s.notify.dedup_window(), std::time::Duration::from_secs(300));
+        let env = Env::from_pairs([("PGKEEP_NOTIFY_DEDUP_WINDOW", "often")]);
+        let e = Settings::resolve(Some(&private), &env, &Overrides::default()).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("PGKEEP_NOTIFY_DEDUP_WINDOW: \"often\" is not a duration"),
+            "{e}"
+        );
     }
 
     #[test]

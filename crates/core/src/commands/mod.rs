@@ -10,6 +10,7 @@ pub mod dump;
 pub mod expire;
 pub mod export_dump;
 pub mod list;
+pub mod notify;
 pub mod pitr;
 pub mod repo;
 pub mod restore;
