@@ -274,3 +274,101 @@ fn expire_keeps_labelled_pinned_and_last_backups_and_everything_kept_still_resto
         .json();
     assert_eq!(r["removed"].as_array().unwrap().len(), 2);
 }
+
+/// Copies a directory tree (the repository before expire, restored before each kill).
+fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(to);
+    let st = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn expire_killed_after_every_storage_write_leaves_every_kept_dump_whole_and_the_rerun_finishes() {
+    let s = Sandbox::new();
+    s.run_repo(&["repo", "init", "--no-encryption"], &[])
+        .expect(0);
+    let c = Cluster::builder().start().unwrap();
+    let pg = c.conninfo();
+    let env = [("PGKEEP_PG", pg.as_str())];
+    let mut ids = Vec::new();
+    for round in 0..4 {
+        // Each dump differs from the one before by new rows, so old packs hold data that
+        // only the expired dumps reference and some packs are partly used.
+        c.sql(&format!(
+            "CREATE TABLE IF NOT EXISTS t (id int, v text); \
+             INSERT INTO t SELECT g, md5(g::text || '{round}') FROM generate_series(1, 40000) g"
+        ))
+        .unwrap();
+        let j = s
+            .run_repo(&["--json", "dump", "--db", "postgres"], &env)
+            .expect(0)
+            .json();
+        ids.push(j["id"].as_str().unwrap().to_string());
+    }
+    let (gone, kept) = ids.split_at(2);
+    // What a user gets back from each kept dump, before anything is removed.
+    let export = |id: &str, name: &str| -> Vec<u8> {
+        let out = s.path().join(name);
+        let _ = std::fs::remove_file(&out);
+        s.run_repo(&["export-dump", id, "--output", out.to_str().unwrap()], &[])
+            .expect(0);
+        std::fs::read(&out).unwrap()
+    };
+    let reference: Vec<Vec<u8>> = kept.iter().map(|id| export(id, "ref.dump")).collect();
+    let pristine = s.path().join("pristine");
+    copy_tree(&s.repo(), &pristine);
+    let expire = [
+        "expire",
+        "--kind",
+        "dump",
+        "--keep-last",
+        "2",
+        "--grace",
+        "0",
+    ];
+
+    let mut kills = 0;
+    for n in 1u64.. {
+        copy_tree(&pristine, &s.repo());
+        let k = n.to_string();
+        let r = s.run_repo(&expire, &[(pgkeep_storage::KILL_AFTER_OPS_ENV, k.as_str())]);
+        if std::os::unix::process::ExitStatusExt::signal(&r.0.status) != Some(9) {
+            r.expect(0);
+            break;
+        }
+        kills += 1;
+        // Killed: the repository checks clean and every kept dump is whole, byte for byte.
+        s.run_repo(&["repo", "check", "--read-data"], &[]).expect(0);
+        for (id, want) in kept.iter().zip(&reference) {
+            assert!(
+                export(id, "after-kill.dump") == *want,
+                "kill at {n}: dump {id} changed"
+            );
+        }
+        // The rerun finishes the work: the expired dumps are gone, the kept ones still whole.
+        s.run_repo(&expire, &[]).expect(0);
+        s.run_repo(&["repo", "check", "--read-data"], &[]).expect(0);
+        let list = s.run_repo(&["--json", "list"], &[]).expect(0).json();
+        let left = ids_of(&list, "dump");
+        assert_eq!(left, kept, "kill at {n}: after the rerun");
+        for (id, want) in kept.iter().zip(&reference) {
+            assert!(
+                export(id, "after-rerun.dump") == *want,
+                "kill at {n}: dump {id} changed"
+            );
+        }
+        assert!(n < 300, "expire never completed");
+    }
+    assert!(
+        kills >= 5,
+        "only {kills} kill points: expire wrote too little to test"
+    );
+    let list = s.run_repo(&["--json", "list"], &[]).expect(0).json();
+    assert_eq!(ids_of(&list, "dump"), kept);
+    assert!(gone.iter().all(|id| !ids_of(&list, "dump").contains(id)));
+}
