@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::error::{Error, Result};
+use crate::health::config::{HealthConfig, HealthSettings};
 use crate::retention::RetentionPolicy;
 use crate::secrets::{check_conninfo, check_repo_url, group_other_bits, is_secret_name};
 
@@ -148,6 +149,8 @@ struct RawFile {
     cluster: Vec<RawCluster>,
     #[serde(default)]
     retention: RawRetention,
+    #[serde(default)]
+    health: HealthConfig,
 }
 
 /// `[retention]` (and `[cluster.retention]`): one policy per kind of backup.
@@ -193,6 +196,7 @@ struct RawCluster {
     pg: Option<Spanned<String>>,
     repository: Option<Spanned<String>>,
     retention: Option<RawRetention>,
+    health: Option<HealthConfig>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -211,6 +215,8 @@ pub struct ConfigFile {
     pub clusters: Vec<ClusterConfig>,
     /// `[retention]`: the policies of every cluster, unless its own `retention` overrides them.
     pub retention: RetentionConfig,
+    /// `[health]`: thresholds of `check`, unless a cluster's own `health` overrides them.
+    pub health: HealthConfig,
 }
 
 /// Retention policies per kind of backup (`[retention.physical]`, `[retention.dump]`).
@@ -297,6 +303,8 @@ pub struct ClusterConfig {
     pub repository: Option<String>,
     /// Its own retention rules, over those of `[retention]`.
     pub retention: RetentionConfig,
+    /// Its own health thresholds, over those of `[health]`.
+    pub health: HealthConfig,
 }
 
 /// Line and column (1-based) of byte `offset` in `text`.
@@ -720,9 +728,11 @@ impl ConfigFile {
                 pg: c.pg.map(Spanned::into_inner),
                 repository: c.repository.map(Spanned::into_inner),
                 retention,
+                health: c.health.unwrap_or_default(),
             });
         }
         cfg.retention = check_retention(raw.retention, src, "retention")?;
+        cfg.health = raw.health;
         Ok(cfg)
     }
 
@@ -873,6 +883,9 @@ pub struct Settings {
     pub configured_repositories: Vec<String>,
     /// Retention policies of the cluster: `[retention]` with the cluster's own over them.
     pub retention: RetentionConfig,
+    /// Health thresholds of the cluster: `[health]` with the cluster's own over them, and
+    /// the defaults for keys set nowhere.
+    pub health: HealthSettings,
 }
 
 fn default_threads() -> usize {
@@ -1107,6 +1120,12 @@ impl Settings {
                     f.retention.overlay(&own)
                 })
                 .unwrap_or_default(),
+            health: file
+                .map(|f| {
+                    let own = file_cluster.map(|c| c.health.clone()).unwrap_or_default();
+                    HealthSettings::from(&f.health.overlay(&own))
+                })
+                .unwrap_or_default(),
         })
     }
 
@@ -1251,7 +1270,7 @@ name = "reports"
             ),
             (
                 "[general]\nx = 1\n",
-                format!("{f}:1:2: unknown field `general`, expected one of `options`, `repository`, `cluster`, `retention`"),
+                format!("{f}:1:2: unknown field `general`, expected one of `options`, `repository`, `cluster`, `retention`, `health`"),
             ),
             (
                 "[options]\nthreads = \"four\"\n",
