@@ -297,19 +297,12 @@ impl RunStart {
     }
 }
 
-/// A user message (`what failed` then `HINT: ` lines) as (message, hint), both redacted.
+/// A user message (`what failed`, then hints on `HINT: ` lines or after an inline ` HINT: `)
+/// as (message, hint), both redacted: the same split as the error printed on stderr.
 pub fn split_message(text: &str) -> (String, Option<String>) {
-    let mut msg = Vec::new();
-    let mut hints = Vec::new();
-    for line in text.lines() {
-        match line.strip_prefix("HINT: ") {
-            Some(h) => hints.push(crate::secrets::redact(h)),
-            None if !line.trim().is_empty() => msg.push(crate::secrets::redact(line.trim_end())),
-            None => {}
-        }
-    }
-    let hint = (!hints.is_empty()).then(|| hints.join(" "));
-    (msg.join(": "), hint)
+    let report = crate::error::ErrorReport::from_anyhow(&anyhow::Error::msg(text.to_string()));
+    let hint = (!report.hints.is_empty()).then(|| report.hints.join(" "));
+    (report.message, hint)
 }
 
 /// Called with every record once the command ended (stored or not): where notifications
@@ -692,6 +685,13 @@ mod tests {
         // Two records of the same instant still get two names.
         assert_ne!(record_key(&a), record_key(&a));
         assert_eq!(parse_key("other", &ka), None);
+    }
+
+    #[test]
+    fn inline_hints_are_split_as_on_stderr() {
+        let (m, h) = split_message("could not connect: refused. HINT: check --pg");
+        assert_eq!(m, "could not connect: refused.");
+        assert_eq!(h.as_deref(), Some("check --pg"));
     }
 
     #[test]
