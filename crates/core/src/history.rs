@@ -489,8 +489,7 @@ pub async fn previous(repo: &Repository, record: &RunRecord) -> Result<Option<Ru
         .await?
         .into_iter()
         .map(|(_, r)| r)
-        .filter(|r| r.database == record.database && r.ended < record.ended)
-        .next_back())
+        .rfind(|r| r.database == record.database && r.ended < record.ended))
 }
 
 /// The newest record of each (kind, database) among `records` (oldest first).
@@ -526,14 +525,17 @@ pub async fn expire_history(
 ) -> Result<HistoryExpiry> {
     let cutoff = now - chrono::Duration::from_std(max_age).unwrap_or(chrono::Duration::MAX);
     let all = load(repo, cluster, &HistoryFilter::default()).await?;
-    let records: Vec<RunRecord> = all.iter().map(|(_, r)| r.clone()).collect();
-    let newest: Vec<&RunRecord> = newest_per_group(&records).into_values().collect();
+    // Oldest first, so the last key seen for a group is its newest record.
+    let mut newest: BTreeMap<(RunKind, Option<String>), &str> = BTreeMap::new();
+    for (key, rec) in &all {
+        newest.insert((rec.kind, rec.database.clone()), key);
+    }
     let mut out = HistoryExpiry {
         older_than: Some(cutoff),
         ..Default::default()
     };
     for (key, rec) in &all {
-        let is_newest = newest.iter().any(|n| *n == rec);
+        let is_newest = newest.get(&(rec.kind, rec.database.clone())) == Some(&key.as_str());
         if rec.ended < cutoff && !is_newest {
             if !dry_run {
                 repo.storage().delete(key).await?;
