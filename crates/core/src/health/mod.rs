@@ -392,6 +392,17 @@ fn archiving_item(a: &ArchiveCheckReport) -> HealthItem {
                 a.last_failed_wal.as_deref().unwrap_or("?")
             ),
         ),
+        // The archiving check's own warnings (exit 3 before `check` judged more) make the
+        // item a warning, so `status` and the exit code agree.
+        None if a.has_warnings() => (
+            HealthStatus::Warning,
+            a.warnings.first().cloned().unwrap_or_else(|| {
+                format!(
+                    "{} gap(s) in the WAL archive (no recovery window broken)",
+                    a.gaps.len()
+                )
+            }),
+        ),
         None => (
             HealthStatus::Ok,
             format!(
