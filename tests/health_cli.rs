@@ -453,3 +453,59 @@ fn status_and_metrics_of_an_archiving_cluster_pass_promtool() {
     assert_eq!(doc["cluster"], "main");
     assert!(doc["BackupAgeSeconds"].as_f64().unwrap() >= 0.0, "{doc}");
 }
+
+/// SIGTERM in the middle of a dump: exit 130, and the run is in the history as interrupted
+/// (recorded after the command's work was dropped).
+#[test]
+fn an_interrupted_dump_is_recorded_as_interrupted() {
+    let s = Sandbox::new();
+    s.run_repo(&["repo", "init", "--no-encryption"], &[])
+        .expect(0);
+    let c = Cluster::new().unwrap();
+    c.sql("CREATE DATABASE app").unwrap();
+    c.sql_db(
+        "app",
+        "CREATE TABLE big AS SELECT g, md5(g::text) || md5((g + 1)::text) AS t \
+         FROM generate_series(1, 2000000) g",
+    )
+    .unwrap();
+    let conn = c.conninfo();
+    let repo = s.repo();
+    let child = Command::new(BIN)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", s.path())
+        .env("PGKEEP_CONFIG", s.path().join("empty.toml"))
+        .env("PGKEEP_PG", &conn)
+        .args(["--repo", repo.to_str().unwrap(), "dump", "--db", "app"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let st = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let h = s
+        .run_repo(&["--json", "history", "--kind", "dump"], &[])
+        .expect(0)
+        .json();
+    let recs = records(&h);
+    assert_eq!(recs.len(), 1, "{h}");
+    assert_eq!(recs[0]["result"], "interrupted");
+    assert_eq!(recs[0]["exit_code"], 130);
+    assert_eq!(recs[0]["database"], "app");
+    assert_eq!(recs[0]["error"], "terminated");
+    // No dump was saved: the interruption left nothing but the record.
+    let list = s.run_repo(&["--json", "list"], &[]).expect(0).json();
+    assert_eq!(list["backups"].as_array().unwrap().len(), 0, "{list}");
+}
