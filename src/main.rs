@@ -681,6 +681,12 @@ where
     Ok(emit(json, &report))
 }
 
+/// The Nagios line of a check that could not run (no `|`: it would start performance data).
+fn nagios_unknown(e: &Error) -> String {
+    let (m, _) = history::split_message(&e.to_string());
+    format!("PGKEEP UNKNOWN - {}", m.replace('|', "/"))
+}
+
 /// Records an interrupted run (SIGINT/SIGTERM) as far as the repository can be reached.
 async fn record_interrupted(ctx: &Context, start: Option<&RunStart>, what: &str) {
     if let Some(s) = start {
@@ -879,14 +885,7 @@ async fn run(cli: &Cli, ctx: &Context, start: Option<&RunStart>) -> Result<i32, 
             // is UNKNOWN, not a failure with a registry code a monitor would misread.
             let (line, code) = match health::check(ctx, &opts).await {
                 Ok(r) => (r.nagios_line(), r.status.nagios_code()),
-                Err(e) => {
-                    let (m, _) = history::split_message(&e.to_string());
-                    let m = m.replace('|', "/");
-                    (
-                        format!("PGKEEP UNKNOWN - {m}"),
-                        pgkeep_core::error::nagios::UNKNOWN,
-                    )
-                }
+                Err(e) => (nagios_unknown(&e), pgkeep_core::error::nagios::UNKNOWN),
             };
             let _ = writeln!(std::io::stdout(), "{line}");
             Ok(code)
@@ -1169,6 +1168,11 @@ fn main() {
 
     let ctx = match Context::load(&flags, &env) {
         Ok(ctx) => ctx,
+        // A monitor reads exit 2 as CRITICAL: a check that cannot even start is UNKNOWN.
+        Err(e) if matches!(&cli.command, Command::Check(c) if c.nagios) => {
+            println!("{}", nagios_unknown(&e));
+            std::process::exit(pgkeep_core::error::nagios::UNKNOWN)
+        }
         Err(e) => std::process::exit(fail(json, e)),
     };
     let _ = handle.reload(filter(&ctx.settings.log_level));

@@ -271,6 +271,18 @@ fn check_judges_ages_and_a_shrunk_dump_with_nagios_and_usual_codes() {
         "{}",
         r.stdout()
     );
+    // So is a configuration that does not load (exit 2 without --nagios).
+    let bad = config(&s, "bad.toml", "[health]\ndump_warn_age = \"soon\"\n");
+    let r = s
+        .run_repo(&["--config", &bad, "check", "--nagios"], &env)
+        .expect(3);
+    assert!(
+        r.stdout().starts_with("PGKEEP UNKNOWN - "),
+        "{}",
+        r.stdout()
+    );
+    assert!(r.stdout().contains("dump_warn_age"), "{}", r.stdout());
+    s.run_repo(&["--config", &bad, "check"], &env).expect(2);
 
     // The classic empty dump: the table emptied, the next dump is far smaller.
     c.sql_db("app", "TRUNCATE big").unwrap();
