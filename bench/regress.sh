@@ -41,7 +41,8 @@ as_pg "$PGBIN/pg_ctl" -D "$W/data" -l "$W/pg.log" -w start >/dev/null
 export PGHOST=$W PGPORT=$PORT PGUSER=postgres PGDATABASE=postgres
 "$PGBIN/pgbench" -i -s "$SCALE" -q 2>/dev/null
 echo secret-bench-passphrase > "$W/pass"; chmod 600 "$W/pass"
-export PGKEEP_PASSPHRASE_FILE=$W/pass PGKEEP_CONFIG=/dev/null
+: > "$W/empty.toml"
+export PGKEEP_PASSPHRASE_FILE=$W/pass PGKEEP_CONFIG=$W/empty.toml
 
 measure() { # repeat step bin command...
   local r=$1 step=$2 bin=$3; shift 3
@@ -54,7 +55,7 @@ measure() { # repeat step bin command...
 for r in $(seq 1 "$REPEAT"); do
   order="old new"; [ $((r % 2)) = 0 ] && order="new old"
   for b in $order; do
-    rm -rf "$W/repo-$b"; "$W/$b" --repo "$W/repo-$b" repo init >/dev/null 2>&1
+    rm -rf "$W/repo-$b"; "$W/$b" --repo "$W/repo-$b" repo init >/dev/null
     measure "$r" full "$b" "$W/$b" --repo "$W/repo-$b" backup --pgdata "$W/data" --pg "host=$W port=$PORT user=postgres"
   done
   lo=$(( (r - 1) * SCALE * 1000 + 1 )); hi=$(( lo + SCALE * 1000 - 1 ))

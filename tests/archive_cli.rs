@@ -166,10 +166,28 @@ fn a_cluster_archives_through_pgkeep_check_get_refusals_and_verify() {
         .run_repo(&["archive-push", foreign.to_str().unwrap()], &[])
         .expect(15);
     assert!(r.stderr().contains("system identifier"), "{}", r.stderr());
+    // Nothing but the run history changed: each refusal is recorded there (issue 15), the
+    // archive itself is untouched.
+    let outside_history = |l: std::collections::BTreeMap<std::path::PathBuf, _>| {
+        l.into_iter()
+            .filter(|(p, _)| !p.starts_with("history"))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
     assert!(
-        listing(&s.repo()) == before,
+        outside_history(listing(&s.repo())) == outside_history(before),
         "a refused push wrote something"
     );
+    let h = s
+        .run_repo(&["--json", "history", "--kind", "archive-push"], &[])
+        .expect(0)
+        .json();
+    let codes: Vec<i64> = h["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["exit_code"].as_i64().unwrap())
+        .collect();
+    assert_eq!(codes, [14, 15], "{h}");
 
     // verify: clean; then a backup, more WAL, and a segment removed after the backup.
     s.run_repo(&["verify"], &[]).expect(0);

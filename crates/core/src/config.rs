@@ -35,6 +35,7 @@ use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
 use crate::error::{Error, Result};
+use crate::health::config::{HealthConfig, HealthSettings};
 use crate::retention::RetentionPolicy;
 use crate::secrets::{check_conninfo, check_repo_url, group_other_bits, is_secret_name};
 
@@ -164,6 +165,8 @@ struct RawFile {
     /// their position like everything else here).
     #[serde(default)]
     notify: pgkeep_notify::NotifyConfig,
+    #[serde(default)]
+    health: HealthConfig,
 }
 
 /// `[retention]` (and `[cluster.retention]`): one policy per kind of backup.
@@ -213,6 +216,7 @@ struct RawCluster {
     pg: Option<Spanned<String>>,
     repository: Option<Spanned<String>>,
     retention: Option<RawRetention>,
+    health: Option<HealthConfig>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -233,6 +237,8 @@ pub struct ConfigFile {
     pub retention: RetentionConfig,
     /// `[notify]`: notification channels (secrets only as their source, never the value).
     pub notify: pgkeep_notify::NotifyConfig,
+    /// `[health]`: thresholds of `check`, unless a cluster's own `health` overrides them.
+    pub health: HealthConfig,
 }
 
 /// Retention policies per kind of backup (`[retention.physical]`, `[retention.dump]`).
@@ -328,6 +334,8 @@ pub struct ClusterConfig {
     pub repository: Option<String>,
     /// Its own retention rules, over those of `[retention]`.
     pub retention: RetentionConfig,
+    /// Its own health thresholds, over those of `[health]`.
+    pub health: HealthConfig,
 }
 
 /// Line and column (1-based) of byte `offset` in `text`.
@@ -812,10 +820,12 @@ impl ConfigFile {
                 pg: c.pg.map(Spanned::into_inner),
                 repository: c.repository.map(Spanned::into_inner),
                 retention,
+                health: c.health.unwrap_or_default(),
             });
         }
         cfg.retention = check_retention(raw.retention, src, "retention")?;
         cfg.notify = raw.notify;
+        cfg.health = raw.health;
         Ok(cfg)
     }
 
@@ -970,6 +980,9 @@ pub struct Settings {
     pub retention: RetentionConfig,
     /// `[notify]` with `PGKEEP_NOTIFY_*` over it.
     pub notify: pgkeep_notify::NotifyConfig,
+    /// Health thresholds of the cluster: `[health]` with the cluster's own over them, and
+    /// the defaults for keys set nowhere.
+    pub health: HealthSettings,
 }
 
 fn default_threads() -> usize {
@@ -1237,6 +1250,12 @@ impl Settings {
                     f.retention.overlay(&own)
                 })
                 .unwrap_or_default(),
+            health: file
+                .map(|f| {
+                    let own = file_cluster.map(|c| c.health.clone()).unwrap_or_default();
+                    HealthSettings::from(&f.health.overlay(&own))
+                })
+                .unwrap_or_default(),
         })
     }
 
@@ -1459,7 +1478,7 @@ name = "reports"
             ),
             (
                 "[general]\nx = 1\n",
-                format!("{f}:1:2: unknown field `general`, expected one of `options`, `repository`, `cluster`, `retention`, `notify`"),
+                format!("{f}:1:2: unknown field `general`, expected one of `options`, `repository`, `cluster`, `retention`, `notify`, `health`"),
             ),
             (
                 "[options]\nthreads = \"four\"\n",

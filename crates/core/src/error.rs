@@ -28,6 +28,19 @@ use serde::Serialize;
 /// Exit code of a successful run.
 pub const EXIT_OK: i32 = 0;
 
+/// Exit codes of `pgkeep check --nagios`, the Nagios plugin convention, which replaces the
+/// registry above for that one mode (monitoring systems read them, not people).
+pub mod nagios {
+    /// Every item is fine.
+    pub const OK: i32 = 0;
+    /// An item warns.
+    pub const WARNING: i32 = 1;
+    /// An item is critical, or the archiving check failed.
+    pub const CRITICAL: i32 = 2;
+    /// The check itself could not run (no repository, wrong passphrase, bad config).
+    pub const UNKNOWN: i32 = 3;
+}
+
 /// What went wrong, at the granularity of exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]

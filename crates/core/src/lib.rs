@@ -9,6 +9,8 @@ pub mod commands;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod health;
+pub mod history;
 pub mod manifest;
 pub mod progress;
 pub mod retention;

@@ -80,6 +80,13 @@ pub struct ArchiveCheckReport {
     pub last_failed_wal: Option<String>,
     /// `pg_stat_archiver.failed_count`.
     pub failed_count: i64,
+    /// Whether `pg_stat_archiver` shows a failure more recent than the last success.
+    pub failing: bool,
+    /// The server's `archive_timeout`, in seconds (0: off).
+    pub archive_timeout_setting_secs: Option<u64>,
+    /// Segments marked `.ready` in `pg_wal/archive_status` (waiting to be archived), when the
+    /// role may read that directory (superuser or pg_monitor).
+    pub ready_segments: Option<i64>,
     /// Gaps in the archive (missing segments), by timeline and position.
     pub gaps: Vec<WalGap>,
     /// Physical backups with how far their recovery windows reach.
@@ -226,6 +233,31 @@ async fn text(client: &PgClient, what: &'static str, sql: &str) -> Result<String
         .unwrap_or_default())
 }
 
+/// `archive_timeout` (seconds) and the count of `.ready` files, each `None` when the server
+/// does not say (an unprivileged role may not list `pg_wal/archive_status`).
+async fn archiver_backlog(client: &PgClient) -> (Option<u64>, Option<i64>) {
+    let timeout = client
+        .inner()
+        .query_one(
+            "SELECT setting::bigint FROM pg_settings WHERE name = 'archive_timeout'",
+            &[],
+        )
+        .await
+        .ok()
+        .and_then(|r| r.try_get::<_, i64>(0).ok())
+        .map(|v| v.max(0) as u64);
+    let ready = client
+        .inner()
+        .query_one(
+            "SELECT count(*) FROM pg_ls_archive_statusdir() WHERE name LIKE '%.ready'",
+            &[],
+        )
+        .await
+        .ok()
+        .and_then(|r| r.try_get::<_, i64>(0).ok());
+    (timeout, ready)
+}
+
 /// `pgkeep check`.
 pub async fn check_archiving(
     ctx: &Context,
@@ -361,6 +393,7 @@ pub async fn check_archiving(
         ));
     }
 
+    let (archive_timeout_setting_secs, ready_segments) = archiver_backlog(&client).await;
     let listing = list_archive(&repo, &cluster).await?;
     let last = listing.last_segment();
     // The gap analysis of `verify` (a listing and the manifests; no data read).
@@ -385,6 +418,9 @@ pub async fn check_archiving(
         lag_bytes,
         last_failed_wal,
         failed_count,
+        failing: failing == Some(true),
+        archive_timeout_setting_secs,
+        ready_segments,
         gaps: analysis.gaps,
         backups: analysis.backups,
         warnings,

@@ -57,6 +57,9 @@ pub struct ExpireOptions {
     pub allow_remove_all: bool,
     /// Garbage collection settings.
     pub prune: PruneOptions,
+    /// Run history records older than this go (the newest of each kind and database
+    /// stays); `None`: the history is left alone.
+    pub history_max_age: Option<std::time::Duration>,
 }
 
 /// The decisions for one group of backups (a cluster's physical backups, one database's dumps).
@@ -117,6 +120,8 @@ pub struct ExpireReport {
     pub wal: Option<WalExpiry>,
     /// Garbage collection (not run with `--dry-run`).
     pub prune: Option<PruneReport>,
+    /// Run history records removed (or, with `--dry-run`, that would be).
+    pub history: Option<crate::history::HistoryExpiry>,
 }
 
 impl fmt::Display for ExpireReport {
@@ -166,6 +171,13 @@ impl fmt::Display for ExpireReport {
                 (None, Some(n)) => writeln!(f, "WAL: nothing removed: {n}")?,
                 (None, None) => writeln!(f, "WAL: nothing to remove")?,
             }
+        }
+        if let Some(h) = &self.history {
+            writeln!(
+                f,
+                "run history: {verb} {} records, {} kept",
+                h.removed, h.kept
+            )?;
         }
         match &self.prune {
             Some(p) => write!(f, "{p}")?,
@@ -232,7 +244,13 @@ pub async fn expire(repo: &Repository, opts: &ExpireOptions) -> Result<ExpireRep
         kept,
         wal: wal_plan.as_ref().map(|p| p.expiry.clone()),
         prune: None,
+        history: None,
     };
+    if let Some(age) = opts.history_max_age {
+        let now = chrono::Utc::now();
+        let h = crate::history::expire_history(repo, &opts.cluster, age, now, opts.dry_run);
+        report.history = Some(h.await?);
+    }
     if let Some(lock) = lock {
         for id in &report.removed {
             repo.delete_manifest(&opts.cluster, id).await?;

@@ -2,15 +2,15 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::time::SystemTime;
 
-use chrono::{DateTime, Utc};
+use futures::future::BoxFuture;
 use pgkeep_notify::{NotifyError, NotifyEvent, NotifyReport, RunResult};
 use serde::Serialize;
 
 use crate::config::Settings;
 use crate::context::{Context, Report};
-use crate::error::{Error, ErrorKind, ErrorReport, Result};
+use crate::error::{Error, ErrorKind, Result};
+use crate::history::{self, RunObserver, RunRecord};
 
 /// The report of `pgkeep notify test`: one delivery per channel; exit 1 when any failed.
 #[derive(Debug, Clone, Serialize)]
@@ -58,39 +58,62 @@ pub fn state_dir(settings: &Settings) -> PathBuf {
     settings.notify.state_dir(|n| std::env::var(n).ok())
 }
 
-/// The event of a finished command: its exit code decides the result (0 ok, 3 warning,
-/// 130 interrupted, anything else failed); the error report (already redacted) gives the
-/// message and hint.
-pub fn run_event(
-    kind: &str,
-    cluster: &str,
-    database: Option<String>,
-    exit_code: i32,
-    error: Option<&ErrorReport>,
-    started: SystemTime,
-) -> NotifyEvent {
-    let result = match exit_code {
-        0 => RunResult::Ok,
-        3 => RunResult::Warning,
-        130 => RunResult::Interrupted,
-        _ => RunResult::Failed,
+/// The event of a finished run, from its history record (already redacted): the same kind,
+/// cluster, database, result, times, error and hint, and the byte counts as details.
+pub fn event_of(record: &RunRecord) -> NotifyEvent {
+    let result = match record.result {
+        history::RunResult::Ok => RunResult::Ok,
+        history::RunResult::Warning => RunResult::Warning,
+        history::RunResult::Failed => RunResult::Failed,
+        history::RunResult::Interrupted => RunResult::Interrupted,
     };
-    NotifyEvent {
-        kind: kind.to_string(),
-        cluster: cluster.to_string(),
-        database,
-        result,
-        exit_code,
-        message: error.map(|e| e.message.clone()),
-        hint: error
-            .filter(|e| !e.hints.is_empty())
-            .map(|e| e.hints.join(" ")),
-        host: pgkeep_repo::lock::hostname(),
-        started: DateTime::<Utc>::from(started),
-        ended: Utc::now(),
-        backup_id: None,
-        details: Default::default(),
+    let mut details = std::collections::BTreeMap::new();
+    for (name, v) in [
+        ("bytes_read", record.bytes_read),
+        ("bytes_new", record.bytes_new),
+        ("bytes_stored", record.bytes_stored),
+    ] {
+        if let Some(v) = v {
+            details.insert(name.to_string(), v.to_string());
+        }
     }
+    NotifyEvent {
+        kind: record.kind.to_string(),
+        cluster: record.cluster.clone(),
+        database: record.database.clone(),
+        result,
+        exit_code: record.exit_code,
+        message: record.error.clone(),
+        hint: record.hint.clone(),
+        host: record.host.clone(),
+        started: record.started,
+        ended: record.ended,
+        backup_id: record.backup_id.clone(),
+        details,
+    }
+}
+
+/// Sends the notifications of every recorded run (the [`RunObserver`] the CLI and the
+/// daemon give [`crate::history::recorded`]), so runs recorded in the history and runs
+/// notified are the same, interrupted ones included.
+pub struct NotifyObserver;
+
+impl RunObserver for NotifyObserver {
+    fn finished<'a>(
+        &'a self,
+        ctx: &'a Context,
+        record: &'a RunRecord,
+        _stored: bool,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            notify_after(ctx, &event_of(record)).await;
+        })
+    }
+}
+
+/// The observer for these settings: none without a configured channel.
+pub fn observer(settings: &Settings) -> Option<Box<dyn RunObserver>> {
+    (!settings.notify.is_empty()).then(|| Box::new(NotifyObserver) as Box<dyn RunObserver>)
 }
 
 /// Notifies about one finished run. Never fails: undelivered notices are warned about on
