@@ -711,9 +711,20 @@ impl Cli {
             Command::ArchivePush { .. } => Some(start(RunKind::ArchivePush).failures_only()),
             Command::Expire(e) if !e.dry_run => Some(start(RunKind::Expire)),
             Command::Verify { .. } => Some(start(RunKind::Verify)),
+            Command::Copy(_) => Some(start(RunKind::Copy)),
             _ => None,
         }
     }
+}
+
+/// `copy`: opens both repositories (the target with its own passphrase sources) and copies.
+async fn copy_run(ctx: &Context, c: &CopyArgs) -> Result<copy::CopyReport, Error> {
+    let source = ctx.open_repository().await?;
+    let target = ctx
+        .open_other_repository(&c.to, &Env::from_process())
+        .await?;
+    let opts = c.options(ctx, target.storage().location())?;
+    copy::copy(&source, &target, &opts).await
 }
 
 /// Who hears about every finished run: the notifications of `[notify]`, if any.
@@ -972,14 +983,7 @@ async fn run(cli: &Cli, ctx: &Context, start: Option<&RunStart>) -> Result<i32, 
             };
             recorded(ctx, start, json, run).await
         }
-        Command::Copy(c) => {
-            let source = ctx.open_repository().await?;
-            let env = Env::from_process();
-            let target = ctx.open_other_repository(&c.to, &env).await?;
-            let location = target.storage().location();
-            let opts = c.options(ctx, location)?;
-            Ok(emit(json, &copy::copy(&source, &target, &opts).await?))
-        }
+        Command::Copy(c) => recorded(ctx, start, json, copy_run(ctx, c)).await,
         Command::Pin { id } | Command::Unpin { id } => {
             let pinned = matches!(cli.command, Command::Pin { .. });
             let repo = ctx.open_repository().await?;

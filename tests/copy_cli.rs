@@ -311,6 +311,23 @@ fn a_second_repository_made_by_copy_restores_the_cluster_and_the_dump_on_its_own
     );
     let here = s.run_repo(&["--json", "list"], &[]).expect(0).json();
     assert_eq!(here["backups"].as_array().unwrap().len(), 3, "{here}");
+    // The source's run history has the copies, the refused ones failed, and no passphrase.
+    let h = s
+        .run_repo(&["--json", "history", "--kind", "copy"], &[])
+        .expect(0);
+    assert_no_canary(&h);
+    let results: Vec<String> = h.json()["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["result"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        results.iter().filter(|r| *r == "ok").count(),
+        3,
+        "{results:?}"
+    );
+    assert!(results.iter().any(|r| r == "failed"), "{results:?}");
     on_second(&s, &second, &pass, &["repo", "check", "--read-data"]).expect(0);
 }
 

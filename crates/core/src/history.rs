@@ -631,6 +631,16 @@ impl RunFacts for crate::commands::archive::ArchivePushReport {
     }
 }
 
+impl RunFacts for crate::commands::copy::CopyReport {
+    fn facts(&self) -> Facts {
+        Facts {
+            bytes_read: Some(self.totals.bytes_read),
+            bytes_new: Some(self.totals.bytes_new),
+            ..Facts::default()
+        }
+    }
+}
+
 impl RunFacts for crate::commands::expire::ExpireReport {}
 impl RunFacts for crate::commands::verify::VerifyReport {}
 
