@@ -274,6 +274,68 @@ pub async fn list_ids(repo: &Repository, cluster: &str) -> Result<Vec<String>> {
     Ok(ids)
 }
 
+/// Manifests read at once by [`load_summaries`].
+const SUMMARY_READS: usize = 8;
+
+/// What choosing among backups needs of a body: for dumps `all` and the dumped databases'
+/// names, for physical backups the WAL span (`timeline`, `start_lsn`, `stop_lsn`,
+/// `wal_segment_size`).
+#[derive(Debug, Deserialize, Serialize)]
+struct ChoiceFacts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    all: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    databases: Option<Vec<DumpedName>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    timeline: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    start_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stop_lsn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    wal_segment_size: Option<u32>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+struct DumpedName {
+    name: String,
+}
+
+/// Like [`load_headers`], for commands that choose among many backups without reading
+/// their contents (expire, copy): each body is reduced to the fields of `ChoiceFacts`
+/// (`all`, `databases: [{"name"}]`, the WAL span) while it is parsed, and a few manifests are read at a time, so memory stays that of the
+/// headers. A physical manifest lists every file with its blobs; sixty of them as JSON values
+/// were most of expire's peak memory.
+pub async fn load_summaries(
+    repo: &Repository,
+    cluster: &str,
+) -> Result<Vec<(ManifestHeader, serde_json::Value)>> {
+    use futures::{StreamExt, TryStreamExt};
+    let ids = list_ids(repo, cluster).await?;
+    let summaries: Vec<(ManifestHeader, serde_json::Value)> = futures::stream::iter(ids)
+        .map(|id| async move {
+            let key = ManifestKey {
+                cluster: cluster.to_string(),
+                id: id.clone(),
+            }
+            .key();
+            let plain = repo.get_sealed(&key, key.as_bytes()).await?;
+            let bad = |e: serde_json::Error| {
+                Error::new(
+                    ErrorKind::Integrity,
+                    format!("manifest {cluster}/{id} does not parse: {e}"),
+                )
+            };
+            let h: ManifestHeader = serde_json::from_slice(&plain).map_err(bad)?;
+            let f: ChoiceFacts = serde_json::from_slice(&plain).map_err(bad)?;
+            Ok::<_, Error>((h, serde_json::to_value(f).expect("facts serialize")))
+        })
+        .buffered(SUMMARY_READS)
+        .try_collect()
+        .await?;
+    Ok(summaries)
+}
+
 /// Loads the headers of every manifest of `cluster`, oldest first.
 pub async fn load_headers(
     repo: &Repository,

@@ -176,7 +176,7 @@ async fn copy_locked(
     target: &Repository,
     opts: &CopyOptions,
 ) -> Result<(Vec<CopiedBackup>, Option<WalCopy>)> {
-    let headers = manifest::load_headers(source, &opts.cluster).await?;
+    let headers = manifest::load_summaries(source, &opts.cluster).await?;
     let selected = select(&headers, &opts.selection, &opts.cluster)?;
     // WAL first: a copied physical backup is then restorable with its WAL in the target
     // (a backup's own start-to-stop WAL is in its manifest either way).

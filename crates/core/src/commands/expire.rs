@@ -16,13 +16,13 @@ use std::fmt;
 
 use pgkeep_pg::wal::{WalFileName, WalSegmentName};
 use pgkeep_repo::{LockKind, PruneOptions, PruneReport, Repository};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::commands::archive::{list_archive, summary_key, wal_key};
 use crate::commands::dump::KIND_DUMP;
 use crate::context::Report;
 use crate::error::{Error, ErrorKind, Result};
-use crate::manifest::{self, BackupManifest, ManifestHeader, KIND_PHYSICAL};
+use crate::manifest::{self, ManifestHeader, KIND_PHYSICAL};
 use crate::retention::{self, Candidate, Decision, RetentionPolicy};
 
 /// Which kind of backup a rule set applies to.
@@ -219,7 +219,7 @@ pub async fn expire(repo: &Repository, opts: &ExpireOptions) -> Result<ExpireRep
     } else {
         Some(repo.lock(LockKind::Exclusive, None, "expire").await?)
     };
-    let headers = manifest::load_headers(repo, &opts.cluster).await?;
+    let headers = manifest::load_summaries(repo, &opts.cluster).await?;
     let pins = pinned_ids(repo, &opts.cluster).await?;
     let groups = decide(&headers, &pins, opts)?;
     let removed: Vec<String> = groups
@@ -383,6 +383,33 @@ struct WalPlan {
 /// in the continuous set (all kept backups, or the newest `keep_wal_for`), except the start
 /// to stop range of each older kept backup. History files always stay (PostgreSQL reads them
 /// to follow timelines, and they are tiny).
+/// What WAL retention needs of a kept physical backup (from [`manifest::load_summaries`]).
+#[derive(Debug, Deserialize)]
+struct WalSpan {
+    #[serde(skip)]
+    id: String,
+    #[serde(skip)]
+    start_time: Option<chrono::DateTime<chrono::Utc>>,
+    timeline: u32,
+    start_lsn: String,
+    stop_lsn: String,
+    wal_segment_size: u32,
+}
+
+impl WalSpan {
+    fn of(h: &ManifestHeader, body: &serde_json::Value) -> Result<Self> {
+        let mut span: WalSpan = serde_json::from_value(body.clone()).map_err(|e| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("manifest {}/{} lacks its WAL span: {e}", h.cluster, h.id),
+            )
+        })?;
+        span.id = h.id.clone();
+        span.start_time = h.start_time;
+        Ok(span)
+    }
+}
+
 async fn plan_wal(
     repo: &Repository,
     opts: &ExpireOptions,
@@ -390,10 +417,10 @@ async fn plan_wal(
     removed: &[String],
 ) -> Result<WalPlan> {
     let removed: BTreeSet<&str> = removed.iter().map(String::as_str).collect();
-    let mut kept: Vec<BackupManifest> = Vec::new();
+    let mut kept: Vec<WalSpan> = Vec::new();
     for (h, body) in headers {
         if h.kind == KIND_PHYSICAL && !removed.contains(h.id.as_str()) {
-            kept.push(BackupManifest::from_value(body.clone())?);
+            kept.push(WalSpan::of(h, body)?);
         }
     }
     if kept.is_empty() {
@@ -407,7 +434,7 @@ async fn plan_wal(
     }
     kept.sort_by_key(|m| std::cmp::Reverse(m.start_time));
     let seg_size = kept[0].wal_segment_size;
-    let range = |m: &BackupManifest| -> Result<(u64, u64)> {
+    let range = |m: &WalSpan| -> Result<(u64, u64)> {
         let lsn = |s: &str| {
             s.parse::<pgkeep_pg::lsn::Lsn>().map_err(|e| {
                 Error::new(
