@@ -13,7 +13,8 @@
 # already there is left alone.
 #
 #   scripts/install-deps.sh           everything the tests need
-#   scripts/install-deps.sh --bench   also pgBackRest, for bench/compare.sh and bench/archive.sh
+#   scripts/install-deps.sh --bench   also pgBackRest and restic, for bench/compare.sh,
+#                                     bench/archive.sh and bench/expire.sh
 #   scripts/install-deps.sh --dry-run only print what would be installed
 #
 # Idempotent: when everything is present it only checks (well under a second) and installs
@@ -91,6 +92,8 @@ have bc || need_apt+=(bc)
 [ -x /usr/bin/time ] || need_apt+=(time)
 if [ "$bench" = 1 ]; then
   have pgbackrest || need_apt+=(pgbackrest)
+  # bench/expire.sh compares expire with `restic forget --prune`.
+  have restic || need_apt+=(restic)
 fi
 
 if [ "$dry_run" = 1 ]; then
@@ -216,4 +219,4 @@ have cargo || {
 }
 
 majors=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f ' 2>/dev/null || true)
-echo "install-deps: ok (postgres ${PGKEEP_PG_BIN:-${majors:-none}}, PostgreSQL 13-18 in $PG_CACHE, weed, azurite-blob, aiosmtpd, promtool, bc, time, cargo$([ "$bench" = 1 ] && echo ", pgbackrest"))"
+echo "install-deps: ok (postgres ${PGKEEP_PG_BIN:-${majors:-none}}, PostgreSQL 13-18 in $PG_CACHE, weed, azurite-blob, aiosmtpd, promtool, bc, time, cargo$([ "$bench" = 1 ] && echo ", pgbackrest, restic"))"
