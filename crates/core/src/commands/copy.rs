@@ -7,9 +7,9 @@
 //! by a rerun (manifests the target has are skipped; blobs it indexed are not sent again).
 //! The target's own `expire` rules apply there: copies are ordinary backups of the target.
 //!
-//! Locks: a shared lock on the source (its prune waits, so nothing being read disappears) and
-//! a shared lock on the target (a writer, like a backup). Pins stay with the source: the
-//! target decides its own.
+//! Locks: a shared lock on the source (a prune there is refused meanwhile, exit 11, so
+//! nothing being read disappears) and a shared lock on the target (a writer, like a backup).
+//! Pins stay with the source: the target decides its own.
 
 use std::collections::BTreeMap;
 use std::fmt;
