@@ -51,6 +51,11 @@ struct Global {
     /// Cluster name [env: PGKEEP_CLUSTER] [default: main].
     #[arg(long, global = true, value_name = "NAME")]
     cluster: Option<String>,
+    /// Wait this long (30s, 10m, 1h) for a conflicting repository lock to be released instead
+    /// of failing at once with exit 11, e.g. a backup started while expire runs [env:
+    /// PGKEEP_LOCK_WAIT] [default: 0].
+    #[arg(long, global = true, value_name = "DURATION")]
+    lock_wait: Option<String>,
     /// Print one JSON document on stdout instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -698,6 +703,7 @@ impl Cli {
             pg,
             compression_level: None,
             log_level: log_level.map(str::to_string),
+            lock_wait: g.lock_wait.clone(),
         }
     }
 

@@ -372,3 +372,56 @@ fn expire_killed_after_every_storage_write_leaves_every_kept_dump_whole_and_the_
     assert_eq!(ids_of(&list, "dump"), kept);
     assert!(gone.iter().all(|id| !ids_of(&list, "dump").contains(id)));
 }
+
+/// `--lock-wait`: a prune started while another process holds the exclusive lock fails at
+/// once with exit 11 by default, and with `--lock-wait` waits for the lock and then runs; a
+/// wait that runs out is exit 11 too, and a bad duration exit 2.
+#[test]
+fn lock_wait_lets_a_command_wait_for_a_conflicting_lock_instead_of_failing() {
+    use std::time::Instant;
+    let s = Sandbox::new();
+    s.run_repo(&["repo", "init", "--no-encryption"], &[])
+        .expect(0);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let storage: std::sync::Arc<dyn pgkeep_storage::Storage> =
+        std::sync::Arc::new(pgkeep_storage::LocalStorage::new(s.repo()).unwrap());
+    let repo = rt
+        .block_on(pgkeep_repo::Repository::open(storage, None))
+        .unwrap();
+    let held = rt
+        .block_on(repo.lock(pgkeep_repo::LockKind::Exclusive, None, "holder"))
+        .unwrap();
+
+    let r = s.run_repo(&["repo", "prune"], &[]).expect(11);
+    assert!(r.stderr().contains("holder"), "{}", r.stderr());
+    let started = Instant::now();
+    s.run_repo(&["--lock-wait", "1s", "repo", "prune"], &[])
+        .expect(11);
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    let r = s
+        .run_repo(&["--lock-wait", "soon", "repo", "prune"], &[])
+        .expect(2);
+    assert!(r.stderr().contains("--lock-wait"), "{}", r.stderr());
+
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", s.path())
+        .env("PGKEEP_CONFIG", s.path().join("empty.toml"))
+        .env("PGKEEP_LOCK_WAIT", "30s")
+        .args(["--repo", s.repo().to_str().unwrap(), "repo", "prune"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let started = Instant::now();
+    let child = cmd.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    rt.block_on(held.release()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("waiting up to"));
+}

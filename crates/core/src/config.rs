@@ -129,6 +129,8 @@ pub mod env {
     pub const PASSPHRASE_FILE: &str = "PGKEEP_PASSPHRASE_FILE";
     /// Selected cluster name (also `--cluster`).
     pub const CLUSTER: &str = "PGKEEP_CLUSTER";
+    /// How long to wait for a repository lock (also `--lock-wait`).
+    pub const LOCK_WAIT: &str = "PGKEEP_LOCK_WAIT";
     /// `cluster.pgdata` of the selected cluster (also `--pgdata`).
     pub const PGDATA: &str = "PGKEEP_PGDATA";
     /// `cluster.pg` of the selected cluster (also `--pg`).
@@ -540,6 +542,20 @@ pub const MAX_RELATION_CHUNK_SIZE: u32 = 16 << 20;
 /// are chunked content-defined like every file), or a size in bytes (suffixes `K`/`KiB`,
 /// `M`/`MiB`), a multiple of the 8 KiB page, at most 16 MiB: relation files are cut into
 /// aligned pieces of that size.
+/// A lock wait: a duration such as `30s`, `10m`, `1h` (`0`: do not wait), at most a day.
+pub fn check_lock_wait(v: &str) -> std::result::Result<std::time::Duration, String> {
+    let d = if v.trim() == "0" {
+        std::time::Duration::ZERO
+    } else {
+        humantime::parse_duration(v.trim())
+            .map_err(|e| format!("{v:?} is not a duration ({e}); e.g. 30s, 10m, 1h"))?
+    };
+    if d > std::time::Duration::from_secs(86_400) {
+        return Err(format!("{v:?} is longer than a day"));
+    }
+    Ok(d)
+}
+
 /// A storage class: letters, digits and `_` (`STANDARD_IA`, `GLACIER_IR`, `INTELLIGENT_TIERING`,
 /// Azure's `Cool`, GCS's `NEARLINE`), at most 64. The provider checks the value itself.
 pub fn check_storage_class(v: &str) -> std::result::Result<String, String> {
@@ -926,6 +942,8 @@ pub struct Overrides {
     pub compression_level: Option<i32>,
     /// Log level from `-v` / `-q`.
     pub log_level: Option<String>,
+    /// `--lock-wait DURATION`.
+    pub lock_wait: Option<String>,
 }
 
 /// The repository to use, after precedence.
@@ -972,6 +990,9 @@ pub struct Settings {
     pub relation_chunk_size: Option<u32>,
     /// Spool directory of asynchronous archiving (`None`: synchronous).
     pub spool_dir: Option<PathBuf>,
+    /// How long to wait for a conflicting repository lock (`--lock-wait`, `PGKEEP_LOCK_WAIT`;
+    /// zero: fail at once with exit 11).
+    pub lock_wait: std::time::Duration,
     /// Names of the file's repositories (for the hint when none was selected).
     pub configured_repositories: Vec<String>,
     /// The file's repositories, for commands that use a second one (`copy --to NAME`).
@@ -1219,6 +1240,10 @@ impl Settings {
                 Some(n) => Some(n),
                 None => file.and_then(|f| f.options.relation_chunk_size),
             };
+        let lock_wait = match &flags.lock_wait {
+            Some(v) => check_lock_wait(v).map_err(|m| Error::usage(format!("--lock-wait: {m}")))?,
+            None => env_parse(env, env::LOCK_WAIT, check_lock_wait)?.unwrap_or_default(),
+        };
         let spool_dir = match env_parse(env, env::SPOOL_DIR, check_spool_dir)? {
             Some(p) => Some(p),
             None => file.and_then(|f| f.options.spool_dir.clone()),
@@ -1238,6 +1263,7 @@ impl Settings {
             log_level,
             relation_chunk_size,
             spool_dir,
+            lock_wait,
             configured_repositories: file
                 .map(|f| f.repositories.iter().map(|r| r.name.clone()).collect())
                 .unwrap_or_default(),

@@ -69,7 +69,9 @@ impl Context {
     /// encrypted, the user is prompted on a terminal. Reads only: a wrong passphrase fails
     /// with exit 12 and writes nothing.
     pub async fn open_repository(&self) -> Result<Repository> {
-        open_repository_at(self.repository()?, &self.passphrases).await
+        let repo = open_repository_at(self.repository()?, &self.passphrases).await?;
+        repo.set_lock_wait(self.settings.lock_wait);
+        Ok(repo)
     }
 
     /// Opens a second repository (`copy --to NAME|URL`) with its own passphrase sources
@@ -77,7 +79,7 @@ impl Context {
     pub async fn open_other_repository(&self, name_or_url: &str, env: &Env) -> Result<Repository> {
         let r = self.settings.other_repository(name_or_url)?;
         let p = Passphrases::for_target(env, r.passphrase_file.as_deref())?;
-        open_repository_at(&r, &p)
+        let repo = open_repository_at(&r, &p)
             .await
             .map_err(|e| match e.kind() {
                 ErrorKind::WrongKey if !p.is_given() => Error::with_hint(
@@ -86,7 +88,9 @@ impl Context {
                     "set PGKEEP_TO_PASSPHRASE_FILE (or the repository's passphrase_file)",
                 ),
                 _ => e,
-            })
+            })?;
+        repo.set_lock_wait(self.settings.lock_wait);
+        Ok(repo)
     }
 }
 

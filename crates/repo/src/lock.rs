@@ -148,6 +148,8 @@ enum Refreshed {
 #[derive(Default)]
 pub(crate) struct LockState {
     timing: Mutex<LockTiming>,
+    /// How long [`Repository::lock`] waits for a conflicting lock to go (zero: fails at once).
+    wait: Mutex<Duration>,
     held: Mutex<HashMap<u64, Held>>,
     next_slot: AtomicU64,
 }
@@ -394,9 +396,44 @@ impl Repository {
         self.inner.locks.holds_exclusive()
     }
 
-    /// Takes a lock, failing at once with [`RepoError::Locked`] naming the holder when a live
-    /// conflicting lock exists.
+    /// How long [`Repository::lock`] waits for a conflicting lock to be released before it
+    /// fails with [`RepoError::Locked`]; zero (the default) fails at once. A backup and an
+    /// expire started by cron in the same minute then run one after the other.
+    pub fn set_lock_wait(&self, wait: Duration) {
+        *self.inner.locks.wait.lock().unwrap() = wait;
+    }
+
+    /// Takes a lock. When a live conflicting lock exists, retries (every 0.2 s at first,
+    /// backing off to 5 s) until the lock wait of [`Repository::set_lock_wait`] has passed,
+    /// then fails with [`RepoError::Locked`] naming the holder.
     pub async fn lock(
+        &self,
+        kind: LockKind,
+        scope: Option<&str>,
+        purpose: &str,
+    ) -> Result<RepoLock> {
+        let wait = *self.inner.locks.wait.lock().unwrap();
+        let deadline = Instant::now() + wait;
+        let mut pause = Duration::from_millis(200);
+        let mut told = false;
+        loop {
+            match self.lock_once(kind, scope, purpose).await {
+                Err(RepoError::Locked { holder }) if Instant::now() < deadline => {
+                    if !told {
+                        tracing::warn!("waiting up to {wait:?} for the lock held by {holder}");
+                        told = true;
+                    }
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    tokio::time::sleep(pause.min(left)).await;
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// One attempt of [`Repository::lock`].
+    async fn lock_once(
         &self,
         kind: LockKind,
         scope: Option<&str>,
