@@ -9,42 +9,12 @@
 
 mod cli_support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use cli_support::Sandbox;
+use cli_support::{start_archiving, switch_and_wait, Sandbox};
 use pgkeep_testing::Cluster;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgkeep");
-
-fn start_archiving(s: &Sandbox) -> Cluster {
-    let command = format!(
-        "{BIN} --config {} --repo {} archive-push %p",
-        s.path().join("empty.toml").display(),
-        s.repo().display()
-    );
-    Cluster::builder()
-        .archive_command(&command)
-        .start()
-        .unwrap()
-}
-
-/// Switches WAL and waits until the server archived the segment.
-fn switch_and_wait(c: &Cluster) {
-    let last = c.sql("SELECT pg_walfile_name(pg_switch_wal())").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let row = c
-            .sql("SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver")
-            .unwrap();
-        let (archived, failed) = row.split_once('|').unwrap();
-        assert_eq!(failed, "0", "archive_command failed:\n{}", c.log_tail());
-        if archived >= last.as_str() {
-            return;
-        }
-        assert!(Instant::now() < deadline, "{last} not archived");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Restores `id` (to `target`, given as flags) into a new directory, starts it and counts.
 fn restored_count(s: &Sandbox, id: &str, target: &[&str], dir: &str) -> String {

@@ -141,3 +141,38 @@ impl Sandbox {
         s
     }
 }
+
+/// A running cluster whose `archive_command` is `pgkeep archive-push` into the sandbox's
+/// repository (which [`Sandbox::shared`] makes writable by the server user).
+pub fn start_archiving(s: &Sandbox) -> pgkeep_testing::Cluster {
+    let command = format!(
+        "{} --config {} --repo {} archive-push %p",
+        env!("CARGO_BIN_EXE_pgkeep"),
+        s.path().join("empty.toml").display(),
+        s.repo().display()
+    );
+    pgkeep_testing::Cluster::builder()
+        .archive_command(&command)
+        .start()
+        .unwrap()
+}
+
+/// Switches WAL and waits until the server archived the segment (pg_stat_archiver), failing
+/// with the server log when the archive_command failed.
+pub fn switch_and_wait(c: &pgkeep_testing::Cluster) {
+    use std::time::{Duration, Instant};
+    let last = c.sql("SELECT pg_walfile_name(pg_switch_wal())").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let row = c
+            .sql("SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver")
+            .unwrap();
+        let (archived, failed) = row.split_once('|').unwrap();
+        assert_eq!(failed, "0", "archive_command failed:\n{}", c.log_tail());
+        if archived >= last.as_str() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{last} not archived");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
