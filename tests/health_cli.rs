@@ -201,6 +201,37 @@ fn check_judges_ages_and_a_shrunk_dump_with_nagios_and_usual_codes() {
         r.stdout()
     );
 
+    // Free space, with thresholds from PGKEEP_HEALTH_* over the file (the harness sets them
+    // to 1 % so that a nearly full CI disk does not fail unrelated checks).
+    let free_item = |j: &serde_json::Value| {
+        j["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == "repository_free_space")
+            .cloned()
+            .unwrap()
+    };
+    let full = [
+        ("PGKEEP_PG", conn.as_str()),
+        ("PGKEEP_HEALTH_FREE_SPACE_WARN", "100"),
+    ];
+    let j = s
+        .run_repo(&["--config", &relaxed, "--json", "check"], &full)
+        .expect(3)
+        .json();
+    assert_eq!(free_item(&j)["status"], "warning", "{j}");
+    let full = [
+        ("PGKEEP_PG", conn.as_str()),
+        ("PGKEEP_HEALTH_FREE_SPACE_WARN", "100"),
+        ("PGKEEP_HEALTH_FREE_SPACE_CRIT", "100"),
+    ];
+    let j = s
+        .run_repo(&["--config", &relaxed, "--json", "check"], &full)
+        .expect(1)
+        .json();
+    assert_eq!(free_item(&j)["status"], "critical", "{j}");
+
     // An age threshold crossed by the dump this test made.
     std::thread::sleep(Duration::from_millis(1100));
     let warn = config(

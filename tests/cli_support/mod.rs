@@ -36,6 +36,10 @@ impl Sandbox {
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("HOME", self.path())
             .env("PGKEEP_CONFIG", self.path().join("empty.toml"))
+            // CI machines run with little free disk; the free-space check is tested on its
+            // own (health_cli), every other `check` must not depend on the machine's disk.
+            .env("PGKEEP_HEALTH_FREE_SPACE_WARN", "1")
+            .env("PGKEEP_HEALTH_FREE_SPACE_CRIT", "1")
             .current_dir(self.path())
             .args(args);
         for (k, v) in envs {

@@ -147,6 +147,9 @@ pub mod env {
     pub const NOTIFY_STATE_DIR: &str = "PGKEEP_NOTIFY_STATE_DIR";
     /// `notify.dedup_window`.
     pub const NOTIFY_DEDUP_WINDOW: &str = "PGKEEP_NOTIFY_DEDUP_WINDOW";
+    /// Prefix of the `[health]` keys: `PGKEEP_HEALTH_BACKUP_WARN_AGE=26h` sets
+    /// `backup_warn_age`, over the file's `[health]` and the cluster's own.
+    pub const HEALTH_PREFIX: &str = "PGKEEP_HEALTH_";
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1059,6 +1062,36 @@ fn resolve_notify(file: Option<&ConfigFile>, env: &Env) -> Result<pgkeep_notify:
     Ok(notify)
 }
 
+/// `PGKEEP_HEALTH_<KEY>` variables as a [`HealthConfig`]: each value is read as a TOML value
+/// (`26h` as a string, `10` as a number, `false` as a boolean) and checked as the same key of
+/// `[health]` would be; a variable that names no key is refused, so a typo is not ignored.
+fn health_from_env(env: &Env) -> Result<HealthConfig> {
+    let mut table = toml::Table::new();
+    for (name, value) in env.0.range(env::HEALTH_PREFIX.to_string()..) {
+        let Some(key) = name.strip_prefix(env::HEALTH_PREFIX) else {
+            break;
+        };
+        if value.is_empty() {
+            continue;
+        }
+        let parsed = format!("v = {value}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.clone()));
+        let one = toml::Table::from_iter([(key.to_ascii_lowercase(), parsed.clone())]);
+        HealthConfig::deserialize(toml::Value::Table(one)).map_err(|e| {
+            Error::usage_hint(
+                format!("{name}: {}", e.message()),
+                "PGKEEP_HEALTH_<KEY> takes the keys of [health] (see docs/config.md)",
+            )
+        })?;
+        table.insert(key.to_ascii_lowercase(), parsed);
+    }
+    HealthConfig::deserialize(toml::Value::Table(table))
+        .map_err(|e| Error::usage(format!("{}*: {}", env::HEALTH_PREFIX, e.message())))
+}
+
 impl Settings {
     /// Finds and reads the configuration file, then resolves every setting. Nothing outside
     /// the file is read or touched.
@@ -1276,12 +1309,15 @@ impl Settings {
                     f.retention.overlay(&own)
                 })
                 .unwrap_or_default(),
-            health: file
-                .map(|f| {
-                    let own = file_cluster.map(|c| c.health.clone()).unwrap_or_default();
-                    HealthSettings::from(&f.health.overlay(&own))
-                })
-                .unwrap_or_default(),
+            health: {
+                let from_file = file
+                    .map(|f| {
+                        let own = file_cluster.map(|c| c.health.clone()).unwrap_or_default();
+                        f.health.overlay(&own)
+                    })
+                    .unwrap_or_default();
+                HealthSettings::from(&from_file.overlay(&health_from_env(env)?))
+            },
         })
     }
 
@@ -1855,6 +1891,46 @@ name = "reports"
                 .starts_with("PGKEEP_NOTIFY_DEDUP_WINDOW: \"often\" is not a duration"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn health_variables_override_the_file_key_by_key_and_refuse_unknown_keys() {
+        let file = parse("[health]\nbackup_warn_age = \"2h\"\nfree_space_warn = 20\n").unwrap();
+        let env = Env::from_pairs([
+            ("PGKEEP_HEALTH_FREE_SPACE_WARN", "3"),
+            ("PGKEEP_HEALTH_FREE_SPACE_CRIT", "1"),
+            ("PGKEEP_HEALTH_CHECK_ARCHIVING", "false"),
+            ("PGKEEP_HEALTH_DUMP_WARN_AGE", "3d"),
+        ]);
+        let s = Settings::resolve(Some(&file), &env, &Overrides::default()).unwrap();
+        assert_eq!(s.health.free_space_warn, 3);
+        assert_eq!(s.health.free_space_crit, 1);
+        assert!(!s.health.check_archiving);
+        assert_eq!(s.health.dump_warn_age.to_string(), "3d");
+        assert_eq!(s.health.backup_warn_age.to_string(), "2h", "file key kept");
+        for (var, value, message) in [
+            (
+                "PGKEEP_HEALTH_FREE_SPACE_WARM",
+                "3",
+                "PGKEEP_HEALTH_FREE_SPACE_WARM: unknown field `free_space_warm`",
+            ),
+            (
+                "PGKEEP_HEALTH_FREE_SPACE_WARN",
+                "0",
+                "PGKEEP_HEALTH_FREE_SPACE_WARN: 0 is not a percentage from 1 to 100",
+            ),
+            (
+                "PGKEEP_HEALTH_BACKUP_WARN_AGE",
+                "soon",
+                "PGKEEP_HEALTH_BACKUP_WARN_AGE: \"soon\" is not a duration",
+            ),
+        ] {
+            let env = Env::from_pairs([(var, value)]);
+            let e = Settings::resolve(Some(&file), &env, &Overrides::default()).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{e}");
+            assert!(e.to_string().starts_with(message), "{e}");
+            assert!(e.to_string().contains("HINT: PGKEEP_HEALTH_<KEY>"), "{e}");
+        }
     }
 
     #[test]
