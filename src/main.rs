@@ -12,7 +12,7 @@ use pgkeep_core::commands::repo::{
     self, RepoCheckOptions, RepoInitOptions, RepoKeyRemoveOptions, RepoUnlockOptions,
 };
 use pgkeep_core::commands::{
-    archive, backup, copy, dump, expire, export_dump, list, notify, restore, restore_dump,
+    archive, backup, copy, drill, dump, expire, export_dump, list, notify, restore, restore_dump,
     restore_plan, verify,
 };
 use pgkeep_core::config::{Env, Overrides};
@@ -153,6 +153,9 @@ enum Command {
         #[arg(long)]
         read_data: bool,
     },
+    /// Prove that a backup restores: restore it into a scratch directory, replay WAL on a
+    /// throwaway server, check every database, measure the recovery time, clean up.
+    Drill(DrillArgs),
     /// Remove backups, dumps and WAL beyond the retention policy, then unused data.
     Expire(ExpireArgs),
     /// Pin a backup or dump: expire never removes it.
@@ -594,6 +597,43 @@ struct DumpArgs {
 }
 
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("target").multiple(false).args(
+    ["target_time", "target_lsn", "target_xid", "target_name", "dump"]
+)))]
+struct DrillArgs {
+    /// Backup id, or `latest` (the newest physical backup) [default: latest].
+    #[arg(value_name = "ID|latest", conflicts_with = "dump")]
+    id: Option<String>,
+    /// Replay up to this time (timestamptz text or RFC 3339) [default: the end of the
+    /// archive].
+    #[arg(long, value_name = "T")]
+    target_time: Option<String>,
+    /// Replay up to this LSN.
+    #[arg(long, value_name = "L")]
+    target_lsn: Option<String>,
+    /// Replay up to this transaction id.
+    #[arg(long, value_name = "X")]
+    target_xid: Option<String>,
+    /// Replay up to this named restore point.
+    #[arg(long, value_name = "N")]
+    target_name: Option<String>,
+    /// Directory in which the scratch directory is made [default: [drill] scratch_dir,
+    /// $TMPDIR, /var/tmp].
+    #[arg(long, value_name = "DIR", conflicts_with = "dump")]
+    scratch_dir: Option<PathBuf>,
+    /// Drill a dump instead: restore it into a scratch database and compare.
+    #[arg(long, value_name = "ID|latest", requires = "db")]
+    dump: Option<String>,
+    /// The database of the dump.
+    #[arg(long, value_name = "NAME", requires = "dump")]
+    db: Option<String>,
+    /// Server the dump drill restores into, libpq connection string without password
+    /// [env: PGKEEP_PG].
+    #[arg(long, value_name = "CONNINFO", requires = "dump")]
+    pg: Option<String>,
+}
+
+#[derive(Debug, Args)]
 struct RestoreDumpArgs {
     /// Dump id, or `latest` (the newest dump).
     #[arg(value_name = "ID|latest")]
@@ -683,6 +723,7 @@ impl Cli {
             Command::Backup(b) => (b.pgdata.clone(), b.pg.clone()),
             Command::Dump(d) => (None, d.pg.clone()),
             Command::RestoreDump(r) => (None, r.pg.clone()),
+            Command::Drill(d) => (None, d.pg.clone()),
             _ => (None, None),
         };
         let log_level = if g.quiet {
@@ -718,6 +759,7 @@ impl Cli {
             Command::Expire(e) if !e.dry_run => Some(start(RunKind::Expire)),
             Command::Verify { .. } => Some(start(RunKind::Verify)),
             Command::Copy(_) => Some(start(RunKind::Copy)),
+            Command::Drill(d) => Some(RunStart::now(RunKind::Drill, cluster, d.db.as_deref())),
             _ => None,
         }
     }
@@ -1003,6 +1045,7 @@ async fn run(cli: &Cli, ctx: &Context, start: Option<&RunStart>) -> Result<i32, 
             recorded(ctx, start, json, verify::verify(ctx, &opts)).await
         }
         Command::Dump(d) => recorded(ctx, start, json, dump_run(cli, ctx, d)).await,
+        Command::Drill(d) => recorded(ctx, start, json, drill_run(cli, ctx, d)).await,
         Command::RestoreDump(r) => {
             use std::io::IsTerminal;
             let repo = ctx.open_repository().await?;
@@ -1120,34 +1163,81 @@ async fn metrics_run(ctx: &Context, m: &MetricsArgs) -> Result<i32, Error> {
 }
 
 /// The point-in-time recovery request of `restore` flags.
-fn pitr_options(
-    ctx: &Context,
-    r: &RestoreArgs,
-) -> Result<pgkeep_core::commands::pitr::PitrOptions, Error> {
+/// The recovery target of `--target-*` (none: the end of the archive).
+fn recovery_target(
+    time: Option<&str>,
+    lsn: Option<&str>,
+    xid: Option<&str>,
+    name: Option<&str>,
+    immediate: bool,
+) -> Result<pgkeep_pg::recovery::RecoveryTarget, Error> {
     use pgkeep_core::commands::pitr;
-    use pgkeep_pg::recovery::{RecoveryTarget, TargetAction as Action, TargetTimeline};
-    let target = if let Some(t) = &r.target_time {
+    use pgkeep_pg::recovery::RecoveryTarget;
+    Ok(if let Some(t) = time {
         pitr::parse_target_time(t)?;
-        RecoveryTarget::Time(t.clone())
-    } else if let Some(l) = &r.target_lsn {
+        RecoveryTarget::Time(t.to_string())
+    } else if let Some(l) = lsn {
         RecoveryTarget::Lsn(
             l.parse()
                 .map_err(|e| Error::usage(format!("--target-lsn {l:?}: {e}")))?,
         )
-    } else if let Some(x) = &r.target_xid {
+    } else if let Some(x) = xid {
         if x.is_empty() || !x.chars().all(|c| c.is_ascii_digit()) {
             return Err(Error::usage(format!(
                 "--target-xid {x:?} is not a transaction id (digits)"
             )));
         }
-        RecoveryTarget::Xid(x.clone())
-    } else if let Some(n) = &r.target_name {
-        RecoveryTarget::Name(n.clone())
-    } else if r.target_immediate {
+        RecoveryTarget::Xid(x.to_string())
+    } else if let Some(n) = name {
+        RecoveryTarget::Name(n.to_string())
+    } else if immediate {
         RecoveryTarget::Immediate
     } else {
         RecoveryTarget::End
+    })
+}
+
+/// `drill`: a physical drill, or a dump drill with `--dump`.
+async fn drill_run(cli: &Cli, ctx: &Context, d: &DrillArgs) -> Result<drill::DrillReport, Error> {
+    let cluster = ctx.settings.cluster.name.clone();
+    if let (Some(id), Some(db)) = (&d.dump, &d.db) {
+        let opts = drill::dump::DumpDrillOptions {
+            cluster,
+            id: id.clone(),
+            db: db.clone(),
+            conninfo: ctx.settings.cluster.pg.clone(),
+        };
+        return drill::dump::drill_dump(ctx, &opts, progress(cli).as_ref()).await;
+    }
+    let opts = drill::DrillOptions {
+        cluster,
+        id: d.id.clone().unwrap_or_else(|| "latest".into()),
+        target: recovery_target(
+            d.target_time.as_deref(),
+            d.target_lsn.as_deref(),
+            d.target_xid.as_deref(),
+            d.target_name.as_deref(),
+            false,
+        )?,
+        scratch_dir: d.scratch_dir.clone(),
+        threads: ctx.settings.threads,
     };
+    drill::drill(ctx, &opts, progress(cli).as_ref()).await
+}
+
+fn pitr_options(
+    ctx: &Context,
+    r: &RestoreArgs,
+) -> Result<pgkeep_core::commands::pitr::PitrOptions, Error> {
+    use pgkeep_core::commands::pitr;
+    use pgkeep_pg::recovery::{TargetAction as Action, TargetTimeline};
+    let target = recovery_target(
+        r.target_time.as_deref(),
+        r.target_lsn.as_deref(),
+        r.target_xid.as_deref(),
+        r.target_name.as_deref(),
+        r.target_immediate,
+    )?;
     let action = r.target_action.map(|a| match a {
         TargetAction::Promote => Action::Promote,
         TargetAction::Pause => Action::Pause,

@@ -353,12 +353,71 @@ fn version_case(major: u32) {
         );
     }
 
+    drill_to_restore_point(&st, &c, major, &at_point);
     dump_round_trip(&st, &c, major);
     wal_summaries(&st, &c, major);
     eprintln!(
         "PostgreSQL {major}: matrix case passed in {:.1} s",
         started.elapsed().as_secs_f64()
     );
+}
+
+/// `drill --target-name` on a scratch server of this major (the tablespace moved into the
+/// scratch directory): every check passes, the assertion sees the rows of that moment, and
+/// nothing is left behind.
+fn drill_to_restore_point(st: &Setup, c: &Cluster, major: u32, at_point: &str) {
+    let parent = st.s.path().join("drills");
+    std::fs::create_dir_all(&parent).unwrap();
+    let cfg = st.s.path().join("drill.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[drill.assert]]\nname = \"events\"\ndatabase = \"shop\"\n\
+             query = \"SELECT count(*) FROM events\"\nexpected = \"{at_point}\"\n"
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let r = st.run_pg(
+        c,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--json",
+            "drill",
+            "--target-name",
+            "matrix_point",
+            "--scratch-dir",
+            parent.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(
+        r.code(),
+        0,
+        "PostgreSQL {major} drill: {}\n{}",
+        r.stdout(),
+        r.stderr()
+    );
+    let j = r.json();
+    assert!(
+        j["server"]
+            .as_str()
+            .unwrap()
+            .contains(&format!(") {major}.")),
+        "PostgreSQL {major}: the drill ran another major: {j:#}"
+    );
+    let names: Vec<&str> = j["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"assert:events"), "{names:?}");
+    assert!(
+        names.contains(&"amcheck") || names.contains(&"read:stats"),
+        "PostgreSQL {major}: neither amcheck nor a full read: {names:?}"
+    );
+    assert_eq!(std::fs::read_dir(&parent).unwrap().count(), 0);
 }
 
 /// `dump` and `restore-dump` of one database, with the pg_dump named in the reports; no

@@ -34,6 +34,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::Spanned;
 
+use crate::commands::drill::config::DrillConfig;
 use crate::error::{Error, Result};
 use crate::health::config::{HealthConfig, HealthSettings};
 use crate::retention::RetentionPolicy;
@@ -172,6 +173,8 @@ struct RawFile {
     notify: pgkeep_notify::NotifyConfig,
     #[serde(default)]
     health: HealthConfig,
+    #[serde(default)]
+    drill: DrillConfig,
 }
 
 /// `[retention]` (and `[cluster.retention]`): one policy per kind of backup.
@@ -244,6 +247,8 @@ pub struct ConfigFile {
     pub notify: pgkeep_notify::NotifyConfig,
     /// `[health]`: thresholds of `check`, unless a cluster's own `health` overrides them.
     pub health: HealthConfig,
+    /// `[drill]` and `[[drill.assert]]`.
+    pub drill: DrillConfig,
 }
 
 /// Retention policies per kind of backup (`[retention.physical]`, `[retention.dump]`).
@@ -845,6 +850,10 @@ impl ConfigFile {
         cfg.retention = check_retention(raw.retention, src, "retention")?;
         cfg.notify = raw.notify;
         cfg.health = raw.health;
+        raw.drill
+            .validate()
+            .map_err(|m| Error::usage(format!("{}: {m}", path.display())))?;
+        cfg.drill = raw.drill;
         Ok(cfg)
     }
 
@@ -1007,6 +1016,8 @@ pub struct Settings {
     /// Health thresholds of the cluster: `[health]` with the cluster's own over them, and
     /// the defaults for keys set nowhere.
     pub health: HealthSettings,
+    /// `[drill]` of the file.
+    pub drill: DrillConfig,
 }
 
 fn default_threads() -> usize {
@@ -1318,6 +1329,7 @@ impl Settings {
                     .unwrap_or_default();
                 HealthSettings::from(&from_file.overlay(&health_from_env(env)?))
             },
+            drill: file.map(|f| f.drill.clone()).unwrap_or_default(),
         })
     }
 
@@ -1540,7 +1552,7 @@ name = "reports"
             ),
             (
                 "[general]\nx = 1\n",
-                format!("{f}:1:2: unknown field `general`, expected one of `options`, `repository`, `cluster`, `retention`, `notify`, `health`"),
+                format!("{f}:1:2: unknown field `general`, expected one of `options`, `repository`, `cluster`, `retention`, `notify`, `health`, `drill`"),
             ),
             (
                 "[options]\nthreads = \"four\"\n",

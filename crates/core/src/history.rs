@@ -174,9 +174,15 @@ pub struct RunRecord {
     pub host: String,
     /// pgkeep's version.
     pub version: String,
-    /// The backup or dump made, when one was.
+    /// The backup or dump made, when one was (for a drill: the one drilled).
     #[serde(default)]
     pub backup_id: Option<String>,
+    /// A drill's measured recovery time (restore, replay and checks), seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rto_secs: Option<f64>,
+    /// What the run did, in one line (a drill: its checks and recovery time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 impl RunRecord {
@@ -195,7 +201,7 @@ pub trait RunFacts {
 }
 
 /// See [`RunFacts`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Facts {
     /// Bytes read from the cluster.
     pub bytes_read: Option<u64>,
@@ -205,6 +211,10 @@ pub struct Facts {
     pub bytes_stored: Option<u64>,
     /// The backup or dump made.
     pub backup_id: Option<String>,
+    /// A drill's recovery time, seconds.
+    pub rto_secs: Option<f64>,
+    /// One line on what the run did.
+    pub detail: Option<String>,
 }
 
 /// What is known when a command starts: the kind, cluster and database of its record.
@@ -288,6 +298,8 @@ impl RunStart {
             host: pgkeep_repo::lock::hostname(),
             version: env!("CARGO_PKG_VERSION").to_string(),
             backup_id: facts.backup_id,
+            rto_secs: facts.rto_secs,
+            detail: facts.detail,
         }
     }
 
@@ -607,6 +619,7 @@ impl RunFacts for crate::commands::backup::BackupReport {
             bytes_new: Some(self.totals.new_bytes),
             bytes_stored: Some(self.totals.stored_bytes),
             backup_id: Some(self.id.clone()),
+            ..Facts::default()
         }
     }
 }
@@ -618,6 +631,7 @@ impl RunFacts for crate::commands::dump::DumpReport {
             bytes_new: Some(self.totals.new_bytes),
             bytes_stored: Some(self.totals.stored_bytes),
             backup_id: Some(self.id.clone()),
+            ..Facts::default()
         }
     }
 }
@@ -667,6 +681,8 @@ mod tests {
             host: "h".into(),
             version: "0".into(),
             backup_id: None,
+            rto_secs: None,
+            detail: None,
         }
     }
 

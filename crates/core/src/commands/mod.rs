@@ -6,6 +6,7 @@ pub mod backup;
 pub mod backup_remote;
 pub mod check;
 pub mod copy;
+pub mod drill;
 pub mod dump;
 pub mod expire;
 pub mod export_dump;

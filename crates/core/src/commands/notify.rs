@@ -77,6 +77,12 @@ pub fn event_of(record: &RunRecord) -> NotifyEvent {
             details.insert(name.to_string(), v.to_string());
         }
     }
+    if let Some(rto) = record.rto_secs {
+        details.insert("rto_secs".to_string(), format!("{rto:.1}"));
+    }
+    if let Some(d) = &record.detail {
+        details.insert("detail".to_string(), d.clone());
+    }
     NotifyEvent {
         kind: record.kind.to_string(),
         cluster: record.cluster.clone(),

@@ -369,7 +369,7 @@ fn drill_families(m: &mut Metrics, snap: &Snapshot) {
     let f = m.add(
         "pgkeep_drill_rto_seconds",
         "gauge",
-        "Duration of the newest successful restore drill: the measured recovery time.",
+        "Recovery time measured by the newest successful restore drill (restore, WAL replay and checks).",
     );
     let ok = snap
         .history
@@ -377,7 +377,10 @@ fn drill_families(m: &mut Metrics, snap: &Snapshot) {
         .rev()
         .find(|r| r.kind == RunKind::Drill && r.result == RunResult::Ok);
     if let Some(r) = ok {
-        f.push(labels(c, &[]), r.duration_secs());
+        f.push(
+            labels(c, &[]),
+            r.rto_secs.unwrap_or_else(|| r.duration_secs()),
+        );
     }
 }
 

@@ -746,9 +746,12 @@ fn drill_item(snap: &Snapshot, s: &HealthSettings) -> Option<HealthItem> {
             "drill",
             status,
             format!(
-                "last restore drill {} {} ago",
+                "last restore drill {} {} ago{}",
                 r.result.as_str(),
-                human_age(age)
+                human_age(age),
+                r.rto_secs
+                    .map(|s| format!(" (recovery time {s:.1} s)"))
+                    .unwrap_or_default()
             ),
         )
         .with_perf("drill_age_seconds".into(), age, "s")

@@ -243,10 +243,13 @@ impl fmt::Display for StatusReport {
         match &self.last_drill {
             Some(r) => writeln!(
                 f,
-                "  {:<22} {} {}",
+                "  {:<22} {} {}{}",
                 "last drill",
                 r.result.as_str(),
-                when(Some(r.ended))
+                when(Some(r.ended)),
+                r.rto_secs
+                    .map(|s| format!(", recovery time {s:.1} s"))
+                    .unwrap_or_default()
             )?,
             None => writeln!(f, "  {:<22} none recorded", "last drill")?,
         }
