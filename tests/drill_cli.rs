@@ -508,3 +508,51 @@ fn a_drill_stopped_by_sigterm_leaves_no_server_and_no_scratch_directory() {
     // The lock is released: another command runs at once.
     s.run_repo(&["repo", "check"], &[]).expect(0);
 }
+
+/// Unmounts a test's tmpfs, whatever happens.
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_drill_that_does_not_fit_is_refused_before_anything_is_written() {
+    if !pgkeep_testing::cluster::running_as_root() {
+        eprintln!("skipped: mounting a tmpfs needs root");
+        return;
+    }
+    let s = Sandbox::shared();
+    let c = start_archiving(&s);
+    let conn = c.conninfo();
+    c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
+    s.run_repo(&["backup"], &[("PGKEEP_PG", conn.as_str())])
+        .expect(0);
+    let small = s.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount -t tmpfs failed");
+    let _mounted = Mounted(small.clone());
+    let started = Instant::now();
+    let r = s
+        .run_repo(
+            &["drill", "--scratch-dir", small.to_str().unwrap()],
+            &[("PGKEEP_PG", conn.as_str())],
+        )
+        .expect(1);
+    let e = r.stderr();
+    assert!(
+        e.contains("not enough space to restore backup")
+            && e.contains(" needs ")
+            && e.contains(" free"),
+        "{e}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+    assert_eq!(leftovers(&small), Vec::<String>::new());
+}

@@ -132,6 +132,7 @@ pub async fn drill_dump(
         jobs: 1,
         ..RestoreDumpOptions::default()
     };
+    check_space(&repo, &ropts, &params, progress).await?;
     // From here on the scratch database may exist: the guard drops it whatever happens.
     let mut guard = ScratchDatabase {
         params: params.clone(),
@@ -181,6 +182,58 @@ pub async fn drill_dump(
         ));
     }
     Ok(report.finish())
+}
+
+/// Refuses (exit 1, with both figures) a dump drill whose database, as big as it was when
+/// dumped, would not fit where the server keeps its data, when that directory is on this
+/// host; says nothing when it is not (a remote server).
+async fn check_space(
+    repo: &pgkeep_repo::Repository,
+    ropts: &RestoreDumpOptions,
+    params: &ConnParams,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let plan = restore_dump::restore_dump(
+        repo,
+        &RestoreDumpOptions {
+            dry_run: true,
+            ..ropts.clone()
+        },
+        &crate::progress::NoProgress,
+    )
+    .await?;
+    let Some(needed) = plan.databases.first().map(|d| d.database_bytes) else {
+        return Ok(());
+    };
+    let Ok(c) = PgClient::connect(&params.with_dbname("postgres")).await else {
+        return Ok(());
+    };
+    let Ok(dir) = c.data_directory().await else {
+        return Ok(());
+    };
+    let Some(space) = crate::health::snapshot::free_space(&dir) else {
+        return Ok(());
+    };
+    if needed > space.free_bytes {
+        return Err(Error::with_hint(
+            ErrorKind::Failure,
+            format!(
+                "not enough space for the dump drill: the database was {} ({needed} bytes) when dumped, {} has {} ({} bytes) free",
+                crate::progress::human_bytes(needed),
+                dir.display(),
+                crate::progress::human_bytes(space.free_bytes),
+                space.free_bytes
+            ),
+            "free space there, or drill into another server with --pg CONNINFO",
+        ));
+    }
+    progress.note(&format!(
+        "drill: the database needs about {}, {} has {} free",
+        crate::progress::human_bytes(needed),
+        dir.display(),
+        crate::progress::human_bytes(space.free_bytes)
+    ));
+    Ok(())
 }
 
 fn row_check(d: &restore_dump::RestoredDatabase) -> DrillCheck {
