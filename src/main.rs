@@ -153,6 +153,9 @@ enum Command {
         #[arg(long)]
         read_data: bool,
     },
+    /// Run the [[schedule]] jobs of the configuration file and, with [daemon] listen, serve
+    /// /metrics, /healthz, the JSON API and a dashboard. SIGHUP reloads, SIGTERM stops.
+    Daemon,
     /// Prove that a backup restores: restore it into a scratch directory, replay WAL on a
     /// throwaway server, check every database, measure the recovery time, clean up.
     Drill(DrillArgs),
@@ -864,6 +867,8 @@ fn emit<R: Report>(json: bool, report: &R) -> i32 {
 async fn run(cli: &Cli, ctx: &Context, start: Option<&RunStart>) -> Result<i32, Error> {
     let json = cli.global.json;
     match &cli.command {
+        // main() runs the daemon before this (it handles its own signals).
+        Command::Daemon => Ok(daemon_run(ctx, &Env::from_process()).await),
         Command::Repo { command } => match command {
             RepoCommand::Init(o) => Ok(emit(json, &repo::repo_init(ctx, o).await?)),
             RepoCommand::Info => Ok(emit(json, &repo::repo_info(ctx).await?)),
@@ -1197,6 +1202,28 @@ fn recovery_target(
     })
 }
 
+/// `daemon`: needs the configuration file (the schedules are there).
+async fn daemon_run(ctx: &Context, env: &Env) -> i32 {
+    let json = false;
+    let Some(config) = ctx.settings.config_file.clone() else {
+        return fail(
+            json,
+            Error::usage_hint(
+                "pgkeep daemon needs a configuration file with [[schedule]] tables or [daemon] listen",
+                "give --config FILE (or PGKEEP_CONFIG), or write /etc/pgkeep/pgkeep.toml",
+            ),
+        );
+    };
+    let opts = pgkeep_daemon::DaemonOptions {
+        config,
+        env: env.clone(),
+    };
+    match pgkeep_daemon::run(&opts).await {
+        Ok(()) => 0,
+        Err(e) => fail(json, e),
+    }
+}
+
 /// `drill`: a physical drill, or a dump drill with `--dump`.
 async fn drill_run(cli: &Cli, ctx: &Context, d: &DrillArgs) -> Result<drill::DrillReport, Error> {
     let cluster = ctx.settings.cluster.name.clone();
@@ -1361,6 +1388,12 @@ fn main() {
         Ok(rt) => rt,
         Err(e) => std::process::exit(fail(json, Error::io("starting the async runtime", e))),
     };
+    if matches!(cli.command, Command::Daemon) {
+        // The daemon handles its own signals (SIGHUP reloads; SIGTERM ends it with 0).
+        let code = runtime.block_on(daemon_run(&ctx, &env));
+        runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+        std::process::exit(code);
+    }
     let code = runtime.block_on(async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .map_err(|e| Error::io("installing the SIGTERM handler", e));

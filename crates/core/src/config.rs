@@ -38,6 +38,7 @@ use crate::commands::drill::config::DrillConfig;
 use crate::error::{Error, Result};
 use crate::health::config::{HealthConfig, HealthSettings};
 use crate::retention::RetentionPolicy;
+use crate::schedule::{DaemonConfig, ScheduleConfig};
 use crate::secrets::{check_conninfo, check_repo_url, group_other_bits, is_secret_name};
 
 /// Where the configuration file is looked for when neither `--config` nor `PGKEEP_CONFIG`
@@ -175,6 +176,10 @@ struct RawFile {
     health: HealthConfig,
     #[serde(default)]
     drill: DrillConfig,
+    #[serde(default)]
+    daemon: DaemonConfig,
+    #[serde(default)]
+    schedule: Vec<ScheduleConfig>,
 }
 
 /// `[retention]` (and `[cluster.retention]`): one policy per kind of backup.
@@ -249,6 +254,10 @@ pub struct ConfigFile {
     pub health: HealthConfig,
     /// `[drill]` and `[[drill.assert]]`.
     pub drill: DrillConfig,
+    /// `[daemon]`.
+    pub daemon: DaemonConfig,
+    /// `[[schedule]]`, in file order.
+    pub schedules: Vec<ScheduleConfig>,
 }
 
 /// Retention policies per kind of backup (`[retention.physical]`, `[retention.dump]`).
@@ -854,6 +863,20 @@ impl ConfigFile {
             .validate()
             .map_err(|m| Error::usage(format!("{}: {m}", path.display())))?;
         cfg.drill = raw.drill;
+        for (i, sc) in raw.schedule.iter().enumerate() {
+            let at = format!("{}: [[schedule]] number {}", path.display(), i + 1);
+            sc.validate()
+                .map_err(|m| Error::usage(format!("{at}: {m}")))?;
+            if let Some(c) = &sc.cluster {
+                if !cfg.clusters.is_empty() && cfg.cluster(c).is_none() {
+                    return Err(Error::usage(format!(
+                        "{at}: cluster {c:?} is not a [[cluster]] of the file"
+                    )));
+                }
+            }
+        }
+        cfg.daemon = raw.daemon;
+        cfg.schedules = raw.schedule;
         Ok(cfg)
     }
 
@@ -1552,7 +1575,7 @@ name = "reports"
             ),
             (
                 "[general]\nx = 1\n",
-                format!("{f}:1:2: unknown field `general`, expected one of `options`, `repository`, `cluster`, `retention`, `notify`, `health`, `drill`"),
+                format!("{f}:1:2: unknown field `general`, expected one of `options`, `repository`, `cluster`, `retention`, `notify`, `health`, `drill`, `daemon`, `schedule`"),
             ),
             (
                 "[options]\nthreads = \"four\"\n",

@@ -14,6 +14,7 @@ pub mod history;
 pub mod manifest;
 pub mod progress;
 pub mod retention;
+pub mod schedule;
 pub mod secrets;
 
 pub use context::{Context, Report};
