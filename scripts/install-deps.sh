@@ -149,6 +149,20 @@ if ! have_aiosmtpd; then
   have_aiosmtpd || { echo "install-deps: aiosmtpd is installed but python3 cannot import it" >&2; exit 1; }
 fi
 
+# tests/generate_cli.rs validates `pgkeep generate k8s` against the Kubernetes schemas with
+# kubernetes-validate (PyPI; the schemas ship inside the package, no cluster needed).
+if ! have kubernetes-validate; then
+  python3 -m pip --version >/dev/null 2>&1 || {
+    "${SUDO[@]}" apt-get update -qq
+    "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  }
+  echo "install-deps: pip install kubernetes-validate"
+  "${SUDO[@]}" python3 -m pip install -q kubernetes-validate 2>/dev/null ||
+    "${SUDO[@]}" python3 -m pip install -q --break-system-packages kubernetes-validate
+  hash -r
+  have kubernetes-validate || { echo "install-deps: kubernetes-validate is installed but not on PATH" >&2; exit 1; }
+fi
+
 if ! have azurite-blob; then
   echo "install-deps: npm install -g azurite"
   "${SUDO[@]}" npm install -g --silent azurite >/dev/null

@@ -156,6 +156,9 @@ enum Command {
     /// Run the [[schedule]] jobs of the configuration file and, with [daemon] listen, serve
     /// /metrics, /healthz, the JSON API and a dashboard. SIGHUP reloads, SIGTERM stops.
     Daemon,
+    /// Write the files that run pgkeep unattended (systemd units, a cron.d file, Kubernetes
+    /// manifests) from the configuration file; or shell completions, or the man pages.
+    Generate(GenerateArgs),
     /// Prove that a backup restores: restore it into a scratch directory, replay WAL on a
     /// throwaway server, check every database, measure the recovery time, clean up.
     Drill(DrillArgs),
@@ -191,6 +194,51 @@ enum Command {
         #[command(subcommand)]
         command: NotifyCommand,
     },
+}
+
+#[derive(Debug, Args)]
+struct GenerateArgs {
+    /// What to generate: systemd, cron or k8s from the configuration file's [[schedule]] and
+    /// [daemon]; completions for a shell; the man pages.
+    #[arg(value_enum)]
+    target: GenerateTarget,
+    /// The shell (completions).
+    #[arg(value_enum, required_if_eq("target", "completions"))]
+    shell: Option<clap_complete::Shell>,
+    /// Write the files into DIR (created when missing, mode 0644) instead of printing them.
+    #[arg(long, value_name = "DIR")]
+    output: Option<PathBuf>,
+    /// Replace files of the --output directory that have other contents.
+    #[arg(long, requires = "output")]
+    force: bool,
+    /// daemon: one `pgkeep daemon` runs every [[schedule]] (default of systemd and k8s);
+    /// jobs: a timer, cron line or CronJob per [[schedule]] (cron's only mode).
+    #[arg(long, value_enum)]
+    mode: Option<GenerateMode>,
+    /// The pgkeep executable the units and cron lines run [default: this one].
+    #[arg(long, value_name = "PATH")]
+    binary: Option<PathBuf>,
+    /// The container image (k8s).
+    #[arg(long, value_name = "IMAGE", default_value = pgkeep_daemon::generate::DEFAULT_IMAGE)]
+    image: String,
+    /// The user the jobs run as (systemd User=, the cron.d user field).
+    #[arg(long, value_name = "USER", default_value = pgkeep_daemon::generate::DEFAULT_USER)]
+    user: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum GenerateTarget {
+    Systemd,
+    Cron,
+    K8s,
+    Completions,
+    Man,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum GenerateMode {
+    Daemon,
+    Jobs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -869,6 +917,7 @@ async fn run(cli: &Cli, ctx: &Context, start: Option<&RunStart>) -> Result<i32, 
     match &cli.command {
         // main() runs the daemon before this (it handles its own signals).
         Command::Daemon => Ok(daemon_run(ctx, &Env::from_process()).await),
+        Command::Generate(g) => generate_run(json, ctx, g),
         Command::Repo { command } => match command {
             RepoCommand::Init(o) => Ok(emit(json, &repo::repo_init(ctx, o).await?)),
             RepoCommand::Info => Ok(emit(json, &repo::repo_info(ctx).await?)),
@@ -1200,6 +1249,136 @@ fn recovery_target(
     } else {
         RecoveryTarget::End
     })
+}
+
+/// `generate`: set-up files from the configuration file, or completions and man pages from
+/// the command line's definitions.
+fn generate_run(json: bool, ctx: &Context, g: &GenerateArgs) -> Result<i32, Error> {
+    use clap::CommandFactory;
+    use clap_complete::Shell;
+    use pgkeep_daemon::generate::{self as gen, GenerateReport, GeneratedFile, Mode, Target};
+    if g.shell.is_some() && g.target != GenerateTarget::Completions {
+        return Err(Error::usage(
+            "generate: a shell is given only with completions",
+        ));
+    }
+    let (target, mode, files, raw) = match g.target {
+        GenerateTarget::Completions => {
+            let shell = g.shell.unwrap_or(Shell::Bash);
+            let mut buf = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "pgkeep", &mut buf);
+            let name = match shell {
+                Shell::Bash => "pgkeep",
+                Shell::Zsh => "_pgkeep",
+                Shell::Fish => "pgkeep.fish",
+                Shell::Elvish => "pgkeep.elv",
+                Shell::PowerShell => "_pgkeep.ps1",
+                _ => "pgkeep.completion",
+            };
+            let contents = String::from_utf8_lossy(&buf).into_owned();
+            (
+                "completions",
+                None,
+                vec![GeneratedFile {
+                    name: name.into(),
+                    contents,
+                }],
+                true,
+            )
+        }
+        GenerateTarget::Man => {
+            // pgkeep.1, then a page per subcommand (pgkeep-backup.1, pgkeep-repo-init.1, ...)
+            // with --output; on stdout only pgkeep.1.
+            fn pages(cmd: &clap::Command, out: &mut Vec<GeneratedFile>) -> std::io::Result<()> {
+                let man = clap_mangen::Man::new(cmd.clone());
+                let mut buf = Vec::new();
+                man.render(&mut buf)?;
+                out.push(GeneratedFile {
+                    name: man.get_filename(),
+                    contents: String::from_utf8_lossy(&buf).into_owned(),
+                });
+                for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                    pages(sub, out)?;
+                }
+                Ok(())
+            }
+            let mut cmd = Cli::command();
+            cmd.build();
+            let mut files = Vec::new();
+            pages(&cmd, &mut files).map_err(|e| Error::io("rendering the man pages", e))?;
+            if g.output.is_none() {
+                files.truncate(1);
+            }
+            ("man", None, files, true)
+        }
+        t => {
+            let target = match t {
+                GenerateTarget::Systemd => Target::Systemd,
+                GenerateTarget::Cron => Target::Cron,
+                _ => Target::K8s,
+            };
+            let mode = match g.mode {
+                Some(GenerateMode::Daemon) => Mode::Daemon,
+                Some(GenerateMode::Jobs) => Mode::Jobs,
+                None => Mode::default_for(target),
+            };
+            let Some(config) = ctx.settings.config_file.clone() else {
+                return Err(Error::usage_hint(
+                    "pgkeep generate needs the configuration file with the [[schedule]] tables or [daemon]",
+                    "give --config FILE (or PGKEEP_CONFIG), or write /etc/pgkeep/pgkeep.toml",
+                ));
+            };
+            let absolute = |p: &std::path::Path, what: &str| {
+                std::path::absolute(p).map_err(|e| Error::io(format!("resolving {what}"), e))
+            };
+            let file = pgkeep_core::config::ConfigFile::load(&config)?;
+            let config_text = std::fs::read_to_string(&config)
+                .map_err(|e| Error::io(format!("reading {}", config.display()), e))?;
+            let binary = match &g.binary {
+                Some(b) => absolute(b, "--binary")?,
+                None => {
+                    std::env::current_exe().map_err(|e| Error::io("finding this executable", e))?
+                }
+            };
+            let opts = gen::GenerateOptions {
+                target,
+                mode,
+                binary,
+                config_path: absolute(&config, "the configuration file")?,
+                config_text,
+                image: g.image.clone(),
+                user: g.user.clone(),
+            };
+            let files = gen::generate(&file, &opts)?;
+            let name = match target {
+                Target::Systemd => "systemd",
+                Target::Cron => "cron",
+                Target::K8s => "k8s",
+            };
+            (name, Some(mode), files, false)
+        }
+    };
+    let report = match &g.output {
+        None => GenerateReport::printed(target, mode, files, raw),
+        Some(dir) => {
+            let entries = gen::write_files(dir, &files, g.force)?;
+            let next_steps = match (target, mode) {
+                ("systemd", Some(m)) => gen::next_steps(Target::Systemd, m, dir, &files),
+                ("cron", Some(m)) => gen::next_steps(Target::Cron, m, dir, &files),
+                ("k8s", Some(m)) => gen::next_steps(Target::K8s, m, dir, &files),
+                _ => Vec::new(),
+            };
+            GenerateReport {
+                target: target.to_string(),
+                mode,
+                output: Some(dir.clone()),
+                files: entries,
+                raw,
+                next_steps,
+            }
+        }
+    };
+    Ok(emit(json, &report))
 }
 
 /// `daemon`: needs the configuration file (the schedules are there).

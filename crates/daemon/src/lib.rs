@@ -10,6 +10,7 @@
 //! interrupt them (SIGTERM: they end with exit 130, locks released, recorded as
 //! interrupted), and the daemon exits 0.
 
+pub mod generate;
 pub mod http;
 pub mod scheduler;
 pub mod state;
