@@ -42,8 +42,15 @@ pub struct DaemonOptions {
     pub env: Env,
 }
 
-fn load(path: &std::path::Path) -> Result<(ConfigFile, Vec<Job>)> {
-    let file = ConfigFile::load(path)?;
+/// The file, its jobs and its text (for the snapshot the jobs run with).
+fn load(path: &std::path::Path) -> Result<(ConfigFile, Vec<Job>, String)> {
+    use std::os::unix::fs::PermissionsExt;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::usage(format!("cannot read config file {}: {e}", path.display())))?;
+    let mode = std::fs::metadata(path)
+        .map(|m| m.permissions().mode() & 0o077)
+        .unwrap_or(0o077);
+    let file = ConfigFile::parse(&text, path, mode)?;
     let jobs =
         scheduler::jobs_of(&file).map_err(|m| Error::usage(format!("{}: {m}", path.display())))?;
     if jobs.is_empty() && file.daemon.listen.is_none() {
@@ -55,7 +62,7 @@ fn load(path: &std::path::Path) -> Result<(ConfigFile, Vec<Job>)> {
             "add [[schedule]] tables (job, cron, cluster, ...) or [daemon] listen = \"127.0.0.1:9187\"",
         ));
     }
-    Ok((file, jobs))
+    Ok((file, jobs, text))
 }
 
 /// One generation of schedule tasks (replaced on SIGHUP).
@@ -88,7 +95,7 @@ impl Generation {
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(opts: &DaemonOptions) -> Result<()> {
-    let (file, jobs) = load(&opts.config)?;
+    let (file, jobs, text) = load(&opts.config)?;
     let mut hup =
         signal(SignalKind::hangup()).map_err(|e| Error::io("installing the SIGHUP handler", e))?;
     let mut term = signal(SignalKind::terminate())
@@ -96,6 +103,7 @@ pub async fn run(opts: &DaemonOptions) -> Result<()> {
     let mut int = signal(SignalKind::interrupt())
         .map_err(|e| Error::io("installing the SIGINT handler", e))?;
     let shared = Shared::new(opts.config.clone(), opts.env.clone(), file);
+    scheduler::write_snapshot(&shared, &text)?;
     let (http_stop, http_stop_rx) = watch::channel(false);
     let http = http::start(shared.clone(), http_stop_rx).await?;
     let due = scheduler::missed_at_start(&shared, &jobs);
@@ -116,9 +124,12 @@ pub async fn run(opts: &DaemonOptions) -> Result<()> {
         tokio::select! {
             _ = hup.recv() => {
                 match load(&opts.config) {
-                    Ok((file, jobs)) => {
+                    Ok((file, jobs, text)) => {
                         generation.end().await;
                         shared.replace_file(file);
+                        if let Err(e) = scheduler::write_snapshot(&shared, &text) {
+                            tracing::error!("daemon: {e}");
+                        }
                         generation = start_generation(&shared, &jobs, &[]);
                         tracing::info!("daemon: configuration reloaded: {} schedules", jobs.len());
                     }

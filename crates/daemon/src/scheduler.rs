@@ -69,14 +69,47 @@ pub fn jobs_of(file: &ConfigFile) -> Result<Vec<Job>, String> {
     Ok(jobs)
 }
 
-/// Where the daemon keeps the time each schedule last fired.
-pub fn state_file(shared: &Shared) -> PathBuf {
+/// The daemon's state directory: `[daemon] state_dir`, else the notification state
+/// directory.
+fn state_dir(shared: &Shared) -> PathBuf {
     let file = shared.file();
-    let dir = file.daemon.state_dir.clone().unwrap_or_else(|| {
+    file.daemon.state_dir.clone().unwrap_or_else(|| {
         file.notify
             .state_dir(|n| std::env::var(n).ok().or_else(|| shared.env.get(n)))
-    });
-    dir.join("daemon-schedules.json")
+    })
+}
+
+/// Where the daemon keeps the time each schedule last fired.
+pub fn state_file(shared: &Shared) -> PathBuf {
+    state_dir(shared).join("daemon-schedules.json")
+}
+
+/// The copy of the configuration in force that jobs run with (`--config`): after a refused
+/// reload the file on disk is bad, and the jobs must still run with the one in force.
+pub fn snapshot_path(shared: &Shared) -> PathBuf {
+    state_dir(shared).join("daemon-config.toml")
+}
+
+/// Writes [`snapshot_path`] (0600, replaced atomically).
+pub fn write_snapshot(shared: &Shared, text: &str) -> pgkeep_core::error::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = snapshot_path(shared);
+    let io = |e| pgkeep_core::error::Error::io(format!("writing {}", path.display()), e);
+    if let Some(d) = path.parent() {
+        std::fs::create_dir_all(d).map_err(io)?;
+    }
+    let tmp = path.with_extension("toml.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(text.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)
 }
 
 fn read_fired(path: &Path) -> BTreeMap<String, DateTime<Utc>> {
@@ -311,7 +344,7 @@ async fn run_job(shared: Arc<Shared>, job: Job) {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("pgkeep"));
     let mut cmd = tokio::process::Command::new(exe);
     cmd.arg("--config")
-        .arg(&shared.config_path)
+        .arg(snapshot_path(&shared))
         .arg("--cluster")
         .arg(&job.cluster)
         .args(job.config.command_args())
