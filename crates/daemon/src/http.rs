@@ -18,6 +18,7 @@ mod tls;
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
@@ -32,6 +33,7 @@ use tokio::task::JoinHandle;
 
 use crate::state::Shared;
 use pgkeep_core::error::{Error, ErrorKind, Result};
+use pgkeep_core::health::{self, HealthOptions, HealthReport};
 
 pub use auth::{BasicAuth, PASSWORD_ENV};
 
@@ -40,6 +42,22 @@ const DASHBOARD: &str = include_str!("../assets/dashboard.html");
 
 /// WAL lag samples kept per cluster for the dashboard's chart.
 const LAG_SAMPLES: usize = 2880;
+
+/// How long `/healthz` reuses a cluster's health check (each runs the end-to-end archiving
+/// check, a WAL switch on the server): probes every few seconds do not switch WAL each time.
+/// A reloaded configuration invalidates it.
+const HEALTH_TTL: Duration = Duration::from_secs(10);
+
+/// A health check kept for [`HEALTH_TTL`].
+#[derive(Clone)]
+pub(crate) struct CheckedHealth {
+    at: Instant,
+    loaded: Option<DateTime<Utc>>,
+    /// When it ran.
+    pub(crate) checked: DateTime<Utc>,
+    /// The report, or why the check did not run.
+    pub(crate) result: std::result::Result<HealthReport, String>,
+}
 
 /// WAL lag samples (time, seconds) per cluster, oldest first.
 type LagSamples = BTreeMap<String, VecDeque<(DateTime<Utc>, f64)>>;
@@ -51,6 +69,9 @@ pub(crate) struct App {
     /// The WAL archive lag (seconds) per cluster, each time the daemon computed it (status
     /// or metrics requests), oldest first: the dashboard's lag chart.
     lag: Mutex<LagSamples>,
+    /// The last health check of each cluster; its lock also makes concurrent probes wait
+    /// for the check going on instead of starting their own.
+    health: tokio::sync::Mutex<BTreeMap<String, CheckedHealth>>,
 }
 
 impl App {
@@ -68,6 +89,31 @@ impl App {
         while q.len() > LAG_SAMPLES {
             q.pop_front();
         }
+    }
+
+    /// `pgkeep check` of `cluster`, reused for [`HEALTH_TTL`].
+    pub(crate) async fn health_of(&self, cluster: &str) -> CheckedHealth {
+        let mut cache = self.health.lock().await;
+        let loaded = self.shared.state().loaded;
+        if let Some(c) = cache.get(cluster) {
+            if c.at.elapsed() < HEALTH_TTL && c.loaded == loaded {
+                return c.clone();
+            }
+        }
+        let result = match self.shared.context(cluster) {
+            Ok(ctx) => health::check(&ctx, &HealthOptions::default())
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let c = CheckedHealth {
+            at: Instant::now(),
+            loaded,
+            checked: Utc::now(),
+            result,
+        };
+        cache.insert(cluster.to_string(), c.clone());
+        c
     }
 
     /// The lag samples of `cluster`.
@@ -158,6 +204,7 @@ pub async fn start(
         shared,
         auth,
         lag: Mutex::new(BTreeMap::new()),
+        health: tokio::sync::Mutex::new(BTreeMap::new()),
     });
     let router = router(app);
     let shutdown = async move {

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::App;
-use pgkeep_core::health::{self, status, HealthOptions, HealthStatus};
+use pgkeep_core::health::{status, HealthStatus};
 use pgkeep_core::history::{self, HistoryFilter, RunKind};
 
 /// The query parameters the endpoints read.
@@ -186,7 +186,7 @@ pub async fn wal_lag(State(app): State<Arc<App>>, Query(p): Query<Params>) -> Re
 
 /// `GET /healthz[?format=json][&warning=ok]`: `pgkeep check` of every cluster; 200 when
 /// each is OK (or, with `warning=ok`, no worse than WARNING), else 503 with the failing
-/// checks.
+/// checks. A check is reused for a few seconds (see `HEALTH_TTL`).
 pub async fn healthz(State(app): State<Arc<App>>, Query(p): Query<Params>) -> Response {
     let clusters = match selected(&app, &p) {
         Ok(c) => c,
@@ -197,11 +197,8 @@ pub async fn healthz(State(app): State<Arc<App>>, Query(p): Query<Params>) -> Re
     let mut text = String::new();
     let mut docs = Vec::new();
     for c in clusters {
-        let r = match app.shared.context(&c) {
-            Ok(ctx) => health::check(&ctx, &HealthOptions::default()).await,
-            Err(e) => Err(e),
-        };
-        match r {
+        let checked = app.health_of(&c).await;
+        match checked.result {
             Ok(rep) => {
                 use pgkeep_core::context::Report as _;
                 let failure = rep.failure().map(|e| e.to_string());
@@ -220,6 +217,7 @@ pub async fn healthz(State(app): State<Arc<App>>, Query(p): Query<Params>) -> Re
                 }
                 docs.push(json!({
                     "cluster": c,
+                    "checked": checked.checked,
                     "ok": ok,
                     "status": rep.status,
                     "failing": bad,
@@ -231,6 +229,7 @@ pub async fn healthz(State(app): State<Arc<App>>, Query(p): Query<Params>) -> Re
                 let _ = writeln!(text, "cluster {c}: UNKNOWN: the check did not run: {e}");
                 docs.push(json!({
                     "cluster": c,
+                    "checked": checked.checked,
                     "ok": false,
                     "status": HealthStatus::Unknown,
                     "error": e.to_string(),
