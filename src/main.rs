@@ -1297,7 +1297,8 @@ fn generate_run(json: bool, ctx: &Context, g: &GenerateArgs) -> Result<i32, Erro
                     name: man.get_filename(),
                     contents: String::from_utf8_lossy(&buf).into_owned(),
                 });
-                for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+                let shown = |s: &&clap::Command| !s.is_hide_set() && s.get_name() != "help";
+                for sub in cmd.get_subcommands().filter(shown) {
                     pages(sub, out)?;
                 }
                 Ok(())
@@ -1366,7 +1367,23 @@ fn generate_run(json: bool, ctx: &Context, g: &GenerateArgs) -> Result<i32, Erro
                 ("systemd", Some(m)) => gen::next_steps(Target::Systemd, m, dir, &files),
                 ("cron", Some(m)) => gen::next_steps(Target::Cron, m, dir, &files),
                 ("k8s", Some(m)) => gen::next_steps(Target::K8s, m, dir, &files),
-                _ => Vec::new(),
+                ("man", _) => vec![format!(
+                    "next: install -m 0644 {}/*.1 /usr/local/share/man/man1/ && mandb -q",
+                    dir.display()
+                )],
+                _ => match files.first().map(|f| f.name.as_str()) {
+                    Some("pgkeep") => vec![
+                        "next: install it as /usr/share/bash-completion/completions/pgkeep".into(),
+                    ],
+                    Some("_pgkeep") => vec![
+                        "next: install it as /usr/local/share/zsh/site-functions/_pgkeep".into(),
+                    ],
+                    Some("pgkeep.fish") => vec![
+                        "next: install it as /usr/share/fish/vendor_completions.d/pgkeep.fish"
+                            .into(),
+                    ],
+                    _ => Vec::new(),
+                },
             };
             GenerateReport {
                 target: target.to_string(),

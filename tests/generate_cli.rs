@@ -800,7 +800,16 @@ fn completions_and_man_page() {
     ] {
         assert!(names.iter().any(|n| n == page), "{page} not in {names:?}");
     }
+    assert!(!names.iter().any(|n| n == "pgkeep-help.1"), "{names:?}");
     assert_eq!(read(&dir, "pgkeep.1"), man);
+    let text = s
+        .run(&["generate", "man", "--output", dir.to_str().unwrap()], &[])
+        .expect(0)
+        .stdout();
+    assert!(
+        text.contains("unchanged ") && text.contains("next: install -m 0644"),
+        "{text}"
+    );
 
     let rendered = Command::new("man")
         .args(["-l", dir.join("pgkeep.1").to_str().unwrap()])
