@@ -238,7 +238,7 @@ fn cluster_config(s: &Sandbox, c: &pgkeep_testing::Cluster, port: u16, health: &
 #[test]
 fn daemon_serves_metrics_health_api_and_a_dashboard_of_the_repository() {
     let s = Sandbox::shared();
-    let c = start_archiving(&s);
+    let mut c = start_archiving(&s);
     let port = free_port();
     let cfg = s.path().join("daemon.toml");
     std::fs::write(&cfg, cluster_config(&s, &c, port, "")).unwrap();
@@ -463,11 +463,47 @@ fn daemon_serves_metrics_health_api_and_a_dashboard_of_the_repository() {
     // Warnings may be tolerated.
     assert_eq!(curl(&format!("{base}/healthz?warning=ok"), &[]).code, 200);
 
+    // Back to the defaults: healthy again; then a backup fails (the server is down): 503,
+    // naming the failed run, and the dashboard shows the failure.
+    std::fs::write(&cfg, cluster_config(&s, &c, port, "")).unwrap();
+    d.signal("HUP");
+    wait_for_health(&base, 200, &d);
+    c.stop().unwrap();
+    let failed = s.run(&["--config", cfg_s, "backup"], &[]);
+    assert!(![0, 3].contains(&failed.code()), "{}", failed.stderr());
+    let h = wait_for_health(&base, 503, &d);
+    assert!(h.body.contains("last_run:backup"), "{}", h.body);
+    let (dom, _) = chromium(profile.path(), &["--dump-dom"], &format!("{base}/"));
+    assert!(dom.contains("data-ready=\"1\""), "{dom}");
+    assert!(
+        dom.contains("<span class=\"failed\">failed</span> <strong>backup</strong>"),
+        "the failure is not on the page:\n{dom}"
+    );
+
     assert_eq!(d.stop(), 0);
     assert!(
         std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
         "still listening after SIGTERM"
     );
+}
+
+/// Polls `/healthz` until it answers `code` (within 60 s: a check is reused for 10 s).
+fn wait_for_health(base: &str, code: u16, d: &Daemon) -> Resp {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let h = curl(&format!("{base}/healthz"), &[]);
+        if h.code == code {
+            return h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "/healthz still answers {}:\n{}\n{}",
+            h.code,
+            h.body,
+            d.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// A self-signed certificate for `localhost` and its key, as PEM files.
