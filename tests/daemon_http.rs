@@ -264,6 +264,14 @@ fn daemon_serves_metrics_health_api_and_a_dashboard_of_the_repository() {
         )
         .expect(0)
         .json();
+    // A dump drill: the dashboard shows the last drill and its RTO.
+    s.run(
+        &[
+            "--config", cfg_s, "drill", "--dump", "latest", "--db", "postgres",
+        ],
+        &[],
+    )
+    .expect(0);
     switch_and_wait(&c);
     let ids: Vec<String> = [&first, &second, &dump]
         .iter()
@@ -323,6 +331,8 @@ fn daemon_serves_metrics_health_api_and_a_dashboard_of_the_repository() {
     assert_eq!(st[0]["cluster"], "main", "{st}");
     assert_eq!(st[0]["backup"]["id"], ids[1].as_str(), "{st}");
     assert_eq!(st[0]["dumps"][0]["database"], "postgres", "{st}");
+    let rto = st[0]["last_drill"]["rto_secs"].as_f64().unwrap();
+    assert!(rto > 0.0, "{st}");
     let bl = curl(&format!("{base}/api/backups?cluster=main"), &[]).json();
     let listed: Vec<&str> = bl[0]["backups"]
         .as_array()
@@ -404,6 +414,10 @@ fn daemon_serves_metrics_health_api_and_a_dashboard_of_the_repository() {
         "{dom}"
     );
     assert!(dom.contains("Recovery window"), "{dom}");
+    assert!(
+        dom.contains("RTO: <strong class=\"rto\">") && !dom.contains("class=\"rto\">–<"),
+        "no RTO of the last drill:\n{dom}"
+    );
     let shots = target_dir().join("test-artifacts");
     std::fs::create_dir_all(&shots).unwrap();
     let png = shots.join("dashboard.png");
