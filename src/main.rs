@@ -12,8 +12,8 @@ use pgkeep_core::commands::repo::{
     self, RepoCheckOptions, RepoInitOptions, RepoKeyRemoveOptions, RepoUnlockOptions,
 };
 use pgkeep_core::commands::{
-    archive, backup, copy, drill, dump, expire, export_dump, list, notify, restore, restore_dump,
-    restore_plan, verify,
+    archive, backup, copy, drill, dump, expire, export_dump, list, mirror, notify, restore,
+    restore_dump, restore_plan, verify,
 };
 use pgkeep_core::config::{Env, Overrides};
 use pgkeep_core::error::ErrorReport;
@@ -1174,6 +1174,7 @@ async fn backup_run(
     if b.pin {
         expire::set_pin(&repo, &opts.cluster, &report.id, true).await?;
     }
+    mirror::copy_new_backup(ctx, &repo, &report.id).await?;
     Ok(report)
 }
 
@@ -1192,6 +1193,7 @@ async fn dump_run(cli: &Cli, ctx: &Context, d: &DumpArgs) -> Result<dump::DumpRe
     if d.pin {
         expire::set_pin(&repo, &opts.cluster, &report.id, true).await?;
     }
+    mirror::copy_new_backup(ctx, &repo, &report.id).await?;
     Ok(report)
 }
 

@@ -358,3 +358,168 @@ fn a_copy_killed_after_every_storage_write_leaves_a_clean_target_and_the_rerun_c
         "100000"
     );
 }
+
+/// Files under `root` whose path contains `needle`.
+fn files_named(root: &Path, needle: &str) -> usize {
+    cli_support::listing(root)
+        .keys()
+        .filter(|p| p.to_string_lossy().contains(needle))
+        .count()
+}
+
+#[test]
+fn copy_to_writes_backups_dumps_and_wal_to_both_repositories_and_a_segment_waits_for_both() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = Sandbox::shared();
+    let second = s.path().join("second");
+    s.run(
+        &[
+            "--repo",
+            second.to_str().unwrap(),
+            "repo",
+            "init",
+            "--no-encryption",
+        ],
+        &[],
+    )
+    .expect(0);
+    chown_postgres(&[&second]);
+    let cfg = s.path().join("both.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[[repository]]\nname = \"first\"\nurl = \"{}\"\n\n\
+             [[repository]]\nname = \"second\"\nurl = \"{}\"\n\n\
+             [[cluster]]\nname = \"main\"\nrepository = \"first\"\ncopy_to = [\"second\"]\n",
+            s.repo().display(),
+            second.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&cfg, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cfg_s = cfg.to_str().unwrap();
+    let c = Cluster::builder()
+        .archive_command(&format!(
+            "{} --config {cfg_s} archive-push %p",
+            env!("CARGO_BIN_EXE_pgkeep")
+        ))
+        .start()
+        .unwrap();
+    c.sql("CREATE TABLE t AS SELECT generate_series(1, 10000) g")
+        .unwrap();
+    let conn = c.conninfo();
+    let env = [("PGKEEP_PG", conn.as_str())];
+    let with_cfg = |args: &[&str]| {
+        let mut all = vec!["--config", cfg_s];
+        all.extend_from_slice(args);
+        s.run(&all, &env)
+    };
+    let b = with_cfg(&["--json", "backup"]).expect(0).json();
+    let d = with_cfg(&["--json", "dump", "--db", "postgres"])
+        .expect(0)
+        .json();
+    let ids = |repo: &Path| -> Vec<String> {
+        let j = s
+            .run(&["--repo", repo.to_str().unwrap(), "--json", "list"], &[])
+            .expect(0)
+            .json();
+        j["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let want = vec![
+        b["id"].as_str().unwrap().to_string(),
+        d["id"].as_str().unwrap().to_string(),
+    ];
+    assert_eq!(ids(&s.repo()), want);
+    assert_eq!(ids(&second), want, "the second repository has both");
+    // The backup and dump ran as this user; the archiver runs as the server's.
+    chown_postgres(&[&s.repo(), &second]);
+    s.run(
+        &[
+            "--repo",
+            second.to_str().unwrap(),
+            "repo",
+            "check",
+            "--read-data",
+        ],
+        &[],
+    )
+    .expect(0);
+
+    // WAL: a switched segment reaches both before PostgreSQL counts it archived.
+    let seg = c.sql("SELECT pg_walfile_name(pg_switch_wal())").unwrap();
+    switch_wait_archived(&c, &seg);
+    // The segment and its summary, in both.
+    assert_eq!(files_named(&s.repo().join("wal"), &seg), 2);
+    assert_eq!(
+        files_named(&second.join("wal"), &seg),
+        2,
+        "the copy holds {seg}"
+    );
+
+    // The second repository unwritable: the segment is not acknowledged, the error says
+    // which repository failed; once it is back, the segment is archived in both.
+    std::fs::set_permissions(&second, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let failed_before: i64 = c
+        .sql("SELECT failed_count FROM pg_stat_archiver")
+        .unwrap()
+        .parse()
+        .unwrap();
+    c.sql("INSERT INTO t SELECT generate_series(1, 1000)")
+        .unwrap();
+    let seg2 = c.sql("SELECT pg_walfile_name(pg_switch_wal())").unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let failed: i64 = c
+            .sql("SELECT failed_count FROM pg_stat_archiver")
+            .unwrap()
+            .parse()
+            .unwrap();
+        if failed > failed_before {
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "no archive failure");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let archived = c
+        .sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")
+        .unwrap();
+    assert!(
+        archived < seg2,
+        "{seg2} was acknowledged without the second repository"
+    );
+    assert!(
+        c.log_tail().contains("copy repository \"second\""),
+        "{}",
+        c.log_tail()
+    );
+    std::fs::set_permissions(&second, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let seg3 = c.sql("SELECT pg_walfile_name(pg_switch_wal())").unwrap();
+    switch_wait_archived(&c, &seg3);
+    for name in [&seg2, &seg3] {
+        assert_eq!(files_named(&second.join("wal"), name), 2, "{name}");
+    }
+}
+
+/// Waits (60 s) until `seg` is archived, waking the archiver with switches.
+fn switch_wait_archived(c: &Cluster, seg: &str) {
+    let until = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let archived = c
+            .sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")
+            .unwrap();
+        if archived.as_str() >= seg {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "{seg} not archived:\n{}",
+            c.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -230,6 +230,8 @@ struct RawCluster {
     repository: Option<Spanned<String>>,
     retention: Option<RawRetention>,
     health: Option<HealthConfig>,
+    #[serde(default)]
+    copy_to: Vec<Spanned<String>>,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -355,6 +357,8 @@ pub struct ClusterConfig {
     pub retention: RetentionConfig,
     /// Its own health thresholds, over those of `[health]`.
     pub health: HealthConfig,
+    /// `[[repository]]` names that `backup`, `dump` and `archive-push` also write to.
+    pub copy_to: Vec<String>,
 }
 
 /// Line and column (1-based) of byte `offset` in `text`.
@@ -843,11 +847,31 @@ impl ConfigFile {
                     ));
                 }
             }
+            for t in &c.copy_to {
+                let own = c.repository.as_ref().map(|r| r.get_ref());
+                if !seen.contains_key(t.get_ref()) || own == Some(t.get_ref()) {
+                    let known: Vec<&str> = seen.keys().map(String::as_str).collect();
+                    return Err(src.error(
+                        t.span(),
+                        format!(
+                            "cluster.copy_to: {:?} is {} (defined: {})",
+                            t.get_ref(),
+                            if own == Some(t.get_ref()) {
+                                "the cluster's own repository"
+                            } else {
+                                "not a [[repository]] of this file"
+                            },
+                            known.join(", ")
+                        ),
+                    ));
+                }
+            }
             let retention = match c.retention {
                 Some(r) => check_retention(r, src, "cluster.retention")?,
                 None => RetentionConfig::default(),
             };
             cfg.clusters.push(ClusterConfig {
+                copy_to: c.copy_to.into_iter().map(Spanned::into_inner).collect(),
                 name,
                 pgdata: c.pgdata,
                 pg: c.pg.map(Spanned::into_inner),
@@ -1005,6 +1029,9 @@ pub struct ClusterSettings {
     pub pgdata: Option<PathBuf>,
     /// Its connection string (no password), if known.
     pub pg: Option<String>,
+    /// Repositories (names) that `backup`, `dump` and `archive-push` also write to
+    /// (`cluster.copy_to`).
+    pub copy_to: Vec<String>,
 }
 
 /// Every setting of one run, after precedence (flags > environment > file > defaults).
@@ -1325,6 +1352,7 @@ impl Settings {
                 name: cluster_name,
                 pgdata,
                 pg: pg.map(|(pg, _)| pg),
+                copy_to: file_cluster.map(|c| c.copy_to.clone()).unwrap_or_default(),
             },
             threads,
             log_level,

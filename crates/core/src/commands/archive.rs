@@ -316,10 +316,19 @@ pub async fn archive_push(ctx: &Context, opts: &ArchivePushOptions) -> Result<Ar
         .map_err(|e| Error::new(ErrorKind::Failure, format!("compression task failed: {e}")));
     // A repository that does not open is the error to report, as before any read.
     let repo = repo?;
-    push_content(&repo, &opts.cluster, &opts.path, content??).await
+    let content = content??;
+    if ctx.settings.cluster.copy_to.is_empty() {
+        return push_content(&repo, &opts.cluster, &opts.path, content).await;
+    }
+    // Acknowledged only when every repository has it (cluster.copy_to).
+    let copies = crate::commands::mirror::open_copies(ctx).await?;
+    let report = push_content(&repo, &opts.cluster, &opts.path, content.clone()).await?;
+    crate::commands::mirror::push_to_copies(&copies, &opts.cluster, &opts.path, &content).await?;
+    Ok(report)
 }
 
 /// A WAL file read into memory, with its compressed form when it was computed ahead.
+#[derive(Clone)]
 pub struct WalFileContent {
     data: Vec<u8>,
     compressed: Option<Vec<u8>>,

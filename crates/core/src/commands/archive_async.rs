@@ -296,6 +296,17 @@ pub async fn push_worker(ctx: &Context, opts: &WorkerOptions) -> Result<WorkerRe
             return Err(e);
         }
     };
+    // cluster.copy_to: a segment is acknowledged only when every repository holds it.
+    let copies = match crate::commands::mirror::open_copies(ctx).await {
+        Ok(c) => c,
+        Err(e) => {
+            write_verdict(
+                &out.join("global.error"),
+                &format!("{}\n{e}", e.exit_code()),
+            );
+            return Err(e);
+        }
+    };
     let _ = std::fs::remove_file(out.join("global.error"));
     let mut idle_since = Instant::now();
     // Names pushed by this pusher: PostgreSQL renames `.ready` only after the foreground
@@ -319,12 +330,25 @@ pub async fn push_worker(ctx: &Context, opts: &WorkerOptions) -> Result<WorkerRe
         }
         let results: Vec<(String, bool)> = stream::iter(todo)
             .map(|n| {
-                let (repo, out) = (repo.clone(), out.clone());
+                let (repo, out, copies) = (repo.clone(), out.clone(), copies.clone());
                 let path = opts.pg_wal.join(&n);
                 let cluster = opts.cluster.clone();
                 async move {
                     let file_stamp = stamp(&path);
-                    match (file_stamp, push_file(&repo, &cluster, &path).await) {
+                    let pushed = match push_file(&repo, &cluster, &path).await {
+                        Ok(r) if !copies.is_empty() => {
+                            match crate::commands::archive::WalFileContent::read(&path) {
+                                Ok(c) => crate::commands::mirror::push_to_copies(
+                                    &copies, &cluster, &path, &c,
+                                )
+                                .await
+                                .map(|()| r),
+                                Err(e) => Err(e),
+                            }
+                        }
+                        other => other,
+                    };
+                    match (file_stamp, pushed) {
                         (Ok(s), Ok(r)) => {
                             let outcome = match r.outcome {
                                 PushOutcome::Stored => "stored",

@@ -11,6 +11,7 @@ pub mod dump;
 pub mod expire;
 pub mod export_dump;
 pub mod list;
+pub mod mirror;
 pub mod notify;
 pub mod pitr;
 pub mod repo;
