@@ -179,10 +179,8 @@ impl ScheduleConfig {
             }
         };
         match self.job {
-            JobKind::Dump => {
-                if self.db.is_some() == self.all {
-                    return Err("job dump: give db = \"NAME\" or all = true".into());
-                }
+            JobKind::Dump if self.db.is_some() == self.all => {
+                return Err("job dump: give db = \"NAME\" or all = true".into());
             }
             JobKind::Drill => {
                 if self.dump && self.db.is_none() {
@@ -190,10 +188,8 @@ impl ScheduleConfig {
                 }
                 no("all", self.all)?;
             }
-            JobKind::Copy => {
-                if self.to.is_none() {
-                    return Err("job copy: give to = \"REPOSITORY\"".into());
-                }
+            JobKind::Copy if self.to.is_none() => {
+                return Err("job copy: give to = \"REPOSITORY\"".into());
             }
             JobKind::Expire => {
                 if let Some(k) = &self.kind {
