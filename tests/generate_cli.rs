@@ -16,16 +16,19 @@ const BIN: &str = env!("CARGO_BIN_EXE_pgkeep");
 
 /// A configuration with a local repository (outside /tmp, so the units keep PrivateTmp),
 /// a listener and schedules of several cron forms.
-fn config(s: &Sandbox, schedules: &str, listen: &str) -> PathBuf {
+/// The file lives outside /tmp (in the target directory), where a unit would not see it
+/// with PrivateTmp.
+fn config(schedules: &str, listen: &str) -> (tempfile::TempDir, PathBuf) {
     let text = format!(
         "[[repository]]\nname = \"local\"\nurl = \"/var/lib/pgkeep-generate-test\"\n\n\
          [[cluster]]\nname = \"main\"\npg = \"host=/var/run/postgresql dbname=postgres\"\nrepository = \"local\"\n\n\
          [daemon]\nlisten = \"{listen}\"\nstop_timeout = \"2m\"\n\n{schedules}"
     );
-    let path = s.path().join("pgkeep.toml");
+    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let path = dir.path().join("pgkeep.toml");
     std::fs::write(&path, text).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
+    (dir, path)
 }
 
 const SCHEDULES: &str = "\
@@ -85,7 +88,7 @@ fn tool(name: &str, args: &[&str], install: &str) -> std::process::Output {
 #[test]
 fn generate_systemd_units_pass_systemd_analyze_verify() {
     let s = Sandbox::new();
-    let cfg = config(&s, SCHEDULES, "127.0.0.1:9187");
+    let (_cfg_dir, cfg) = config(SCHEDULES, "127.0.0.1:9187");
     for (mode, expected) in [
         ("daemon", vec!["pgkeep.service"]),
         (
@@ -225,8 +228,7 @@ fn generate_systemd_units_pass_systemd_analyze_verify() {
 #[test]
 fn generate_systemd_refuses_what_cannot_convert() {
     let s = Sandbox::new();
-    let cfg = config(
-        &s,
+    let (_cfg_dir, cfg) = config(
         "[[schedule]]\njob = \"backup\"\ncron = \"0 0 1 * 1\"\n",
         "127.0.0.1:9187",
     );
@@ -399,7 +401,7 @@ cron = \"0 5 */2 * 6\"
 #[test]
 fn generate_cron_lines_are_valid_and_round_trip() {
     let s = Sandbox::new();
-    let cfg = config(&s, CRON_SCHEDULES, "127.0.0.1:9187");
+    let (_cfg_dir, cfg) = config(CRON_SCHEDULES, "127.0.0.1:9187");
     let printed = generate(&s, &cfg, &["cron", "--binary", BIN]).expect(0);
     assert!(
         printed.stdout().starts_with("# ==> pgkeep <==\n"),
@@ -519,8 +521,7 @@ fn generate_cron_lines_are_valid_and_round_trip() {
 #[test]
 fn generate_cron_refuses_seconds_and_the_daemon() {
     let s = Sandbox::new();
-    let cfg = config(
-        &s,
+    let (_cfg_dir, cfg) = config(
         "[[schedule]]\njob = \"backup\"\ncron = \"*/10 * * * * *\"\n",
         "127.0.0.1:9187",
     );
@@ -566,7 +567,7 @@ fn kubernetes_validate(files: &[PathBuf]) {
 #[test]
 fn generate_k8s_manifests_pass_kubernetes_validate() {
     let s = Sandbox::new();
-    let cfg = config(&s, CRON_SCHEDULES, "0.0.0.0:9187");
+    let (_cfg_dir, cfg) = config(CRON_SCHEDULES, "0.0.0.0:9187");
     let config_text = std::fs::read_to_string(&cfg).unwrap();
 
     let dir = s.path().join("k8s-daemon");
@@ -663,7 +664,7 @@ fn generate_k8s_manifests_pass_kubernetes_validate() {
 #[test]
 fn generate_k8s_refuses_inline_secrets_and_a_local_listener() {
     let s = Sandbox::new();
-    let cfg = config(&s, CRON_SCHEDULES, "127.0.0.1:9187");
+    let (_cfg_dir, cfg) = config(CRON_SCHEDULES, "127.0.0.1:9187");
     let out = generate(&s, &cfg, &["k8s"]).expect(2);
     assert!(out.stderr().contains("0.0.0.0:9187"), "{}", out.stderr());
     // Jobs do not listen.
@@ -685,7 +686,7 @@ fn generate_k8s_refuses_inline_secrets_and_a_local_listener() {
 #[test]
 fn generate_output_refuses_to_overwrite_without_force() {
     let s = Sandbox::new();
-    let cfg = config(&s, SCHEDULES, "127.0.0.1:9187");
+    let (_cfg_dir, cfg) = config(SCHEDULES, "127.0.0.1:9187");
     let dir = s.path().join("new/units");
     let args = [
         "systemd",
@@ -823,4 +824,109 @@ fn completions_and_man_page() {
     assert!(text.contains("pgkeep"), "{text}");
     assert!(text.contains("drill"), "{text}");
     assert!(!text.contains(".TH"), "not rendered:\n{text}");
+}
+
+#[test]
+fn generate_with_spool_passphrase_file_and_a_remote_repository() {
+    let s = Sandbox::new();
+    let pass = s.path().join("passphrase");
+    std::fs::write(&pass, "correct horse\n").unwrap();
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let cfg = s.path().join("pgkeep.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[options]\nspool_dir = \"/var/spool/pgkeep\"\n\n\
+             [[repository]]\nname = \"local\"\nurl = \"file:///srv/pgkeep\"\npassphrase_file = \"{}\"\n\n\
+             [[repository]]\nname = \"Off_Site\"\nurl = \"s3://bucket/prefix\"\n\n\
+             [[cluster]]\nname = \"main\"\nrepository = \"local\"\n\n\
+             [drill]\nscratch_dir = \"/home/scratch dir\"\n\n\
+             [[schedule]]\njob = \"copy\"\ncron = \"0 5 * * *\"\nto = \"Off_Site\"\nwal = true\n",
+            pass.display()
+        ),
+    )
+    .unwrap();
+
+    let dir = s.path().join("k8s");
+    let out = generate(
+        &s,
+        &cfg,
+        &[
+            "k8s",
+            "--mode",
+            "jobs",
+            "--output",
+            dir.to_str().unwrap(),
+            "--json",
+        ],
+    )
+    .expect(0);
+    let names = files_of(&out.json());
+    assert_eq!(
+        names,
+        [
+            "pgkeep-config-configmap.yaml",
+            "pgkeep-copy-main-cronjob.yaml",
+            "pgkeep-state-pvc.yaml",
+            "pgkeep-repo-local-pvc.yaml",
+            "pgkeep-spool-pvc.yaml",
+        ]
+    );
+    kubernetes_validate(&names.iter().map(|n| dir.join(n)).collect::<Vec<_>>());
+    let cj = read(&dir, "pgkeep-copy-main-cronjob.yaml");
+    for want in [
+        "secretName: pgkeep-passphrase-local",
+        "subPath: passphrase",
+        &format!("mountPath: {}", pass.display()),
+        "mountPath: /srv/pgkeep",
+        "mountPath: /var/spool/pgkeep",
+        "- Off_Site",
+        "- \"--wal\"",
+    ] {
+        assert!(cj.contains(want), "no {want}:\n{cj}");
+    }
+    assert!(!cj.contains("correct horse"));
+
+    let dir = s.path().join("systemd");
+    generate(
+        &s,
+        &cfg,
+        &[
+            "systemd",
+            "--mode",
+            "jobs",
+            "--binary",
+            BIN,
+            "--output",
+            dir.to_str().unwrap(),
+        ],
+    )
+    .expect(0);
+    let unit = read(&dir, "pgkeep-copy-main.service");
+    for line in [
+        "ReadWritePaths=/srv/pgkeep /var/spool/pgkeep \"/home/scratch dir\"",
+        "ProtectHome=read-only",
+        // The passphrase file is in the sandbox, under /tmp.
+        "# Not PrivateTmp: a file or directory of the configuration is under /tmp or /var/tmp.",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "no {line}:\n{unit}");
+    }
+    assert!(
+        unit.contains(" --cluster main copy --to Off_Site --latest --wal\n"),
+        "{unit}"
+    );
+    let files = [
+        dir.join("pgkeep-copy-main.service"),
+        dir.join("pgkeep-copy-main.timer"),
+    ];
+    let v = tool(
+        "systemd-analyze",
+        &[
+            "verify",
+            files[0].to_str().unwrap(),
+            files[1].to_str().unwrap(),
+        ],
+        "install systemd",
+    );
+    assert!(v.status.success() && v.stderr.is_empty(), "{v:?}");
 }

@@ -697,13 +697,15 @@ fn systemd_service_common(file: &ConfigFile, opts: &GenerateOptions) -> String {
         .iter()
         .chain(&writable)
         .any(|p| p.starts_with("/home") || p.starts_with("/root") || p.starts_with("/run/user"));
-    if writable
+    if read_paths
         .iter()
+        .chain(&writable)
         .any(|p| p.starts_with("/tmp") || p.starts_with("/var/tmp"))
     {
         w(
             &mut s,
-            "# Not PrivateTmp: a directory of the configuration is under /tmp or /var/tmp.".into(),
+            "# Not PrivateTmp: a file or directory of the configuration is under /tmp or /var/tmp."
+                .into(),
         );
     } else {
         w(&mut s, "PrivateTmp=true".into());
