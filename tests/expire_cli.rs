@@ -395,3 +395,94 @@ fn lock_wait_lets_a_command_wait_for_a_conflicting_lock_instead_of_failing() {
     assert!(started.elapsed() >= Duration::from_millis(1500));
     assert!(String::from_utf8_lossy(&out.stderr).contains("waiting up to"));
 }
+
+/// `pgkeep ARGS` as a child process of its own, waiting for locks up to two minutes.
+fn spawn_pgkeep(s: &Sandbox, args: &[&str], pg: &str) -> std::process::Child {
+    std::process::Command::new(BIN)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HOME", s.path())
+        .env("PGKEEP_CONFIG", s.path().join("empty.toml"))
+        .env("PGKEEP_LOCK_WAIT", "120s")
+        .env("PGKEEP_PG", pg)
+        .args(["--repo", s.repo().to_str().unwrap()])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn a_backup_process_running_beside_an_expire_process_loses_nothing() {
+    let s = Sandbox::shared();
+    let c = start_archiving(&s);
+    let conn = c.conninfo();
+    c.sql("CREATE TABLE items (id int, pad text)").unwrap();
+    for round in 0..2 {
+        c.sql(&format!(
+            "INSERT INTO items SELECT g, repeat(md5(g::text), 8) FROM generate_series(1, 60000) g; \
+             UPDATE items SET pad = md5(pad) WHERE id % 3 = {round}"
+        ))
+        .unwrap();
+        s.run_repo(&["backup"], &[("PGKEEP_PG", conn.as_str())])
+            .expect(0);
+    }
+    // Either order: the expire first, or the backup first.
+    for (round, expire_first) in [(0, false), (1, true)] {
+        c.sql("UPDATE items SET pad = md5(pad) WHERE id % 2 = 0")
+            .unwrap();
+        let rows = c
+            .sql("SELECT count(*), sum(length(pad)) FROM items")
+            .unwrap();
+        let expire = ["expire", "--keep-last", "1"];
+        let (first, second): (&[&str], &[&str]) = if expire_first {
+            (&expire, &["--json", "backup"])
+        } else {
+            (&["--json", "backup"], &expire)
+        };
+        let a = spawn_pgkeep(&s, first, &conn);
+        std::thread::sleep(Duration::from_millis(150));
+        let b = spawn_pgkeep(&s, second, &conn);
+        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        for (what, out) in [(first, &a), (second, &b)] {
+            assert!(
+                out.status.success(),
+                "{what:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let backup_out = if expire_first { &b } else { &a };
+        let made: serde_json::Value = serde_json::from_slice(&backup_out.stdout).unwrap();
+        let id = made["id"].as_str().unwrap().to_string();
+        // The new backup survived whichever ran first, and everything left reads back.
+        let list = s.run_repo(&["--json", "list"], &[]).expect(0).json();
+        assert!(ids_of(&list, "physical").contains(&id), "{list}");
+        s.run_repo(&["repo", "check", "--read-data"], &[]).expect(0);
+        let d = s.path().join(format!("beside-{round}"));
+        s.run_repo(
+            &[
+                "restore",
+                &id,
+                "--target-dir",
+                d.to_str().unwrap(),
+                "--target-immediate",
+                "--target-action",
+                "promote",
+            ],
+            &[],
+        )
+        .expect(0);
+        let r = Cluster::builder()
+            .start_timeout(Duration::from_secs(120))
+            .start_existing(&d)
+            .unwrap();
+        r.wait_until_promoted(Duration::from_secs(120)).unwrap();
+        assert_eq!(
+            r.sql("SELECT count(*), sum(length(pad)) FROM items")
+                .unwrap(),
+            rows,
+            "round {round}"
+        );
+    }
+}
