@@ -497,6 +497,21 @@ fn copy_to_writes_backups_dumps_and_wal_to_both_repositories_and_a_segment_waits
         "{}",
         c.log_tail()
     );
+    // PostgreSQL retried it; the same failure is recorded once in the history.
+    std::thread::sleep(Duration::from_secs(3));
+    let h = s
+        .run_repo(&["--json", "history", "--kind", "archive-push"], &[])
+        .expect(0)
+        .json();
+    let recs = h["records"].as_array().unwrap();
+    assert_eq!(recs.len(), 1, "{h}");
+    assert!(
+        recs[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("copy repository \"second\""),
+        "{h}"
+    );
     std::fs::set_permissions(&second, std::fs::Permissions::from_mode(0o700)).unwrap();
     let seg3 = c.sql("SELECT pg_walfile_name(pg_switch_wal())").unwrap();
     switch_wait_archived(&c, &seg3);

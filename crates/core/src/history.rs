@@ -386,9 +386,34 @@ fn warn_not_recorded(record: &RunRecord, why: &str) {
     );
 }
 
+/// A failed `archive-push` repeats every minute while its cause lasts (PostgreSQL retries
+/// the segment): the same failure within this window of the newest recorded one is not
+/// recorded again, so an outage of a day leaves one record an hour, not 1,440.
+pub const REPEATED_FAILURE_WINDOW: chrono::Duration = chrono::Duration::hours(1);
+
 async fn store_in(ctx: &Context, record: &RunRecord) -> Result<String> {
     let repo = open_repository_fast(ctx).await?;
+    if record.kind == RunKind::ArchivePush && record.result != RunResult::Ok {
+        let filter = HistoryFilter {
+            kind: Some(RunKind::ArchivePush),
+            limit: Some(1),
+        };
+        let newest = load(&repo, &record.cluster, &filter).await?;
+        if let Some((key, last)) = newest.last() {
+            if is_repeat(last, record) {
+                return Ok(key.clone());
+            }
+        }
+    }
     store(&repo, record).await
+}
+
+/// Whether `record` repeats `last`: the same failure, within [`REPEATED_FAILURE_WINDOW`].
+fn is_repeat(last: &RunRecord, record: &RunRecord) -> bool {
+    last.result == record.result
+        && last.exit_code == record.exit_code
+        && last.error == record.error
+        && record.ended - last.ended < REPEATED_FAILURE_WINDOW
 }
 
 /// The prefix of a cluster's records.
@@ -684,6 +709,25 @@ mod tests {
             rto_secs: None,
             detail: None,
         }
+    }
+
+    #[test]
+    fn a_repeated_archive_push_failure_within_the_window_is_a_repeat() {
+        let mut a = rec(
+            RunKind::ArchivePush,
+            None,
+            "2026-12-05T01:00:00Z",
+            RunResult::Failed,
+        );
+        a.error = Some("disk full".into());
+        let mut b = a.clone();
+        b.ended = a.ended + chrono::Duration::minutes(59);
+        assert!(is_repeat(&a, &b));
+        b.ended = a.ended + chrono::Duration::minutes(61);
+        assert!(!is_repeat(&a, &b), "an hour later it is recorded again");
+        b.ended = a.ended + chrono::Duration::minutes(1);
+        b.error = Some("permission denied".into());
+        assert!(!is_repeat(&a, &b), "another failure is recorded");
     }
 
     #[test]
