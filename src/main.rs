@@ -1567,7 +1567,19 @@ fn main() {
         )
         .init();
 
-    let ctx = match Context::load(&flags, &env) {
+    // Completions and man pages come from the command-line definitions alone: a broken or
+    // missing configuration file must not stand in their way.
+    let standalone = matches!(
+        &cli.command,
+        Command::Generate(g) if matches!(g.target, GenerateTarget::Completions | GenerateTarget::Man)
+    );
+    let loaded = if standalone {
+        pgkeep_core::config::Settings::resolve(None, &Env::default(), &Overrides::default())
+            .map(|s| Context::new(s, Default::default()))
+    } else {
+        Context::load(&flags, &env)
+    };
+    let ctx = match loaded {
         Ok(ctx) => ctx,
         // A monitor reads exit 2 as CRITICAL: a check that cannot even start is UNKNOWN.
         Err(e) if matches!(&cli.command, Command::Check(c) if c.nagios) => {

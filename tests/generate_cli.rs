@@ -755,6 +755,19 @@ fn completions_and_man_page() {
         .stdout();
     assert!(bash.contains("drill"), "{bash}");
     assert!(bash.contains("complete -F"), "{bash}");
+    // They need no configuration: a broken file does not stand in their way.
+    let broken = s.path().join("broken.toml");
+    std::fs::write(&broken, "[nonsense\n").unwrap();
+    let broken = broken.to_str().unwrap();
+    s.run(
+        &["--config", broken, "generate", "completions", "bash"],
+        &[],
+    )
+    .expect(0);
+    s.run(&["--config", broken, "generate", "man"], &[])
+        .expect(0);
+    s.run(&["--config", broken, "generate", "cron"], &[])
+        .expect(2);
     let zsh = s
         .run(&["generate", "completions", "zsh"], &[])
         .expect(0)
