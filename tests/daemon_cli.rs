@@ -2,7 +2,8 @@
 //! cluster: it takes dumps and a backup within a bounded wait (recorded in the run history as
 //! if run by hand), skips and records a run that falls due while the previous one is still
 //! going, runs a missed run once at start-up, reloads on SIGHUP (and keeps the old
-//! configuration when the new one is bad), and on SIGTERM exits 0 with its lock released.
+//! configuration when the new one is bad), and on SIGTERM exits 0 with its lock released;
+//! one daemon serves two clusters backed up to two repositories.
 
 mod cli_support;
 
@@ -277,4 +278,80 @@ fn sigterm_interrupts_a_run_that_outlasts_stop_timeout_and_releases_its_lock() {
     );
     let _ = holder.kill();
     let _ = holder.wait();
+}
+
+#[test]
+fn one_daemon_runs_schedules_for_two_clusters_in_two_repositories() {
+    let s = Sandbox::shared();
+    let (a, b) = (
+        pgkeep_testing::Cluster::new().unwrap(),
+        pgkeep_testing::Cluster::new().unwrap(),
+    );
+    a.sql("CREATE DATABASE sales").unwrap();
+    b.sql("CREATE DATABASE stock").unwrap();
+    let other = s.path().join("other-repo");
+    s.run(
+        &[
+            "--repo",
+            other.to_str().unwrap(),
+            "repo",
+            "init",
+            "--no-encryption",
+        ],
+        &[],
+    )
+    .expect(0);
+    let p = s.path().join("two.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[[repository]]\nname = \"r1\"\nurl = \"{}\"\n\n\
+             [[repository]]\nname = \"r2\"\nurl = \"{}\"\n\n\
+             [[cluster]]\nname = \"shop\"\nrepository = \"r1\"\npg = \"{}\"\n\n\
+             [[cluster]]\nname = \"depot\"\nrepository = \"r2\"\npg = \"{}\"\n\n\
+             [daemon]\nstate_dir = \"{}\"\n\n\
+             [[schedule]]\njob = \"dump\"\ncron = \"*/2 * * * * *\"\ncluster = \"shop\"\ndb = \"sales\"\n\n\
+             [[schedule]]\njob = \"dump\"\ncron = \"*/2 * * * * *\"\ncluster = \"depot\"\ndb = \"stock\"\n",
+            s.repo().display(),
+            other.display(),
+            a.conninfo(),
+            b.conninfo(),
+            s.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let cfg = p.to_str().unwrap().to_string();
+    let daemon = start_daemon(&s, &cfg);
+    let dumps = |repo: &Path, cluster: &str, db: &str| -> usize {
+        let r = s.run(
+            &[
+                "--repo",
+                repo.to_str().unwrap(),
+                "--cluster",
+                cluster,
+                "--json",
+                "history",
+            ],
+            &[],
+        );
+        if r.code() != 0 {
+            return 0;
+        }
+        r.json()["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["kind"] == "dump" && r["database"] == db && r["result"] == "ok")
+            .count()
+    };
+    wait_for(
+        "a dump of each cluster, each in its repository",
+        Duration::from_secs(60),
+        || dumps(&s.repo(), "shop", "sales") >= 1 && dumps(&other, "depot", "stock") >= 1,
+    );
+    let (code, log) = stop(daemon);
+    assert_eq!(code, 0, "{log}");
+    // Nothing crossed over.
+    assert_eq!(dumps(&s.repo(), "depot", "stock"), 0);
+    assert_eq!(dumps(&other, "shop", "sales"), 0);
 }
