@@ -16,7 +16,6 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cli_support::Sandbox;
-use pgkeep_testing::cluster::running_as_root;
 use pgkeep_testing::Cluster;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgkeep");
@@ -52,9 +51,10 @@ fn wait_for(what: &str, c: &Cluster, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn an_unwritable_repository_never_acknowledges_a_segment_in_async_mode_from_the_config_file() {
-    if !running_as_root() {
-        // The repository is made unwritable for the server user, which root is not.
-        eprintln!("skipped: needs root");
+    // The repository is made unwritable for the server user, which root is not.
+    if !pgkeep_testing::cluster::require_root(
+        "the repository is made unwritable for the server user only",
+    ) {
         return;
     }
     let s = Sandbox::new();

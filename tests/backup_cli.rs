@@ -82,8 +82,7 @@ fn is_empty(p: &Path) -> bool {
 
 #[test]
 fn restore_refuses_targets_of_other_users_without_rwx_or_with_postmaster_pid() {
-    if !pgkeep_testing::cluster::running_as_root() {
-        eprintln!("skipped: needs root to act as two users");
+    if !pgkeep_testing::cluster::require_root("acting as two users") {
         return;
     }
     let c = Cluster::new().unwrap();

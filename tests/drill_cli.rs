@@ -520,8 +520,7 @@ impl Drop for Mounted {
 
 #[test]
 fn a_drill_that_does_not_fit_is_refused_before_anything_is_written() {
-    if !pgkeep_testing::cluster::running_as_root() {
-        eprintln!("skipped: mounting a tmpfs needs root");
+    if !pgkeep_testing::cluster::require_root("mounting a tmpfs") {
         return;
     }
     let s = Sandbox::shared();

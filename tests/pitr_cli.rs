@@ -779,8 +779,7 @@ impl Drop for Mounted {
 
 #[test]
 fn dry_run_writes_nothing_and_a_restore_that_does_not_fit_is_refused_up_front() {
-    if !running_as_root() {
-        eprintln!("skipped: mounting a tmpfs needs root");
+    if !pgkeep_testing::cluster::require_root("mounting a tmpfs") {
         return;
     }
     let st = Setup::new(false);

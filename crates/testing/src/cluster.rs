@@ -811,6 +811,25 @@ pub fn running_as_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Skips root-only tests on purpose when set to `1`.
+pub const SKIP_ROOT_TESTS_ENV: &str = "PGKEEP_SKIP_ROOT_TESTS";
+
+/// For a test that needs root (`why`): true when it runs as root. Otherwise the test FAILS,
+/// unless [`SKIP_ROOT_TESTS_ENV`]`=1` asks to skip it, which is said on stderr: a test that
+/// cannot run must not pass silently.
+pub fn require_root(why: &str) -> bool {
+    if running_as_root() {
+        return true;
+    }
+    if std::env::var(SKIP_ROOT_TESTS_ENV).as_deref() == Ok("1") {
+        eprintln!("SKIPPED ({SKIP_ROOT_TESTS_ENV}=1): this test needs root: {why}");
+        return false;
+    }
+    panic!(
+        "this test needs root ({why}); run the tests as root, or set {SKIP_ROOT_TESTS_ENV}=1 to skip it on purpose"
+    )
+}
+
 /// A command for a server binary of `bin_dir`, wrapped in `runuser -u postgres --` when root.
 fn pg_command(bin_dir: &Path, bin: &str) -> Command {
     let path = bin_dir.join(bin);
