@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cli_support::{start_archiving, switch_and_wait, Sandbox};
+use cli_support::{promtool, sample, start_archiving, switch_and_wait, Sandbox};
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgkeep");
 
@@ -146,39 +146,6 @@ fn curl(url: &str, extra: &[&str]) -> Resp {
         headers: std::fs::read_to_string(&head).unwrap_or_default(),
         body: body.to_string(),
     }
-}
-
-fn promtool(text: &str) {
-    use std::io::Write;
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus) is installed");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success() && out.stdout.is_empty(),
-        "promtool check metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The value of the sample whose line starts with `prefix`.
-fn sample(text: &str, prefix: &str) -> f64 {
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no sample {prefix}\n{text}"));
-    line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 /// `target/`, from where cargo put the binary.

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cli_support::Sandbox;
+use cli_support::{promtool, sample, Sandbox};
 use pgkeep_testing::Cluster;
 
 const BIN: &str = env!("CARGO_BIN_EXE_pgkeep");
@@ -363,39 +363,6 @@ fn switch_and_wait(c: &Cluster) {
         assert!(Instant::now() < deadline, "{last} not archived");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn promtool(text: &str) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("promtool (Debian package prometheus) is installed");
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success() && out.stdout.is_empty(),
-        "promtool check metrics: {}{}\n{text}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// The value of the sample whose line starts with `prefix` (name and labels).
-fn sample(text: &str, prefix: &str) -> f64 {
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no sample {prefix}\n{text}"));
-    line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 #[test]

@@ -180,3 +180,38 @@ pub fn switch_and_wait(c: &pgkeep_testing::Cluster) {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Checks `text` with `promtool check metrics` (Debian package prometheus).
+pub fn promtool(text: &str) {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus) is installed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success() && out.stdout.is_empty(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The value of the metrics sample whose line starts with `prefix` (name and labels).
+pub fn sample(text: &str, prefix: &str) -> f64 {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no sample {prefix}\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}

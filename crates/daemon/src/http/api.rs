@@ -52,6 +52,28 @@ fn failed(cluster: &str, e: impl std::fmt::Display) -> Value {
     json!({ "cluster": cluster, "error": e.to_string() })
 }
 
+/// Runs `f` with the context of each cluster and answers their results as a JSON array (a
+/// cluster whose context or command fails is `{cluster, error}` in it).
+async fn per_cluster<T, F, Fut>(app: &App, clusters: Vec<String>, f: F) -> Response
+where
+    T: serde::Serialize,
+    F: Fn(pgkeep_core::context::Context) -> Fut,
+    Fut: std::future::Future<Output = pgkeep_core::error::Result<T>>,
+{
+    let mut out = Vec::new();
+    for c in clusters {
+        let r = match app.shared.context(&c) {
+            Ok(ctx) => f(ctx).await,
+            Err(e) => Err(e),
+        };
+        out.push(match r {
+            Ok(v) => serde_json::to_value(&v).unwrap_or_else(|e| failed(&c, e)),
+            Err(e) => failed(&c, e),
+        });
+    }
+    Json(Value::Array(out)).into_response()
+}
+
 /// `GET /api/clusters`: the names of the clusters served.
 pub async fn clusters(State(app): State<Arc<App>>) -> Response {
     Json(json!({ "clusters": app.shared.clusters() })).into_response()
@@ -63,23 +85,17 @@ pub async fn status(State(app): State<Arc<App>>, Query(p): Query<Params>) -> Res
         Ok(c) => c,
         Err(m) => return error(StatusCode::NOT_FOUND, m),
     };
-    let mut out = Vec::new();
-    for c in clusters {
-        let r = match app.shared.context(&c) {
-            Ok(ctx) => status::status(&ctx).await,
-            Err(e) => Err(e),
-        };
-        out.push(match r {
-            Ok(s) => {
-                if let Some(l) = s.wal_lag_secs {
-                    app.note_lag(&c, l);
-                }
-                serde_json::to_value(&s).unwrap_or_else(|e| failed(&c, e))
+    per_cluster(&app, clusters, |ctx| {
+        let app = app.clone();
+        async move {
+            let s = status::status(&ctx).await?;
+            if let Some(l) = s.wal_lag_secs {
+                app.note_lag(&ctx.settings.cluster.name, l);
             }
-            Err(e) => failed(&c, e),
-        });
-    }
-    Json(Value::Array(out)).into_response()
+            Ok(s)
+        }
+    })
+    .await
 }
 
 /// `GET /api/history[?kind=K][&limit=N]`: `pgkeep history --json` of each cluster.
@@ -104,18 +120,11 @@ pub async fn history(State(app): State<Arc<App>>, Query(p): Query<Params>) -> Re
         kind,
         limit: p.limit,
     };
-    let mut out = Vec::new();
-    for c in clusters {
-        let r = match app.shared.context(&c) {
-            Ok(ctx) => history::history(&ctx, &filter).await,
-            Err(e) => Err(e),
-        };
-        out.push(match r {
-            Ok(h) => serde_json::to_value(&h).unwrap_or_else(|e| failed(&c, e)),
-            Err(e) => failed(&c, e),
-        });
-    }
-    Json(Value::Array(out)).into_response()
+    per_cluster(&app, clusters, |ctx| {
+        let filter = filter.clone();
+        async move { history::history(&ctx, &filter).await }
+    })
+    .await
 }
 
 /// `GET /api/backups`: `pgkeep list --json` of each cluster (backups and dumps).
@@ -125,26 +134,14 @@ pub async fn backups(State(app): State<Arc<App>>, Query(p): Query<Params>) -> Re
         Ok(c) => c,
         Err(m) => return error(StatusCode::NOT_FOUND, m),
     };
-    let mut out = Vec::new();
-    for c in clusters {
-        let r = match app.shared.context(&c) {
-            Ok(ctx) => match ctx.open_repository().await {
-                Ok(repo) => {
-                    let opts = ListOptions {
-                        cluster: ctx.settings.cluster.name.clone(),
-                    };
-                    list(&repo, &opts).await
-                }
-                Err(e) => Err(e),
-            },
-            Err(e) => Err(e),
+    per_cluster(&app, clusters, |ctx| async move {
+        let repo = ctx.open_repository().await?;
+        let opts = ListOptions {
+            cluster: ctx.settings.cluster.name.clone(),
         };
-        out.push(match r {
-            Ok(l) => serde_json::to_value(&l).unwrap_or_else(|e| failed(&c, e)),
-            Err(e) => failed(&c, e),
-        });
-    }
-    Json(Value::Array(out)).into_response()
+        list(&repo, &opts).await
+    })
+    .await
 }
 
 /// `GET /api/schedules`: the daemon's state (every schedule, its next run, the run going
