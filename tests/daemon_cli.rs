@@ -7,9 +7,9 @@
 
 mod cli_support;
 
-use std::io::Read;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cli_support::{start_archiving, Sandbox};
@@ -30,8 +30,28 @@ fn write_config(s: &Sandbox, conninfo: &str, schedules: &str) -> String {
     p.display().to_string()
 }
 
-fn start_daemon(s: &Sandbox, cfg: &str) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_pgkeep"))
+/// A running daemon and the file its stderr goes to (read when a wait times out, so a CI
+/// failure shows what the daemon did).
+struct Daemon {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+fn start_daemon(s: &Sandbox, cfg: &str) -> Daemon {
+    let log = s.path().join(format!(
+        "daemon-{}.log",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let child = Command::new(env!("CARGO_BIN_EXE_pgkeep"))
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HOME", s.path())
@@ -39,9 +59,60 @@ fn start_daemon(s: &Sandbox, cfg: &str) -> Child {
         .env("PGKEEP_HEALTH_FREE_SPACE_CRIT", "1")
         .args(["--config", cfg, "-v", "daemon"])
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
-        .unwrap()
+        .unwrap();
+    Daemon { child, log }
+}
+
+/// A session that holds an ACCESS EXCLUSIVE lock on `table` until released, so pg_dump of
+/// that database waits. `hold` returns only once the lock is granted: a fixed head start
+/// raced pg_dump on a loaded CI machine (pg_dump took its lock first and no run overlapped).
+struct LockHolder {
+    psql: Child,
+    stdin: Option<ChildStdin>,
+}
+
+impl LockHolder {
+    fn hold(c: &pgkeep_testing::Cluster, db: &str, table: &str) -> LockHolder {
+        let mut psql = Command::new("psql")
+            .args([&c.conninfo_db(db), "-qAt"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = psql.stdin.take().unwrap();
+        writeln!(stdin, "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE;").unwrap();
+        stdin.flush().unwrap();
+        let granted = format!(
+            "SELECT count(*) FROM pg_locks l JOIN pg_class r ON r.oid = l.relation \
+             WHERE r.relname = '{table}' AND l.mode = 'AccessExclusiveLock' AND l.granted"
+        );
+        wait_for("the lock to be held", Duration::from_secs(30), || {
+            c.sql_db(db, &granted).map(|n| n == "1").unwrap_or(false)
+        });
+        LockHolder {
+            psql,
+            stdin: Some(stdin),
+        }
+    }
+
+    fn release(mut self) {
+        if let Some(mut stdin) = self.stdin.take() {
+            let _ = writeln!(stdin, "COMMIT;");
+        }
+        let _ = self.psql.wait();
+    }
+}
+
+impl Drop for LockHolder {
+    fn drop(&mut self) {
+        if self.stdin.is_some() {
+            let _ = self.psql.kill();
+            let _ = self.psql.wait();
+        }
+    }
 }
 
 fn signal(child: &Child, sig: &str) {
@@ -76,16 +147,34 @@ fn count(h: &[(String, String, String, String)], kind: &str, db: &str, result: &
         .count()
 }
 
-fn wait_for(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+/// Polls `ok` until it holds (true) or `limit` passes (false).
+fn wait_until(limit: Duration, mut ok: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + limit;
     while !ok() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
+        if Instant::now() >= until {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(250));
     }
+    true
 }
 
-fn stop(mut child: Child) -> (i32, String) {
-    signal(&child, "TERM");
+fn wait_for(what: &str, limit: Duration, ok: impl FnMut() -> bool) {
+    assert!(wait_until(limit, ok), "timed out waiting for {what}");
+}
+
+/// `wait_for`, with the daemon's log in the failure message.
+fn wait_for_daemon(d: &Daemon, what: &str, limit: Duration, ok: impl FnMut() -> bool) {
+    assert!(
+        wait_until(limit, ok),
+        "timed out waiting for {what}\ndaemon log:\n{}",
+        d.log()
+    );
+}
+
+fn stop(mut d: Daemon) -> (i32, String) {
+    let child = &mut d.child;
+    signal(child, "TERM");
     let started = Instant::now();
     let status = loop {
         if let Some(st) = child.try_wait().unwrap() {
@@ -97,14 +186,7 @@ fn stop(mut child: Child) -> (i32, String) {
         );
         std::thread::sleep(Duration::from_millis(100));
     };
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    (status.code().unwrap_or(-1), err)
+    (status.code().unwrap_or(-1), d.log())
 }
 
 fn no_locks(repo: &Path) -> bool {
@@ -124,14 +206,9 @@ fn a_daemon_runs_schedules_skips_overlaps_reloads_on_sighup_and_stops_on_sigterm
     c.sql_db("slow", "CREATE TABLE held (g int)").unwrap();
     let conn = c.conninfo();
 
-    // A session holds a lock that pg_dump of `slow` waits for: its runs overlap.
-    let holder = Command::new("psql")
-        .args([&c.conninfo_db("slow"), "-qAt", "-c"])
-        .arg("BEGIN; LOCK TABLE held IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(8); COMMIT;")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // A session holds a lock that pg_dump of `slow` waits for: its runs overlap until the
+    // skip has been seen.
+    let holder = LockHolder::hold(&c, "slow", "held");
 
     let schedules = "[[schedule]]\njob = \"dump\"\ncron = \"*/2 * * * * *\"\ncluster = \"main\"\ndb = \"app\"\n\n\
          [[schedule]]\njob = \"backup\"\ncron = \"*/5 * * * * *\"\ncluster = \"main\"\n\n\
@@ -139,20 +216,21 @@ fn a_daemon_runs_schedules_skips_overlaps_reloads_on_sighup_and_stops_on_sigterm
     let cfg = write_config(&s, &conn, schedules);
     let daemon = start_daemon(&s, &cfg);
 
-    wait_for(
-        "two dumps, a backup and a skipped run",
-        Duration::from_secs(120),
-        || {
-            let h = history(&s, &cfg);
-            count(&h, "dump", "app", "ok") >= 2
-                && count(&h, "backup", "", "ok") >= 1
-                && h.iter().any(|(k, d, r, e)| {
-                    k == "dump" && d == "slow" && r == "warning" && e.contains("skipped")
-                })
-        },
+    let mut last = Vec::new();
+    let seen = wait_until(Duration::from_secs(120), || {
+        last = history(&s, &cfg);
+        count(&last, "dump", "app", "ok") >= 2
+            && count(&last, "backup", "", "ok") >= 1
+            && last.iter().any(|(k, d, r, e)| {
+                k == "dump" && d == "slow" && r == "warning" && e.contains("skipped")
+            })
+    });
+    assert!(
+        seen,
+        "timed out waiting for two dumps, a backup and a skipped run\nhistory: {last:?}\ndaemon log:\n{}",
+        daemon.log()
     );
-    let mut holder = holder;
-    let _ = holder.wait();
+    holder.release();
 
     // SIGHUP with a bad file: refused, the old schedules go on.
     let good = std::fs::read_to_string(&cfg).unwrap();
@@ -161,10 +239,11 @@ fn a_daemon_runs_schedules_skips_overlaps_reloads_on_sighup_and_stops_on_sigterm
         format!("{good}\n[[schedule]]\njob = \"dump\"\ncron = \"99 * * * * *\"\ndb = \"app\"\n"),
     )
     .unwrap();
-    signal(&daemon, "HUP");
+    signal(&daemon.child, "HUP");
     std::thread::sleep(Duration::from_millis(500));
     let before = count(&history(&s, &cfg), "dump", "app", "ok");
-    wait_for(
+    wait_for_daemon(
+        &daemon,
         "a dump after the refused reload",
         Duration::from_secs(30),
         || count(&history(&s, &cfg), "dump", "app", "ok") > before,
@@ -176,11 +255,14 @@ fn a_daemon_runs_schedules_skips_overlaps_reloads_on_sighup_and_stops_on_sigterm
         &conn,
         "[[schedule]]\nname = \"app-fast\"\njob = \"dump\"\ncron = \"* * * * * *\"\ncluster = \"main\"\ndb = \"app\"\n",
     );
-    signal(&daemon, "HUP");
+    signal(&daemon.child, "HUP");
     let before = count(&history(&s, &cfg), "dump", "app", "ok");
-    wait_for("dumps after the reload", Duration::from_secs(30), || {
-        count(&history(&s, &cfg), "dump", "app", "ok") >= before + 2
-    });
+    wait_for_daemon(
+        &daemon,
+        "dumps after the reload",
+        Duration::from_secs(30),
+        || count(&history(&s, &cfg), "dump", "app", "ok") >= before + 2,
+    );
 
     let (code, log) = stop(daemon);
     assert_eq!(code, 0, "{log}");
@@ -216,7 +298,7 @@ fn a_run_missed_while_the_daemon_was_down_runs_once_at_start_up() {
     )
     .unwrap();
     let daemon = start_daemon(&s, &cfg);
-    wait_for("the missed dump", Duration::from_secs(60), || {
+    wait_for_daemon(&daemon, "the missed dump", Duration::from_secs(60), || {
         count(&history(&s, &cfg), "dump", "app", "ok") == 1
     });
     std::thread::sleep(Duration::from_secs(2));
@@ -239,14 +321,7 @@ fn sigterm_interrupts_a_run_that_outlasts_stop_timeout_and_releases_its_lock() {
     c.sql("CREATE DATABASE slow").unwrap();
     c.sql_db("slow", "CREATE TABLE held (g int)").unwrap();
     let conn = c.conninfo();
-    let mut holder = Command::new("psql")
-        .args([&c.conninfo_db("slow"), "-qAt", "-c"])
-        .arg("BEGIN; LOCK TABLE held IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60); COMMIT;")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let holder = LockHolder::hold(&c, "slow", "held");
     let p = s.path().join("daemon.toml");
     let cfg = write_config(
         &s,
@@ -260,9 +335,12 @@ fn sigterm_interrupts_a_run_that_outlasts_stop_timeout_and_releases_its_lock() {
     std::fs::write(&p, text).unwrap();
     let daemon = start_daemon(&s, &cfg);
     // The dump is running (waiting for the lock) once it holds the repository lock.
-    wait_for("the dump to start", Duration::from_secs(30), || {
-        !no_locks(&s.repo())
-    });
+    wait_for_daemon(
+        &daemon,
+        "the dump to start",
+        Duration::from_secs(30),
+        || !no_locks(&s.repo()),
+    );
     std::thread::sleep(Duration::from_millis(500));
     let started = Instant::now();
     let (code, log) = stop(daemon);
@@ -276,8 +354,7 @@ fn sigterm_interrupts_a_run_that_outlasts_stop_timeout_and_releases_its_lock() {
             .any(|(k, d, r, _)| k == "dump" && d == "slow" && r == "interrupted"),
         "{h:?}"
     );
-    let _ = holder.kill();
-    let _ = holder.wait();
+    drop(holder);
 }
 
 #[test]
@@ -344,7 +421,8 @@ fn one_daemon_runs_schedules_for_two_clusters_in_two_repositories() {
             .filter(|r| r["kind"] == "dump" && r["database"] == db && r["result"] == "ok")
             .count()
     };
-    wait_for(
+    wait_for_daemon(
+        &daemon,
         "a dump of each cluster, each in its repository",
         Duration::from_secs(60),
         || dumps(&s.repo(), "shop", "sales") >= 1 && dumps(&other, "depot", "stock") >= 1,
