@@ -3,11 +3,18 @@
 # backs it up while pgbench keeps writing into an encrypted repository, restores the backup
 # into a new directory, starts the restored copy and checks that it holds the same data.
 # Everything lives under ${DEMO_DIR:-/tmp/pgkeep-demo} and is removed at the start of a run.
+# PGKEEP_DEMO_PROFILE=dev uses the (optimized) dev build the tests already made: CI runs the
+# demo after the tests and saves a second full compile.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
-cargo build --release -q
-PGKEEP="$PWD/target/release/pgkeep"
+if [ "${PGKEEP_DEMO_PROFILE:-release}" = dev ]; then
+  cargo build -q --bin pgkeep
+  PGKEEP="$PWD/target/debug/pgkeep"
+else
+  cargo build --release -q
+  PGKEEP="$PWD/target/release/pgkeep"
+fi
 PGBIN=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)
 DEMO=${DEMO_DIR:-/tmp/pgkeep-demo}
 PORT=${DEMO_PORT:-54329}; PORT2=$((PORT + 1))
