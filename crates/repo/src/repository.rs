@@ -310,6 +310,13 @@ impl Repository {
             let (master, id) = find_key(storage.as_ref(), p).await?;
             (Sealer::Encrypted(Box::new(master)), Some(id))
         } else {
+            refuse_plain_config_beside_keys(storage.as_ref()).await?;
+            if passphrase.is_some() {
+                tracing::warn!(
+                    "a passphrase was given, but the repository at {location} is not encrypted: \
+                     nothing it stores is encrypted"
+                );
+            }
             (Sealer::Plain, None)
         };
         Ok(Repository {
@@ -741,6 +748,28 @@ async fn write_key(
         .put_if_absent(&format!("keys/{id}"), Bytes::from(body))
         .await?;
     Ok(id)
+}
+
+/// A plain repository never has key files (`repo init --no-encryption` writes none and
+/// `repo key add` refuses), so key files beside a `config` that says "not encrypted" mean the
+/// config was altered: opening it would write every later backup in plaintext into an
+/// encrypted repository (an encryption downgrade). The `config` object is plain JSON and
+/// carries no MAC, so this is the check that catches it.
+async fn refuse_plain_config_beside_keys(storage: &dyn Storage) -> Result<()> {
+    let keys = storage.list("keys/").await?;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    Err(RepoError::integrity(
+        format!("{}/config", storage.location()),
+        format!(
+            "it says the repository is not encrypted, but the repository holds {} key file(s): \
+             the config was altered, and writing to it would store plaintext in an encrypted \
+             repository; nothing was written. Restore `config` from a copy, or set \
+             \"encrypted\": true in it again",
+            keys.len()
+        ),
+    ))
 }
 
 async fn find_key(storage: &dyn Storage, passphrase: &str) -> Result<(MasterKey, String)> {

@@ -229,6 +229,50 @@ async fn a_wrong_passphrase_is_refused_and_writes_nothing() {
     assert_eq!(before, listing(dir.path()));
 }
 
+/// RELIABILITY.md row 13: the `config` object is plain JSON. Flipping its `encrypted` to
+/// false used to open the repository as plain, and every later write was stored unencrypted
+/// beside the encrypted data, without a word.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_flipped_to_plain_beside_key_files_is_refused_as_an_encryption_downgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = encrypted_repo(dir.path(), "right").await;
+    store(&repo, mixed_data(1 << 20, 1)).await;
+    let config = dir.path().join("config");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("\"encrypted\": true"), "{text}");
+    std::fs::write(
+        &config,
+        text.replace("\"encrypted\": true", "\"encrypted\": false"),
+    )
+    .unwrap();
+    let before = listing(dir.path());
+    for passphrase in [Some("right"), None] {
+        let err = Repository::open(local(dir.path()), passphrase)
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Integrity, "{err}");
+        assert!(
+            err.to_string().contains(
+                "it says the repository is not encrypted, but the repository holds 1 key file(s)"
+            ),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("right"), "{err}");
+    }
+    assert_eq!(
+        before,
+        listing(dir.path()),
+        "a refused open wrote something"
+    );
+    // Set back, it opens and reads as before.
+    std::fs::write(&config, text).unwrap();
+    let back = Repository::open(local(dir.path()), Some("right"))
+        .await
+        .unwrap();
+    let (s2, _) = store(&back, mixed_data(1 << 19, 2)).await;
+    assert_eq!(read_back(&back, &s2).await.unwrap(), mixed_data(1 << 19, 2));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_can_be_added_and_removed_without_rewriting_data() {
     let dir = tempfile::tempdir().unwrap();
