@@ -1095,6 +1095,7 @@ async fn run(cli: &Cli, ctx: &Context, start: Option<&RunStart>) -> Result<i32, 
         Command::Verify { read_data } => {
             let opts = verify::VerifyOptions {
                 read_data: *read_data,
+                ..Default::default()
             };
             recorded(ctx, start, json, verify::verify(ctx, &opts)).await
         }

@@ -890,7 +890,12 @@ impl ConfigFile {
         for (i, sc) in raw.schedule.iter().enumerate() {
             let at = format!("{}: [[schedule]] number {}", path.display(), i + 1);
             sc.validate()
-                .map_err(|m| Error::usage(format!("{at}: {m}")))?;
+                .map_err(|m| match nth_table_header(src.text, "schedule", i) {
+                    Some(start) => {
+                        src.error(start..start, format!("[[schedule]] number {}: {m}", i + 1))
+                    }
+                    None => Error::usage(format!("{at}: {m}")),
+                })?;
             if let Some(c) = &sc.cluster {
                 if !cfg.clusters.is_empty() && cfg.cluster(c).is_none() {
                     return Err(Error::usage(format!(
@@ -913,6 +918,28 @@ impl ConfigFile {
     pub fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
         self.clusters.iter().find(|c| c.name == name)
     }
+}
+
+/// The byte offset of the `n`-th (from 0) `[[name]]` header line in `text`, so that an error
+/// found after deserializing (a bad cron) can still name the file's line.
+fn nth_table_header(text: &str, name: &str, n: usize) -> Option<usize> {
+    let mut offset = 0;
+    let mut seen = 0;
+    for line in text.split_inclusive('\n') {
+        let t = line.trim();
+        let inner = t
+            .strip_prefix("[[")
+            .and_then(|r| r.split("]]").next())
+            .map(str::trim);
+        if inner == Some(name) {
+            if seen == n {
+                return Some(offset + (line.len() - line.trim_start().len()));
+            }
+            seen += 1;
+        }
+        offset += line.len();
+    }
+    None
 }
 
 /// Validates a `[retention]` table: counts of 0 are refused with the key's position.
@@ -1673,6 +1700,15 @@ name = "reports"
             (
                 "[options\n",
                 format!("{f}:1:9: unclosed table, expected `]`"),
+            ),
+            // RELIABILITY.md row 27: a bad cron and a negative retention, at load.
+            (
+                "[[schedule]]\njob = \"dump\"\ncron = \"0 3 * * *\"\ndb = \"a\"\n\n  [[ schedule ]]\njob = \"dump\"\ncron = \"61 * * * *\"\ndb = \"a\"\n",
+                format!("{f}:6:3: [[schedule]] number 2: cron \"61 * * * *\": Component error: Number out of bounds."),
+            ),
+            (
+                "[retention.physical]\nkeep_daily = -1\n",
+                format!("{f}:2:14: retention.physical.keep_daily: invalid value: integer `-1`, expected u32"),
             ),
         ];
         for (text, expected) in table {

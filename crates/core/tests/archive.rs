@@ -339,7 +339,15 @@ async fn verify_finds_a_deleted_segment_and_the_backup_it_breaks() -> TestResult
 
     // --read-data reads every WAL object and the backup's data.
     let full = Repository::open(repo.storage().clone(), None).await?;
-    let deep = verify_repository(&full, "main", &VerifyOptions { read_data: true }).await?;
+    let deep = verify_repository(
+        &full,
+        "main",
+        &VerifyOptions {
+            read_data: true,
+            ..Default::default()
+        },
+    )
+    .await?;
     assert!(deep.wal_problems.is_empty(), "{deep}");
     assert!(deep.repository.as_ref().unwrap().is_ok(), "{deep}");
     assert_eq!(deep.wal_files_read, Some(listing.segments.len() - 1));
@@ -356,7 +364,15 @@ async fn verify_finds_a_deleted_segment_and_the_backup_it_breaks() -> TestResult
     perms.set_mode(0o600);
     std::fs::set_permissions(&path, perms)?;
     std::fs::write(&path, raw)?;
-    let deep = verify_repository(&full, "main", &VerifyOptions { read_data: true }).await?;
+    let deep = verify_repository(
+        &full,
+        "main",
+        &VerifyOptions {
+            read_data: true,
+            ..Default::default()
+        },
+    )
+    .await?;
     assert_eq!(deep.wal_problems.len(), 1, "{deep}");
     assert!(deep.wal_problems[0].contains(&some.to_string()), "{deep}");
     Ok(())

@@ -397,7 +397,7 @@ pub async fn check_archiving(
     let listing = list_archive(&repo, &cluster).await?;
     let last = listing.last_segment();
     // The gap analysis of `verify` (a listing and the manifests; no data read).
-    let analysis = verify_repository(&repo, &cluster, &VerifyOptions { read_data: false }).await?;
+    let analysis = verify_repository(&repo, &cluster, &VerifyOptions::default()).await?;
     warnings.extend(analysis.warnings.iter().cloned());
     let seg_size = info.wal_segment_size;
     let lag_bytes = last.map(|l| {

@@ -71,6 +71,15 @@ impl BackupSummary {
     }
 }
 
+/// A manifest that could not be read back (failed authentication, did not parse).
+#[derive(Debug, Clone, Serialize)]
+pub struct DamagedManifest {
+    /// Backup id (the object's name).
+    pub id: String,
+    /// Why it cannot be read.
+    pub error: String,
+}
+
 /// What `list` found.
 #[derive(Debug, Clone, Serialize)]
 pub struct ListReport {
@@ -78,10 +87,15 @@ pub struct ListReport {
     pub cluster: String,
     /// Backups and dumps, oldest first (newest last).
     pub backups: Vec<BackupSummary>,
+    /// Manifests that exist but cannot be read: listed, not hidden, and exit 13.
+    pub damaged: Vec<DamagedManifest>,
 }
 
 impl fmt::Display for ListReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for d in &self.damaged {
+            writeln!(f, "{:<18} DAMAGED: {}", d.id, d.error)?;
+        }
         if self.backups.is_empty() {
             return writeln!(f, "no backups of cluster {}", self.cluster);
         }
@@ -113,17 +127,54 @@ impl fmt::Display for ListReport {
     }
 }
 
-impl Report for ListReport {}
+impl Report for ListReport {
+    fn failure(&self) -> Option<Error> {
+        (!self.damaged.is_empty()).then(|| {
+            let ids: Vec<&str> = self.damaged.iter().map(|d| d.id.as_str()).collect();
+            Error::with_hint(
+                ErrorKind::Integrity,
+                format!(
+                    "{} manifest(s) of cluster {} cannot be read: {}",
+                    ids.len(),
+                    self.cluster,
+                    ids.join(", ")
+                ),
+                "the other backups are listed above and restore by id; run `pgkeep repo check --read-data` to see what else is damaged",
+            )
+        })
+    }
+}
 
-/// Lists the backups and dumps of `opts.cluster`, newest last.
+/// Lists the backups and dumps of `opts.cluster`, newest last. A manifest that fails
+/// authentication or does not parse is reported in `damaged` instead of failing the whole
+/// listing: in a disaster the user must still see what else there is.
 pub async fn list(repo: &Repository, opts: &ListOptions) -> Result<ListReport> {
-    let headers = manifest::load_headers(repo, &opts.cluster).await?;
+    let ids = manifest::list_ids(repo, &opts.cluster).await?;
+    let loads = ids.iter().map(|id| async move {
+        let v = repo.load_manifest(&opts.cluster, id).await;
+        (id, v)
+    });
+    let (mut backups, mut damaged) = (Vec::new(), Vec::new());
+    for (id, v) in futures::future::join_all(loads).await {
+        let parsed = match v {
+            Ok(v) => serde_json::from_value::<ManifestHeader>(v.clone())
+                .map(|h| (h, v))
+                .map_err(|e| format!("does not parse: {e}")),
+            Err(e) if e.kind() == pgkeep_repo::ErrorKind::Integrity => Err(e.to_string()),
+            Err(e) => return Err(e.into()),
+        };
+        match parsed {
+            Ok((h, v)) => backups.push(BackupSummary::from_header(&h, &v)),
+            Err(error) => damaged.push(DamagedManifest {
+                id: id.clone(),
+                error: error.lines().next().unwrap_or_default().to_string(),
+            }),
+        }
+    }
     Ok(ListReport {
         cluster: opts.cluster.clone(),
-        backups: headers
-            .iter()
-            .map(|(h, v)| BackupSummary::from_header(h, v))
-            .collect(),
+        backups,
+        damaged,
     })
 }
 

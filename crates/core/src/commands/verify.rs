@@ -6,9 +6,11 @@
 //! cuts short. Every backup stores the WAL from its start to its stop, so a gap inside that
 //! range does not make a backup unrestorable; a gap after its stop ends its PITR window.
 //!
-//! `--read-data` also runs the repository check with every byte read and verified, and reads
-//! and authenticates every archived WAL file (segment headers must name their segment and
-//! carry the cluster's identity).
+//! It also runs the repository's structural check (every pack an index names exists, every
+//! blob a manifest names is indexed), so a backup with a missing pack is reported damaged.
+//! `--read-data` makes that check read and verify every byte, and also reads and
+//! authenticates every archived WAL file (segment headers must name their segment and carry
+//! the cluster's identity).
 //!
 //! Exit 13 when a gap breaks a backup's window or anything fails verification; 3 when gaps
 //! break nothing (warnings); else 0.
@@ -22,9 +24,7 @@ use pgkeep_pg::{Lsn, TimelineHistory};
 use pgkeep_repo::{CheckOptions, Repository};
 use serde::{Deserialize, Serialize};
 
-use crate::commands::archive::{
-    fetch, list_archive, load_identity, open_repository_fast, ArchiveListing,
-};
+use crate::commands::archive::{fetch, list_archive, load_identity, ArchiveListing};
 use crate::context::{Context, Report};
 use crate::error::{Error, ErrorKind, Result};
 use crate::manifest::{self, BackupManifest, KIND_PHYSICAL};
@@ -36,6 +36,14 @@ pub struct VerifyOptions {
     /// Also read and verify every byte of every backup and archived WAL file.
     #[cfg_attr(feature = "clap", arg(long))]
     pub read_data: bool,
+    /// Also run the repository's structural check without reading data: every pack an index
+    /// names exists, every blob a manifest names is indexed. `pgkeep verify` always sets it
+    /// (a backup with a missing pack cannot be restored, whatever the archive holds); the
+    /// health `check`, which must stay fast, does not. Needs a repository opened with its
+    /// index.
+    #[cfg_attr(feature = "clap", arg(skip))]
+    #[serde(default)]
+    pub structure: bool,
 }
 
 /// A run of missing segments on one timeline.
@@ -93,8 +101,8 @@ pub struct BackupWindow {
     pub reachable_until: String,
     /// The first gap after its stop, if any (`first..last` on the timeline).
     pub broken_by: Option<String>,
-    /// With `--read-data`: its data failed verification (a damaged or missing chunk), so it
-    /// cannot be restored whatever the archive holds.
+    /// Its data failed verification (a missing pack; with `--read-data` also a damaged
+    /// chunk), so it cannot be restored whatever the archive holds.
     pub damaged: bool,
 }
 
@@ -239,11 +247,16 @@ impl Report for VerifyReport {
                 ));
             }
         }
+        let wal_hint = !breaking.is_empty() || !self.wal_problems.is_empty();
         (!parts.is_empty()).then(|| {
             Error::with_hint(
                 ErrorKind::Integrity,
                 format!("verify of cluster {}: {}", self.cluster, parts.join("; ")),
-                "a missing segment cannot be recreated unless pg_wal still holds it: take a new backup to start a clean recovery window",
+                if wal_hint {
+                    "a missing segment cannot be recreated unless pg_wal still holds it: take a new backup to start a clean recovery window"
+                } else {
+                    "a damaged backup cannot be repaired: take a new backup now, and find what removed or changed the repository's files (`pgkeep repo check --read-data` lists them)"
+                },
             )
         })
     }
@@ -453,13 +466,13 @@ pub async fn recovery_window(
 /// `pgkeep verify`.
 pub async fn verify(ctx: &Context, opts: &VerifyOptions) -> Result<VerifyReport> {
     let cluster = ctx.settings.cluster.name.clone();
-    // The index is only needed to check packs and blobs.
-    let repo = if opts.read_data {
-        ctx.open_repository().await?
-    } else {
-        open_repository_fast(ctx).await?
+    // With the index: the structural check compares it with the packs and manifests.
+    let repo = ctx.open_repository().await?;
+    let opts = VerifyOptions {
+        structure: true,
+        ..opts.clone()
     };
-    verify_repository(&repo, &cluster, opts).await
+    verify_repository(&repo, &cluster, &opts).await
 }
 
 /// Library form of `pgkeep verify` on an open repository (open it with the index when
@@ -564,7 +577,13 @@ pub async fn verify_repository(
         wal_problems = results.into_iter().flatten().collect();
         wal_problems.sort();
         wal_files_read = Some(total);
-        let check = repo.check(CheckOptions { read_data: true }).await?;
+    }
+    if opts.read_data || opts.structure {
+        let check = repo
+            .check(CheckOptions {
+                read_data: opts.read_data,
+            })
+            .await?;
         for w in &mut windows {
             w.damaged = check
                 .damaged_manifests
