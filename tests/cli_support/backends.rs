@@ -193,12 +193,17 @@ impl Repo {
     /// `repo init` (encrypted per the configuration); a local repository is then handed to
     /// the server user, who archives into it.
     pub fn init(&self) {
-        if self.encrypted {
-            self.run(&["repo", "init"], &[]).expect(0);
-        } else {
-            self.run(&["repo", "init", "--no-encryption"], &[])
-                .expect(0);
+        self.init_with(&[]);
+    }
+
+    /// [`Repo::init`] with more `repo init` arguments (e.g. `--pack-size`).
+    pub fn init_with(&self, extra: &[&str]) {
+        let mut args = vec!["repo", "init"];
+        if !self.encrypted {
+            args.push("--no-encryption");
         }
+        args.extend_from_slice(extra);
+        self.run(&args, &[]).expect(0);
         if !self.url.contains("://") {
             chown_postgres(Path::new(&self.url));
         }
