@@ -131,6 +131,27 @@ fn spawn_worker(ctx: &Context, opts: &AsyncPushOptions, pg_wal: &Path) -> Result
     Ok(())
 }
 
+/// Fails at once when nothing can be written in the spool (a full file system, a quota, a
+/// permission): the pusher records its verdicts there, so no segment could be acknowledged,
+/// and waiting for the timeout would only hide the reason from the server log.
+fn probe_spool(out: &Path, spool: &Path) -> Result<()> {
+    use std::io::Write;
+    let probe = out.join(format!(".probe-{}", std::process::id()));
+    let written = std::fs::File::create(&probe).and_then(|mut f| f.write_all(b"probe\n"));
+    let _ = std::fs::remove_file(&probe);
+    written.map_err(|e| {
+        Error::with_hint(
+            ErrorKind::Failure,
+            format!(
+                "cannot write in the spool directory {}: {e}",
+                spool.display()
+            ),
+            "free space on its file system (or fix its permissions); until then no WAL file \
+             is acknowledged to PostgreSQL, which keeps it and retries",
+        )
+    })
+}
+
 /// The foreground of asynchronous `archive-push PATH`.
 pub async fn push_async(
     ctx: &Context,
@@ -148,6 +169,7 @@ pub async fn push_async(
     let ok = out.join(format!("{name}.ok"));
     let err = out.join(format!("{name}.error"));
     let global_err = out.join("global.error");
+    probe_spool(&out, &opts.spool_dir)?;
     let mut delay = Duration::from_millis(5);
     let mut spawned_at: Option<Instant> = None;
     loop {
@@ -253,9 +275,14 @@ impl std::fmt::Display for WorkerReport {
 
 impl Report for WorkerReport {}
 
-fn write_verdict(path: &Path, text: &str) {
-    if let Err(e) = write_atomically(path, text.as_bytes()) {
-        tracing::error!("cannot write {}: {e}", path.display());
+/// Whether the verdict was recorded.
+fn write_verdict(path: &Path, text: &str) -> bool {
+    match write_atomically(path, text.as_bytes()) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!("cannot write {}: {e}", path.display());
+            false
+        }
     }
 }
 
@@ -354,8 +381,13 @@ pub async fn push_worker(ctx: &Context, opts: &WorkerOptions) -> Result<WorkerRe
                                 PushOutcome::Stored => "stored",
                                 PushOutcome::AlreadyArchived => "already_archived",
                             };
-                            write_verdict(&out.join(format!("{n}.ok")), &format!("{s}|{outcome}"));
-                            (n, true)
+                            // Not recorded (a full spool): not done, pushed (found
+                            // archived) and recorded again on a later round.
+                            let recorded = write_verdict(
+                                &out.join(format!("{n}.ok")),
+                                &format!("{s}|{outcome}"),
+                            );
+                            (n, recorded)
                         }
                         (Err(e), _) | (_, Err(e)) => {
                             tracing::error!("pushing {n}: {e}");
@@ -371,6 +403,7 @@ pub async fn push_worker(ctx: &Context, opts: &WorkerOptions) -> Result<WorkerRe
             .buffer_unordered(opts.jobs.max(1))
             .collect()
             .await;
+        let any_failed = results.iter().any(|(_, ok)| !ok);
         for (n, ok) in results {
             if ok {
                 report.pushed += 1;
@@ -378,6 +411,10 @@ pub async fn push_worker(ctx: &Context, opts: &WorkerOptions) -> Result<WorkerRe
             } else {
                 report.failed += 1;
             }
+        }
+        if any_failed {
+            // A verdict that could not be recorded is retried: not in a busy loop.
+            tokio::time::sleep(Duration::from_secs(1)).await;
         }
         idle_since = Instant::now();
         // Files the foreground never collected (PostgreSQL stopped, or archived them some
