@@ -219,17 +219,40 @@ pub async fn restore(
     // A shared lock: removal of data (expire, prune) needs the exclusive one, so nothing this
     // restore reads disappears under it.
     let lock = repo.lock(LockKind::Shared, None, "restore").await?;
-    let result = run(repo, opts, progress).await;
+    let mut marked = None;
+    let result = run(repo, opts, progress, &mut marked).await;
     if let Err(e) = lock.release().await {
         tracing::warn!("could not release the repository lock: {e}");
     }
-    result
+    match (result, marked) {
+        (Err(e), Some(target)) if target.join(INCOMPLETE_MARKER).exists() => {
+            Err(left_incomplete(e, &target))
+        }
+        (result, _) => result,
+    }
 }
 
+/// A failure after the target was marked incomplete: the message says so and what to do
+/// (e.g. a full file system: free space, then `--delta` keeps what was written).
+fn left_incomplete(e: Error, target: &Path) -> Error {
+    Error::with_hint(
+        e.kind(),
+        e.to_string(),
+        format!(
+            "{} is left marked incomplete ({INCOMPLETE_MARKER}): do not start PostgreSQL on it. \
+             Remove the cause (a full file system: free space on it), then run the restore \
+             again with --delta",
+            target.display()
+        ),
+    )
+}
+
+/// `marked`: set to the target once its incomplete marker is written.
 async fn run(
     repo: &Repository,
     opts: &RestoreOptions,
     progress: &dyn Progress,
+    marked: &mut Option<PathBuf>,
 ) -> Result<RestoreReport> {
     let started = Instant::now();
     if opts.delta && opts.force {
@@ -347,6 +370,7 @@ async fn run(
     // From here on, the target is ours.
     create_private_dir(&target)?;
     let marker = target.join(INCOMPLETE_MARKER);
+    *marked = Some(target.clone());
     write_file_synced(
         &marker,
         format!(
