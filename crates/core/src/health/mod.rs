@@ -356,7 +356,7 @@ pub fn judge(
         items.push(i);
     }
     items.extend(ready_item(snap, s, archive));
-    items.extend(last_runs(snap));
+    items.extend(last_runs(snap, archive));
     if let Some(i) = size_item("backup_size", "physical backup", &snap.physical, s) {
         items.push(i);
     }
@@ -565,8 +565,11 @@ fn ready_item(
 }
 
 /// The newest run of each kind (and database) that the history knows: failed is critical,
-/// interrupted a warning.
-fn last_runs(snap: &Snapshot) -> Vec<HealthItem> {
+/// interrupted a warning. `archive-push` records failures only, so its newest record stays a
+/// failure after the cause is gone: it counts as resolved when the server's archiver has
+/// succeeded since its last failure and the segment switched by this check arrived.
+fn last_runs(snap: &Snapshot, archive: Option<&ArchiveCheckReport>) -> Vec<HealthItem> {
+    let archiving_recovered = archive.is_some_and(|a| a.arrived && !a.failing);
     crate::history::newest_per_group(&snap.history)
         .into_iter()
         .filter(|((kind, _), _)| *kind != RunKind::Drill)
@@ -582,6 +585,14 @@ fn last_runs(snap: &Snapshot) -> Vec<HealthItem> {
                 RunResult::Interrupted => {
                     (HealthStatus::Warning, format!("interrupted {when} ago"))
                 }
+                RunResult::Failed if kind == RunKind::ArchivePush && archiving_recovered => (
+                    HealthStatus::Ok,
+                    format!(
+                        "failed {when} ago (exit {}): {}; archiving has succeeded since",
+                        r.exit_code,
+                        r.error.as_deref().unwrap_or("no message")
+                    ),
+                ),
                 RunResult::Failed => (
                     HealthStatus::Critical,
                     format!(
