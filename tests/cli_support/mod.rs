@@ -215,3 +215,228 @@ pub fn sample(text: &str, prefix: &str) -> f64 {
         .unwrap_or_else(|| panic!("no sample {prefix}\n{text}"));
     line.rsplit(' ').next().unwrap().parse().unwrap()
 }
+
+/// What [`populate_whole_cluster`] made that a restore has to know about.
+pub struct WholeCluster {
+    /// The directory of tablespace `whole_ts` (inside the sandbox, owned by the server user).
+    pub tablespace: PathBuf,
+}
+
+impl WholeCluster {
+    /// The `--tablespace-map` value that restores `whole_ts` to `new` (the original directory
+    /// is still the running source's, so every restore of these clusters relocates it).
+    pub fn tablespace_map(&self, new: &Path) -> String {
+        format!("{}={}", self.tablespace.display(), new.display())
+    }
+}
+
+/// Names [`populate_whole_cluster`] creates; fixed, so two dumps of equal clusters are equal.
+pub const WHOLE_DBS: [&str; 2] = ["whole_shop", "whole_stats"];
+
+/// Fills `c` with what a whole-cluster comparison must see: a table in template1 (so the two
+/// databases made after it carry it too), two extra databases with tables, indexes and data
+/// (TOASTed values among them), a login role with a SCRAM password hash, a role granted to it
+/// and privileges granted to that one, and tablespace `whole_ts` in a directory of the
+/// sandbox holding a table and an index. Idempotent: a second call on the same cluster does
+/// nothing. No sequences: PostgreSQL logs a sequence 32 values ahead, so a recovered copy's
+/// sequence legitimately stands further on than its source's and pg_dumpall would differ.
+pub fn populate_whole_cluster(c: &pgkeep_testing::Cluster, s: &Sandbox) -> WholeCluster {
+    use std::os::unix::fs::PermissionsExt;
+    let ts = s.path().join("whole-cluster-ts");
+    let made = WholeCluster {
+        tablespace: ts.clone(),
+    };
+    if c.sql("SELECT count(*) FROM pg_tablespace WHERE spcname = 'whole_ts'")
+        .unwrap()
+        == "1"
+    {
+        return made;
+    }
+    std::fs::create_dir_all(&ts).unwrap();
+    // The server user must reach the directory: the sandbox is searchable by others (0711,
+    // as Sandbox::shared makes it), the directory the server's own.
+    let mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+    std::fs::set_permissions(
+        s.path(),
+        std::fs::Permissions::from_mode((mode & 0o7777) | 0o711),
+    )
+    .unwrap();
+    std::fs::set_permissions(&ts, std::fs::Permissions::from_mode(0o700)).unwrap();
+    if pgkeep_testing::cluster::running_as_root() {
+        let st = Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&ts)
+            .status()
+            .unwrap();
+        assert!(st.success(), "chown {}", ts.display());
+    }
+    let sql = |db: &str, q: &str| {
+        c.sql_db(db, q)
+            .unwrap_or_else(|e| panic!("populating the whole cluster ({db}): {e:#}"))
+    };
+    sql(
+        "template1",
+        "CREATE TABLE whole_template_note (k int PRIMARY KEY, note text NOT NULL);
+         INSERT INTO whole_template_note SELECT g, 'from template1 ' || g FROM generate_series(1, 50) g;",
+    );
+    sql(
+        "postgres",
+        &format!(
+            "CREATE ROLE whole_app LOGIN PASSWORD 'whole cluster test password';
+             CREATE ROLE whole_reader NOLOGIN;
+             GRANT whole_reader TO whole_app;
+             CREATE TABLESPACE whole_ts LOCATION '{}';
+             CREATE DATABASE whole_shop OWNER whole_app;
+             CREATE DATABASE whole_stats;
+             GRANT CONNECT ON DATABASE whole_stats TO whole_reader;",
+            ts.display()
+        ),
+    );
+    sql(
+        "whole_shop",
+        "CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, total numeric(12,2) NOT NULL, placed date NOT NULL);
+         CREATE INDEX orders_customer ON orders (customer);
+         INSERT INTO orders SELECT g, 'customer ' || (g % 97), g * 1.25, date '2026-01-01' + (g % 300) FROM generate_series(1, 3000) g;
+         ALTER TABLE orders OWNER TO whole_app;
+         GRANT SELECT ON orders TO whole_reader;
+         CREATE TABLE archived_orders (id bigint PRIMARY KEY USING INDEX TABLESPACE whole_ts, body text NOT NULL) TABLESPACE whole_ts;
+         INSERT INTO archived_orders SELECT g, (SELECT string_agg(md5(g::text || '/' || i), '') FROM generate_series(1, 256) i) FROM generate_series(1, 120) g;",
+    );
+    sql(
+        "whole_stats",
+        "CREATE TABLE measures (k int PRIMARY KEY, v float8 NOT NULL, doc jsonb NOT NULL);
+         CREATE INDEX measures_v ON measures (v);
+         INSERT INTO measures SELECT g, g / 7.0, jsonb_build_object('k', g, 'tag', 'm' || (g % 13)) FROM generate_series(1, 4000) g;
+         GRANT SELECT ON measures TO whole_reader;",
+    );
+    made
+}
+
+/// Makes two whole-cluster dumps comparable. Only what a correct restore legitimately changes
+/// is rewritten, and only on the lines that carry it:
+/// - a tablespace's LOCATION: the restore puts it where `--tablespace-map` says (the source's
+///   directory is still in use), so the path differs by design; the tablespace itself, its
+///   owner and everything stored in it are still compared;
+///
+/// Role lines (`ALTER ROLE … PASSWORD 'SCRAM-SHA-256$…'`) are NOT rewritten: a physical restore
+/// carries pg_authid byte for byte, so the password hashes must be equal, and a restore that
+/// loses or changes one must fail here.
+fn normalise_dumpall(dump: &str) -> String {
+    dump.lines()
+        .map(|l| {
+            if l.starts_with("CREATE TABLESPACE ") {
+                if let Some(at) = l.find(" LOCATION '") {
+                    let rest = &l[at + " LOCATION '".len()..];
+                    if let Some(end) = rest.find("';") {
+                        return format!("{} LOCATION '<relocated>'{}", &l[..at], &rest[end + 1..]);
+                    }
+                }
+            }
+            l.to_string()
+        })
+        .flat_map(|l| [l, "\n".to_string()])
+        .collect()
+}
+
+/// Asserts that `restored`'s `pg_dumpall` equals `want` (a `pg_dumpall` of the source at the
+/// moment the restore should reproduce): every database including template1, roles with
+/// their password hashes and memberships, tablespaces (apart from their relocated directory,
+/// see `normalise_dumpall`), privileges and all rows. On a difference: the first differing
+/// line, the database it is in, and the restored server's log.
+pub fn assert_same_cluster(want: &str, restored: &pgkeep_testing::Cluster) {
+    let got = restored
+        .pg_dumpall()
+        .unwrap_or_else(|e| panic!("pg_dumpall of the restored cluster: {e:#}"));
+    assert!(
+        want.contains("CREATE ROLE postgres;"),
+        "the expected text is not a pg_dumpall:\n{}",
+        &want[..want.len().min(2000)]
+    );
+    let (w, g) = (normalise_dumpall(want), normalise_dumpall(&got));
+    let Some(diff) = pgkeep_testing::cluster::first_difference(&w, &g) else {
+        return;
+    };
+    // Where the difference is: the last `\connect` before it names the database.
+    let at = w.lines().zip(g.lines()).take_while(|(a, b)| a == b).count();
+    let database = w
+        .lines()
+        .take(at + 1)
+        .filter_map(|l| l.strip_prefix("\\connect "))
+        .last()
+        .map(|d| d.trim_start_matches("-reuse-previous=on ").to_string())
+        .unwrap_or_else(|| "(globals: roles and tablespaces)".to_string());
+    let databases = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("\\connect "))
+            .map(str::to_string)
+            .collect()
+    };
+    panic!(
+        "the restored cluster differs from the source: pg_dumpall {diff}\n\
+         in database {database}; the source's dump has {} lines and connects to {:?}, the \
+         restored one {} lines and {:?}\nthe restored server's log:\n{}",
+        w.lines().count(),
+        databases(&w),
+        g.lines().count(),
+        databases(&g),
+        restored.log_tail()
+    );
+}
+
+/// Checks every table and index of every database of `c` with amcheck, and fails the test on
+/// any error. PostgreSQL 14 and later: `pg_amcheck --all --heapallindexed --install-missing`
+/// (heap pages, TOAST and every btree index, with each index checked against its table).
+/// Older servers (amcheck has no heap check there), or no pg_amcheck installed: `CREATE
+/// EXTENSION amcheck` and `bt_index_check(index, heapallindexed => true)` on every btree
+/// index of every database. Writes (installs the extension): run it after the dump
+/// comparison, on a promoted server.
+pub fn amcheck_all(c: &pgkeep_testing::Cluster) {
+    let sql = |db: &str, q: &str| {
+        c.sql_db(db, q)
+            .unwrap_or_else(|e| panic!("amcheck on {db}: {e:#}\nserver log:\n{}", c.log_tail()))
+    };
+    assert_eq!(
+        sql("postgres", "SELECT pg_is_in_recovery()"),
+        "f",
+        "amcheck_all installs the amcheck extension: the server must be promoted first"
+    );
+    let version: u32 = sql("postgres", "SHOW server_version_num").parse().unwrap();
+    let exe = c.client_program("pg_amcheck");
+    if version >= 14_00_00 && exe.is_absolute() && exe.is_file() {
+        let out = c
+            .client_command(exe.to_str().unwrap())
+            .args(["--all", "--heapallindexed", "--install-missing"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success() && out.stdout.is_empty(),
+            "{} --all --heapallindexed --install-missing found damage ({}):\n{}{}\nserver log:\n{}",
+            exe.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            c.log_tail()
+        );
+        return;
+    }
+    let dbs = sql(
+        "postgres",
+        "SELECT datname FROM pg_database WHERE datallowconn ORDER BY datname",
+    );
+    let mut checked = 0;
+    for db in dbs.lines() {
+        let out = sql(
+            db,
+            "CREATE EXTENSION IF NOT EXISTS amcheck;
+             SELECT c.oid::regclass, bt_index_check(c.oid, true)
+               FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+               JOIN pg_am a ON a.oid = c.relam
+              WHERE a.amname = 'btree' AND c.relpersistence <> 't'
+                AND i.indisvalid AND i.indisready
+              ORDER BY c.oid;",
+        );
+        checked += out.lines().count();
+    }
+    assert!(checked > 0, "amcheck checked no index at all");
+}
