@@ -449,11 +449,39 @@ fn daemon_serves_metrics_health_api_and_a_dashboard_of_the_repository() {
     std::fs::write(&cfg, cluster_config(&s, &c, port, "")).unwrap();
     d.signal("HUP");
     wait_for_health(&base, 200, &d);
+    // RELIABILITY.md row 30: a failed run counts up the failures and leaves the time of the
+    // last success where it was.
+    let failures = "pgkeep_run_failures_total{cluster=\"main\",kind=\"backup\"}";
+    let success =
+        "pgkeep_last_success_timestamp_seconds{cluster=\"main\",kind=\"backup\",database=\"\"}";
+    let before = curl(&format!("{base}/metrics"), &[]).body;
+    let (failures_before, success_before) = (sample(&before, failures), sample(&before, success));
     c.stop().unwrap();
     let failed = s.run(&["--config", cfg_s, "backup"], &[]);
     assert!(![0, 3].contains(&failed.code()), "{}", failed.stderr());
     let h = wait_for_health(&base, 503, &d);
     assert!(h.body.contains("last_run:backup"), "{}", h.body);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let after = loop {
+        let m = curl(&format!("{base}/metrics"), &[]).body;
+        if sample(&m, failures) > failures_before {
+            break m;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{failures} did not count the failed backup:\n{m}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(sample(&after, failures), failures_before + 1.0);
+    assert_eq!(sample(&after, success), success_before, "{success} moved");
+    assert_eq!(
+        sample(
+            &after,
+            "pgkeep_last_run_result{cluster=\"main\",kind=\"backup\",database=\"\",result=\"failed\"}"
+        ),
+        1.0
+    );
     let (dom, _) = chromium(profile.path(), &["--dump-dom"], &format!("{base}/"));
     assert!(dom.contains("data-ready=\"1\""), "{dom}");
     assert!(
