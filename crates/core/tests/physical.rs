@@ -563,6 +563,12 @@ async fn locks_cluster_identity_and_ids() -> TestResult {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("clock skew"), "{e}");
+    assert_eq!(e.exit_code(), 1, "RELIABILITY.md row 24: {e}");
+    assert_eq!(
+        repo.list_manifests(Some("skewed")).await?.len(),
+        1,
+        "nothing was written beside the future id"
+    );
 
     // A password in the connection string is refused before connecting.
     let mut o = opts(&a, "main");
