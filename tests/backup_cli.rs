@@ -3,7 +3,9 @@
 //! - RELIABILITY row 21 as a user who is not root (the checks only mean something then):
 //!   a target owned by another user, or lacking read/write/search permission for this one, or
 //!   holding postmaster.pid, is refused with exit 2 naming the directory and why, and nothing
-//!   is written into it; an empty directory of one's own is restored into.
+//!   is written into it; an empty directory of one's own is restored into, and the cluster
+//!   started there is the source, pg_dumpall of the whole cluster for pg_dumpall (several
+//!   databases, template1, roles, a relocated tablespace).
 
 mod cli_support;
 
@@ -86,6 +88,9 @@ fn restore_refuses_targets_of_other_users_without_rwx_or_with_postmaster_pid() {
         return;
     }
     let c = Cluster::new().unwrap();
+    // The tablespace's directory lives in a sandbox of its own.
+    let ts_holder = cli_support::Sandbox::new();
+    let whole = cli_support::populate_whole_cluster(&c, &ts_holder);
     c.sql("create table t(v text); insert into t values ('row 21')")
         .unwrap();
     let u = AsServerUser::new();
@@ -93,6 +98,7 @@ fn restore_refuses_targets_of_other_users_without_rwx_or_with_postmaster_pid() {
     let pgdata = c.pgdata().to_str().unwrap().to_string();
     u.run(&["backup", "--pgdata", &pgdata, "--pg", &c.conninfo()])
         .expect(0);
+    let want = c.pg_dumpall().unwrap();
 
     let mk = |name: &str, owner: &str, mode: u32| {
         let p = u.path().join(name);
@@ -156,11 +162,20 @@ fn restore_refuses_targets_of_other_users_without_rwx_or_with_postmaster_pid() {
 
     // The control: an empty directory of one's own is restored into, and starts.
     let ok = mk("mine", PG_USER, 0o700);
-    u.run(&["restore", "latest", "--target-dir", ok.to_str().unwrap()])
-        .expect(0);
+    let ts_map = whole.tablespace_map(&u.path().join("mine-ts"));
+    u.run(&[
+        "restore",
+        "latest",
+        "--target-dir",
+        ok.to_str().unwrap(),
+        "--tablespace-map",
+        &ts_map,
+    ])
+    .expect(0);
     assert!(ok.join("PG_VERSION").exists());
     let restored = Cluster::builder().start_existing(&ok).unwrap();
     assert_eq!(restored.sql("select v from t").unwrap(), "row 21");
+    cli_support::assert_same_cluster(&want, &restored);
 }
 
 /// An LSN `X/Y` as a number, for ordering.

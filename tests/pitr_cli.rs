@@ -20,7 +20,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use cli_support::Sandbox;
+use cli_support::{
+    amcheck_all, assert_same_cluster, populate_whole_cluster, Sandbox, WholeCluster,
+};
 use pgkeep_testing::cluster::{first_difference, running_as_root};
 use pgkeep_testing::Cluster;
 
@@ -44,6 +46,8 @@ struct Setup {
     s: Sandbox,
     pass_file: PathBuf,
     encrypted: bool,
+    /// Set by [`Setup::populate`]: every restore then relocates the tablespace.
+    whole: Option<WholeCluster>,
 }
 
 impl Setup {
@@ -57,6 +61,7 @@ impl Setup {
             s,
             pass_file,
             encrypted,
+            whole: None,
         };
         if encrypted {
             st.run(&["repo", "init"]).expect(0);
@@ -71,6 +76,23 @@ impl Setup {
         .unwrap();
         chown_postgres(&st.s.repo());
         st
+    }
+
+    /// Fills `c` with a whole cluster's objects (see `populate_whole_cluster`), whose
+    /// tablespace every restore of this setup then relocates.
+    fn populate(&mut self, c: &Cluster) {
+        self.whole = Some(populate_whole_cluster(c, &self.s));
+    }
+
+    /// `--tablespace-map` to `<dir>-ts` when the cluster has the whole cluster's tablespace.
+    fn ts_args(&self, dir: &Path) -> Vec<String> {
+        match &self.whole {
+            Some(w) => {
+                let new = PathBuf::from(format!("{}-ts", dir.display()));
+                vec!["--tablespace-map".into(), w.tablespace_map(&new)]
+            }
+            None => Vec::new(),
+        }
     }
 
     fn env(&self) -> Vec<(&str, &str)> {
@@ -117,6 +139,7 @@ impl Setup {
     /// `restore ID --target-dir DIR ARGS --target-action promote`; returns the backup id the
     /// restore used.
     fn restore(&self, id: &str, dir: &Path, args: &[&str]) -> String {
+        let ts = self.ts_args(dir);
         let mut all = vec![
             "--json",
             "restore",
@@ -124,6 +147,7 @@ impl Setup {
             "--target-dir",
             dir.to_str().unwrap(),
         ];
+        all.extend(ts.iter().map(String::as_str));
         all.extend_from_slice(args);
         all.extend_from_slice(&["--target-action", "promote"]);
         let r = self.run(&all).expect(0).json();
@@ -133,10 +157,18 @@ impl Setup {
     /// A restore that must be refused; returns stderr.
     fn refused(&self, code: i32, id: &str, args: &[&str]) -> String {
         let dir = self.s.path().join("refused");
+        let ts = self.ts_args(&dir);
         let mut all = vec!["restore", id, "--target-dir", dir.to_str().unwrap()];
+        all.extend(ts.iter().map(String::as_str));
         all.extend_from_slice(args);
         let r = self.run(&all).expect(code);
         assert!(!dir.exists(), "a refused restore wrote {}", dir.display());
+        let ts_dir = self.s.path().join("refused-ts");
+        assert!(
+            !ts_dir.exists(),
+            "a refused restore wrote {}",
+            ts_dir.display()
+        );
         r.stderr()
     }
 }
@@ -215,13 +247,16 @@ fn files_under(root: &Path) -> Vec<PathBuf> {
 
 #[test]
 fn pitr_fidelity_latest_selection_and_unreachable_targets_in_an_encrypted_repository() {
-    let st = Setup::new(true);
+    let mut st = Setup::new(true);
     let c = Cluster::builder()
         .archive_command(&st.archive_command())
         .start()
         .unwrap();
+    st.populate(&c);
+    // Ids without a sequence: a recovered sequence stands up to 32 values further on than
+    // its source's, and the whole-cluster dumps would differ for that alone.
     c.sql(
-        "CREATE TABLE events (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(), payload text NOT NULL);
+        "CREATE TABLE events (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(), payload text NOT NULL);
          CREATE TABLE audit (note text); INSERT INTO audit VALUES ('kept');",
     )
     .unwrap();
@@ -231,20 +266,22 @@ fn pitr_fidelity_latest_selection_and_unreachable_targets_in_an_encrypted_reposi
     // transaction and single-row ones, a pause, a WAL switch.
     let mut round_segments = Vec::new();
     for round in 0..5 {
+        let base = round * 10_000;
         c.sql(&format!(
-            "INSERT INTO events (payload) SELECT repeat(md5(g::text || '{round}'), 24) FROM generate_series(1, 3000) g;
-             INSERT INTO events (payload) VALUES ('single a {round}');
-             INSERT INTO events (payload) VALUES ('single b {round}');"
+            "INSERT INTO events (id, payload) SELECT {base} + g, repeat(md5(g::text || '{round}'), 24) FROM generate_series(1, 3000) g;
+             INSERT INTO events (id, payload) VALUES ({base} + 3001, 'single a {round}');
+             INSERT INTO events (id, payload) VALUES ({base} + 3002, 'single b {round}');"
         ))
         .unwrap();
         std::thread::sleep(Duration::from_millis(400));
         round_segments.push(switch_and_wait(&c));
     }
     let xid = c
-        .sql("BEGIN; INSERT INTO events (payload) VALUES ('last before the drop'); SELECT txid_current(); COMMIT;")
+        .sql("BEGIN; INSERT INTO events (id, payload) VALUES (99999, 'last before the drop'); SELECT txid_current(); COMMIT;")
         .unwrap();
     let time = c.sql("SELECT clock_timestamp()").unwrap();
     let want = rows(&c);
+    let want_all = c.pg_dumpall().unwrap();
     assert!(want.lines().count() > 15_000);
     // Commits after the target time must be clearly later than it.
     std::thread::sleep(Duration::from_millis(1100));
@@ -255,12 +292,13 @@ fn pitr_fidelity_latest_selection_and_unreachable_targets_in_an_encrypted_reposi
         .unwrap();
     // A second backup after the destruction, and commits after it.
     let b2 = st.backup(&c);
-    c.sql("INSERT INTO events (payload) SELECT 'after' FROM generate_series(1, 100)")
+    c.sql("INSERT INTO events (id, payload) SELECT 100000 + g, 'after' FROM generate_series(1, 100) g")
         .unwrap();
     switch_and_wait(&c);
 
     // Time, LSN, xid and name just before the destruction: the table as it was, row for row,
-    // and the dropped table back. `latest` picks the first backup: the second ends after.
+    // the dropped table back, and the whole cluster (every database, roles, the tablespace)
+    // as it was then. `latest` picks the first backup: the second ends after.
     for (flag, value, dir) in [
         ("--target-time", time.as_str(), "pitr-time"),
         ("--target-lsn", lsn.as_str(), "pitr-lsn"),
@@ -276,6 +314,7 @@ fn pitr_fidelity_latest_selection_and_unreachable_targets_in_an_encrypted_reposi
         let r = start_promoted(&d, None);
         assert_same_rows(&format!("{flag} {value}"), &want, &rows(&r));
         assert_eq!(r.sql("SELECT note FROM audit").unwrap(), "kept", "{flag}");
+        assert_same_cluster(&want_all, &r);
     }
 
     // Nothing of the WAL or its summaries is readable in the encrypted repository.
@@ -356,19 +395,21 @@ fn timeline_of(c: &Cluster) -> String {
 
 #[test]
 fn timelines_restored_twice_in_a_row_are_followed_and_a_fork_before_the_backup_is_refused() {
-    let st = Setup::new(false);
+    let mut st = Setup::new(false);
     let a = Cluster::builder()
         .archive_command(&st.archive_command())
         .start()
         .unwrap();
-    a.sql("CREATE TABLE events (id bigserial PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(), payload text NOT NULL)")
+    st.populate(&a);
+    // No sequence: see the fidelity test.
+    a.sql("CREATE TABLE events (id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp(), payload text NOT NULL)")
         .unwrap();
     let b1 = st.backup(&a);
-    a.sql("INSERT INTO events (payload) SELECT 'timeline 1 ' || g FROM generate_series(1, 500) g")
+    a.sql("INSERT INTO events (id, payload) SELECT g, 'timeline 1 ' || g FROM generate_series(1, 500) g")
         .unwrap();
     a.sql("SELECT pg_create_restore_point('p1')").unwrap();
     // The original cluster goes on writing on timeline 1 after p1.
-    a.sql("INSERT INTO events (payload) SELECT 'timeline 1 after p1 ' || g FROM generate_series(1, 300) g")
+    a.sql("INSERT INTO events (id, payload) SELECT 1000 + g, 'timeline 1 after p1 ' || g FROM generate_series(1, 300) g")
         .unwrap();
     switch_and_wait(&a);
 
@@ -377,10 +418,11 @@ fn timelines_restored_twice_in_a_row_are_followed_and_a_fork_before_the_backup_i
     st.restore(&b1, &d2, &["--target-name", "p1"]);
     let c2 = start_promoted(&d2, Some(&st.archive_command()));
     assert_eq!(timeline_of(&c2), "00000002");
-    c2.sql("INSERT INTO events (payload) SELECT 'timeline 2 ' || g FROM generate_series(1, 400) g")
+    c2.sql("INSERT INTO events (id, payload) SELECT 2000 + g, 'timeline 2 ' || g FROM generate_series(1, 400) g")
         .unwrap();
     c2.sql("SELECT pg_create_restore_point('p2')").unwrap();
     let want2 = rows(&c2);
+    let want2_all = c2.pg_dumpall().unwrap();
     switch_and_wait(&c2);
 
     // Second restore of the same timeline-1 backup: the latest timeline is 2, where p2 is;
@@ -390,10 +432,12 @@ fn timelines_restored_twice_in_a_row_are_followed_and_a_fork_before_the_backup_i
     let c3 = start_promoted(&d3, Some(&st.archive_command()));
     assert_eq!(timeline_of(&c3), "00000003");
     assert_same_rows("p2 via timeline 2", &want2, &rows(&c3));
-    c3.sql("INSERT INTO events (payload) SELECT 'timeline 3 ' || g FROM generate_series(1, 300) g")
+    assert_same_cluster(&want2_all, &c3);
+    c3.sql("INSERT INTO events (id, payload) SELECT 3000 + g, 'timeline 3 ' || g FROM generate_series(1, 300) g")
         .unwrap();
     c3.sql("SELECT pg_create_restore_point('p3')").unwrap();
     let want3 = rows(&c3);
+    let want3_all = c3.pg_dumpall().unwrap();
     switch_and_wait(&c3);
     drop(c2);
     assert!(st
@@ -412,6 +456,7 @@ fn timelines_restored_twice_in_a_row_are_followed_and_a_fork_before_the_backup_i
     assert_eq!(used, b1);
     let c4 = start_promoted(&d4, None);
     assert_same_rows("p3 via timelines 2 and 3", &want3, &rows(&c4));
+    assert_same_cluster(&want3_all, &c4);
     drop(c4);
 
     // A backup of the original cluster, still on timeline 1 after the fork at p1: timelines
@@ -445,15 +490,7 @@ fn timelines_restored_twice_in_a_row_are_followed_and_a_fork_before_the_backup_i
     );
     assert_eq!(used, b1);
     let d6 = st.s.path().join("tl1-current");
-    st.run(&[
-        "restore",
-        &late,
-        "--target-dir",
-        d6.to_str().unwrap(),
-        "--target-timeline",
-        "current",
-    ])
-    .expect(0);
+    restore_run(&st, &late, &d6, &["--target-timeline", "current"]).expect(0);
     // A timeline with no history file in the archive is unreachable.
     st.refused(16, &b1, &["--target-timeline", "9"]);
 }
@@ -477,15 +514,11 @@ fn assert_tpcb_invariant(what: &str, c: &Cluster) {
     assert_ne!(n, "0", "{what}: no pgbench transaction was restored");
 }
 
-fn assert_same_dump(what: &str, want: &str, got: &str) {
-    if let Some(d) = first_difference(want, got) {
-        panic!("{what}: pg_dumpall differs: {d}");
-    }
-}
-
 /// `restore ARGS` on the sandbox's repository, as the test's user.
 fn restore_run(st: &Setup, id: &str, dir: &Path, args: &[&str]) -> cli_support::Run {
+    let ts = st.ts_args(dir);
     let mut all = vec!["restore", id, "--target-dir", dir.to_str().unwrap()];
+    all.extend(ts.iter().map(String::as_str));
     all.extend_from_slice(args);
     st.run(&all)
 }
@@ -496,11 +529,12 @@ fn pgbench(c: &Cluster, transactions: &str) {
 
 #[test]
 fn restore_without_target_replays_to_the_end_of_the_archive_after_a_crash() {
-    let st = Setup::new(false);
+    let mut st = Setup::new(false);
     let mut c = Cluster::builder()
         .archive_command(&st.archive_command())
         .start()
         .unwrap();
+    st.populate(&c);
     c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
     st.backup(&c);
     pgbench(&c, "400");
@@ -514,15 +548,7 @@ fn restore_without_target_replays_to_the_end_of_the_archive_after_a_crash() {
 
     // The plan first: nothing written, the end of the archive named.
     let d = st.s.path().join("dr");
-    let plan = st
-        .run(&[
-            "--json",
-            "restore",
-            "latest",
-            "--target-dir",
-            d.to_str().unwrap(),
-            "--dry-run",
-        ])
+    let plan = restore_run(&st, "latest", &d, &["--json", "--dry-run"])
         .expect(0)
         .json();
     assert!(!d.exists(), "--dry-run created the target directory");
@@ -567,31 +593,24 @@ fn restore_without_target_replays_to_the_end_of_the_archive_after_a_crash() {
         copy.sql("SELECT max(mtime) FROM pgbench_history").unwrap(),
         last_commit
     );
-    let got = copy.pg_dumpall().unwrap();
-    drop(copy);
 
-    // The crashed primary after its own crash recovery holds exactly the same.
+    // The crashed primary after its own crash recovery holds exactly the same, in every
+    // database; and the replayed copy is intact page by page.
     c.start().unwrap();
     assert_tpcb_invariant("crashed primary", &c);
-    assert_same_dump(
-        "restore to the end of the archive",
-        &c.pg_dumpall().unwrap(),
-        &got,
-    );
+    assert_same_cluster(&c.pg_dumpall().unwrap(), &copy);
+    amcheck_all(&copy);
+    drop(copy);
 
     // The restore recorded its speed: the next plan has an estimate.
-    let plan = st
-        .run(&[
-            "--json",
-            "restore",
-            "latest",
-            "--target-dir",
-            st.s.path().join("dr2").to_str().unwrap(),
-            "--dry-run",
-            "--target-immediate",
-        ])
-        .expect(0)
-        .json();
+    let plan = restore_run(
+        &st,
+        "latest",
+        &st.s.path().join("dr2"),
+        &["--json", "--dry-run", "--target-immediate"],
+    )
+    .expect(0)
+    .json();
     assert!(
         plan["plan"]["estimate"]["secs"].as_f64().unwrap() > 0.0,
         "{plan}"
@@ -601,11 +620,12 @@ fn restore_without_target_replays_to_the_end_of_the_archive_after_a_crash() {
 
 #[test]
 fn restore_without_target_stops_at_a_gap_in_the_archive_and_says_so() {
-    let st = Setup::new(false);
+    let mut st = Setup::new(false);
     let c = Cluster::builder()
         .archive_command(&st.archive_command())
         .start()
         .unwrap();
+    st.populate(&c);
     c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
     let b = st.backup(&c);
     pgbench(&c, "300");
@@ -649,11 +669,7 @@ fn restore_without_target_stops_at_a_gap_in_the_archive_and_says_so() {
     );
     let copy = start_promoted(&d, None);
     assert_tpcb_invariant("restored to the gap", &copy);
-    assert_same_dump(
-        "restore stopped at the gap",
-        &want,
-        &copy.pg_dumpall().unwrap(),
-    );
+    assert_same_cluster(&want, &copy);
     drop(copy);
 
     // An explicit target past the gap stays a refusal (exit 16), before anything is written.
@@ -685,11 +701,12 @@ fn wait_replayed(primary: &Cluster, standby: &Cluster) {
 
 #[test]
 fn a_standby_restored_with_standby_follows_its_primary_by_archive_and_streaming() {
-    let st = Setup::new(true);
+    let mut st = Setup::new(true);
     let mut c = Cluster::builder()
         .archive_command(&st.archive_command())
         .start()
         .unwrap();
+    st.populate(&c);
     c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
     st.backup(&c);
     // WAL after the backup that only the archive has for the standby at its start.
@@ -761,11 +778,7 @@ fn a_standby_restored_with_standby_follows_its_primary_by_archive_and_streaming(
     c.stop().unwrap();
     assert_eq!(standby.sql("SELECT pg_is_in_recovery()").unwrap(), "t");
     assert_tpcb_invariant("standby", &standby);
-    assert_same_dump(
-        "standby after the primary stopped",
-        &want,
-        &standby.pg_dumpall().unwrap(),
-    );
+    assert_same_cluster(&want, &standby);
 }
 
 /// Unmounts a test's tmpfs, whatever happens.

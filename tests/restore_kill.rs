@@ -3,7 +3,9 @@
 //! What a user relies on: the half-written directory is marked incomplete (the marker is
 //! there; neither backup_label nor global/pg_control, so PostgreSQL refuses to start it); a
 //! plain rerun is refused with exit 2 naming the incomplete restore; a rerun with `--delta`
-//! completes it, and the cluster starts with exactly the backed-up data.
+//! completes it, and the cluster starts with exactly the backed-up data: pg_dumpall of the
+//! whole cluster (several databases, template1, roles, a relocated tablespace) equal to the
+//! source's.
 
 mod cli_support;
 
@@ -11,8 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cli_support::Sandbox;
-use pgkeep_testing::cluster::first_difference;
+use cli_support::{assert_same_cluster, populate_whole_cluster, Sandbox};
 use pgkeep_testing::Cluster;
 
 const MARKER: &str = "pgkeep.restore-incomplete";
@@ -39,8 +40,9 @@ fn bytes_under(dir: &Path) -> u64 {
 #[test]
 fn restore_killed_midway_is_marked_refused_and_completed_by_delta() {
     let src = Cluster::new().unwrap();
-    src.pgbench(&["-i", "-s", "10", "-q"]).unwrap();
     let s = Sandbox::new();
+    let whole = populate_whole_cluster(&src, &s);
+    src.pgbench(&["-i", "-s", "10", "-q"]).unwrap();
     s.run_repo(&["repo", "init", "--no-encryption"], &[])
         .expect(0);
     let pgdata = src.pgdata().to_str().unwrap().to_string();
@@ -49,7 +51,7 @@ fn restore_killed_midway_is_marked_refused_and_completed_by_delta() {
         &[],
     )
     .expect(0);
-    let dump = src.pg_dump("postgres").unwrap();
+    let dump = src.pg_dumpall().unwrap();
     let total = s
         .run_repo(&["--json", "info", "latest"], &[])
         .expect(0)
@@ -63,6 +65,7 @@ fn restore_killed_midway_is_marked_refused_and_completed_by_delta() {
 
     let work = tempfile::tempdir().unwrap();
     let target = work.path().join("t");
+    let ts_map = whole.tablespace_map(&work.path().join("t-ts"));
     let repo = s.repo();
     let mut child = Command::new(env!("CARGO_BIN_EXE_pgkeep"))
         .env_clear()
@@ -72,6 +75,7 @@ fn restore_killed_midway_is_marked_refused_and_completed_by_delta() {
         .args(["--repo", repo.to_str().unwrap(), "-q", "restore", "latest"])
         .arg("--target-dir")
         .arg(&target)
+        .args(["--tablespace-map", &ts_map])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -120,6 +124,8 @@ fn restore_killed_midway_is_marked_refused_and_completed_by_delta() {
             "latest",
             "--target-dir",
             target.to_str().unwrap(),
+            "--tablespace-map",
+            &ts_map,
         ],
         &[],
     );
@@ -130,6 +136,8 @@ fn restore_killed_midway_is_marked_refused_and_completed_by_delta() {
             "latest",
             "--target-dir",
             target.to_str().unwrap(),
+            "--tablespace-map",
+            &ts_map,
         ],
         &[],
     );
@@ -144,6 +152,8 @@ fn restore_killed_midway_is_marked_refused_and_completed_by_delta() {
             "latest",
             "--target-dir",
             target.to_str().unwrap(),
+            "--tablespace-map",
+            &ts_map,
             "--delta",
         ],
         &[],
@@ -152,8 +162,5 @@ fn restore_killed_midway_is_marked_refused_and_completed_by_delta() {
     assert!(!target.join(MARKER).exists());
     assert!(target.join("backup_label").exists());
     let restored = Cluster::builder().start_existing(&target).unwrap();
-    assert_eq!(
-        first_difference(&dump, &restored.pg_dump("postgres").unwrap()),
-        None
-    );
+    assert_same_cluster(&dump, &restored);
 }
