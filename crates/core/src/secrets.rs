@@ -383,11 +383,17 @@ pub fn check_repo_url(url: &str, source: &str) -> Result<()> {
 
 /// True for a key or parameter name that designates a secret: it contains `password`,
 /// `passwd`, `secret`, `passphrase`, `token`, `credential`, or is a signature / key parameter
-/// (`sig`, `key`, `*_key`, `*-key`). A name ending in `_file`, `_path` or `_command` names where a
-/// secret is, not the secret, and is not one.
+/// (`sig`, `key`, `*_key`, `*-key`). A name ending in `_file`, `_path`, `_command` or `_env`
+/// names where a secret is (a file, a program, an environment variable), not the secret, and
+/// is not one: `[notify]`'s `password_env` and `secret_env` keep the secret out of the file.
 pub fn is_secret_name(name: &str) -> bool {
     let n = name.trim().to_ascii_lowercase();
-    if n.is_empty() || n.ends_with("_file") || n.ends_with("_path") || n.ends_with("_command") {
+    if n.is_empty()
+        || n.ends_with("_file")
+        || n.ends_with("_path")
+        || n.ends_with("_command")
+        || n.ends_with("_env")
+    {
         return false;
     }
     [
@@ -615,6 +621,9 @@ mod tests {
         for n in [
             "passphrase_file",
             "token_command",
+            "password_env",
+            "secret_env",
+            "routing_key_env",
             "url",
             "region",
             "keys",
