@@ -270,6 +270,24 @@ pub fn populate_whole_cluster(c: &pgkeep_testing::Cluster, s: &Sandbox) -> Whole
             .unwrap();
         assert!(st.success(), "chown {}", ts.display());
     }
+    populate(c, Some(&ts));
+    made
+}
+
+/// [`populate_whole_cluster`] without the tablespace, for a cluster backed up with
+/// `--method basebackup` (pg_basebackup writes a single stream only for a cluster without
+/// tablespaces, so pgkeep refuses one with tablespaces). Idempotent too.
+pub fn populate_whole_cluster_without_tablespace(c: &pgkeep_testing::Cluster) {
+    if c.sql("SELECT count(*) FROM pg_roles WHERE rolname = 'whole_app'")
+        .unwrap()
+        == "1"
+    {
+        return;
+    }
+    populate(c, None);
+}
+
+fn populate(c: &pgkeep_testing::Cluster, ts: Option<&Path>) {
     let sql = |db: &str, q: &str| {
         c.sql_db(db, q)
             .unwrap_or_else(|e| panic!("populating the whole cluster ({db}): {e:#}"))
@@ -279,28 +297,38 @@ pub fn populate_whole_cluster(c: &pgkeep_testing::Cluster, s: &Sandbox) -> Whole
         "CREATE TABLE whole_template_note (k int PRIMARY KEY, note text NOT NULL);
          INSERT INTO whole_template_note SELECT g, 'from template1 ' || g FROM generate_series(1, 50) g;",
     );
+    // Without the tablespace, its table lives in the database's default one.
+    let (create_ts, in_ts, index_in_ts) = match ts {
+        Some(dir) => (
+            format!("CREATE TABLESPACE whole_ts LOCATION '{}';", dir.display()),
+            " TABLESPACE whole_ts",
+            " USING INDEX TABLESPACE whole_ts",
+        ),
+        None => (String::new(), "", ""),
+    };
     sql(
         "postgres",
         &format!(
             "CREATE ROLE whole_app LOGIN PASSWORD 'whole cluster test password';
              CREATE ROLE whole_reader NOLOGIN;
              GRANT whole_reader TO whole_app;
-             CREATE TABLESPACE whole_ts LOCATION '{}';
+             {create_ts}
              CREATE DATABASE whole_shop OWNER whole_app;
              CREATE DATABASE whole_stats;
-             GRANT CONNECT ON DATABASE whole_stats TO whole_reader;",
-            ts.display()
+             GRANT CONNECT ON DATABASE whole_stats TO whole_reader;"
         ),
     );
     sql(
         "whole_shop",
-        "CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, total numeric(12,2) NOT NULL, placed date NOT NULL);
+        &format!(
+            "CREATE TABLE orders (id bigint PRIMARY KEY, customer text NOT NULL, total numeric(12,2) NOT NULL, placed date NOT NULL);
          CREATE INDEX orders_customer ON orders (customer);
          INSERT INTO orders SELECT g, 'customer ' || (g % 97), g * 1.25, date '2026-01-01' + (g % 300) FROM generate_series(1, 3000) g;
          ALTER TABLE orders OWNER TO whole_app;
          GRANT SELECT ON orders TO whole_reader;
-         CREATE TABLE archived_orders (id bigint PRIMARY KEY USING INDEX TABLESPACE whole_ts, body text NOT NULL) TABLESPACE whole_ts;
-         INSERT INTO archived_orders SELECT g, (SELECT string_agg(md5(g::text || '/' || i), '') FROM generate_series(1, 256) i) FROM generate_series(1, 120) g;",
+         CREATE TABLE archived_orders (id bigint PRIMARY KEY{index_in_ts}, body text NOT NULL){in_ts};
+         INSERT INTO archived_orders SELECT g, (SELECT string_agg(md5(g::text || '/' || i), '') FROM generate_series(1, 256) i) FROM generate_series(1, 120) g;"
+        ),
     );
     sql(
         "whole_stats",
@@ -309,7 +337,6 @@ pub fn populate_whole_cluster(c: &pgkeep_testing::Cluster, s: &Sandbox) -> Whole
          INSERT INTO measures SELECT g, g / 7.0, jsonb_build_object('k', g, 'tag', 'm' || (g % 13)) FROM generate_series(1, 4000) g;
          GRANT SELECT ON measures TO whole_reader;",
     );
-    made
 }
 
 /// Makes two whole-cluster dumps comparable. Only what a correct restore legitimately changes
