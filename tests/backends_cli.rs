@@ -297,3 +297,108 @@ fn s3_seaweedfs_backup_restore_wal_pitr_and_dump_through_the_binary() {
 fn azure_azurite_backup_restore_wal_pitr_and_dump_through_the_binary() {
     scenario(Store::azure());
 }
+
+/// A repository given by the environment alone (`PGKEEP_REPO`, `PGKEEP_REPO_ENDPOINT`,
+/// `PGKEEP_REPO_ALLOW_HTTP`, `PGKEEP_REPO_AZURE_ACCOUNT`, no configuration file), restored
+/// onto a server whose environment holds only the Azure key (a fresh host): the
+/// `restore_command` that `pgkeep restore` writes must carry the repository's settings, or
+/// archive-get asks Azure's public endpoint, every fetch fails and the server promotes at the
+/// backup's end without the WAL archived after it.
+#[test]
+fn restore_command_carries_repository_settings_given_by_environment_on_azure() {
+    use std::os::unix::fs::PermissionsExt;
+    let store = Store::azure();
+    let Store::Azure(az) = &store else {
+        unreachable!()
+    };
+    let s = cli_support::Sandbox::new();
+    std::fs::set_permissions(s.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    std::fs::set_permissions(
+        s.path().join("empty.toml"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let url = format!(
+        "az://{}/{}",
+        az.container,
+        pgkeep_testing::s3::unique_prefix("env")
+    );
+    let creds = [("AZURE_STORAGE_ACCOUNT_KEY", az.account_key.as_str())];
+    let settings = [
+        ("PGKEEP_REPO", url.as_str()),
+        ("PGKEEP_REPO_ENDPOINT", az.endpoint.as_str()),
+        ("PGKEEP_REPO_ALLOW_HTTP", "true"),
+        ("PGKEEP_REPO_AZURE_ACCOUNT", az.account.as_str()),
+    ];
+    let all: Vec<(&str, &str)> = creds.iter().chain(settings.iter()).copied().collect();
+    // An environment wrapper for the server: `vars` exported, then the binary.
+    let wrapper = |name: &str, vars: &[(&str, &str)]| {
+        let p = s.path().join(name);
+        let mut script = String::from("#!/bin/sh\n");
+        for (k, v) in vars {
+            script.push_str(&format!("export {k}='{v}'\n"));
+        }
+        script.push_str(&format!("exec '{}' \"$@\"\n", backends::BIN));
+        std::fs::write(&p, script).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o700)).unwrap();
+        chown_postgres(&p);
+        p
+    };
+    let archiver = wrapper("archiver", &all);
+    let fresh_host = wrapper("fresh-host", &creds);
+
+    s.run(&["repo", "init", "--no-encryption"], &all).expect(0);
+    let c = Cluster::builder()
+        .archive_command(&format!(
+            "{} --config {} archive-push %p",
+            archiver.display(),
+            s.path().join("empty.toml").display()
+        ))
+        .start()
+        .unwrap();
+    c.sql("CREATE TABLE t (id int PRIMARY KEY)").unwrap();
+    let conninfo = c.conninfo();
+    let mut with_pg = all.clone();
+    with_pg.push(("PGKEEP_PG", conninfo.as_str()));
+    let pgdata = c.pgdata().to_str().unwrap().to_string();
+    s.run(&["-q", "backup", "--pgdata", &pgdata], &with_pg)
+        .expect(0);
+    // Rows that only the archive holds.
+    c.sql("INSERT INTO t SELECT generate_series(1, 500)")
+        .unwrap();
+    switch_and_wait(&c);
+
+    let dir = s.path().join("restored");
+    s.run(
+        &[
+            "-q",
+            "restore",
+            "latest",
+            "--target-dir",
+            dir.to_str().unwrap(),
+            "--target-action",
+            "promote",
+        ],
+        &all,
+    )
+    .expect(0);
+    let auto = dir.join("postgresql.auto.conf");
+    let text = std::fs::read_to_string(&auto).unwrap();
+    assert!(!text.contains(&az.account_key), "a secret in {text}");
+    std::fs::write(
+        &auto,
+        text.replace(backends::BIN, &fresh_host.display().to_string()),
+    )
+    .unwrap();
+    let r = start_promoted(&dir);
+    assert_eq!(
+        r.sql("SELECT count(*) FROM t").unwrap(),
+        "500",
+        "the restored server did not replay the archive; restore_command:\n{}\nlog:\n{}",
+        text.lines()
+            .filter(|l| l.starts_with("restore_command"))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        r.log_tail()
+    );
+}

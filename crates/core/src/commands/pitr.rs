@@ -104,15 +104,38 @@ pub fn parse_target_time(s: &str) -> Result<DateTime<Utc>> {
     ))
 }
 
+/// The repository settings a run may take from the environment that are not secrets and that
+/// `archive-get` needs to reach the repository: [`restore_command_for`] passes them on.
+const PASSED_ON_SETTINGS: [&str; 10] = [
+    crate::config::env::REPOSITORY,
+    crate::config::env::REPO_ENDPOINT,
+    crate::config::env::REPO_REGION,
+    crate::config::env::REPO_FORCE_PATH_STYLE,
+    crate::config::env::REPO_ALLOW_HTTP,
+    crate::config::env::REPO_AZURE_USE_EMULATOR,
+    crate::config::env::REPO_AZURE_ACCOUNT,
+    crate::config::env::REPO_RETRY_MAX_ATTEMPTS,
+    crate::config::env::REPO_RETRY_BASE_DELAY_MS,
+    crate::config::env::REPO_REQUEST_TIMEOUT_SECS,
+];
+
 /// The `restore_command` for a restored cluster: this executable's `archive-get` with the
-/// run's configuration file, repository and cluster. The server runs it with its own
-/// environment: an encrypted repository needs `passphrase_file` in the configuration file,
-/// or `PGKEEP_PASSPHRASE_FILE` set for this run (its path, never the passphrase, is passed
-/// on in the command).
+/// run's configuration file, repository and cluster, and the repository settings this run took
+/// from `PGKEEP_REPO_*` variables (endpoint, region, addressing, account, …: none is a
+/// secret), so the restored server reaches the same repository whatever its environment. The
+/// server runs it with its own environment, which must hold the store's credentials; an
+/// encrypted repository needs `passphrase_file` in the configuration file, or
+/// `PGKEEP_PASSPHRASE_FILE` set for this run (its path, never the passphrase, is passed on in
+/// the command).
 pub fn restore_command_for(ctx: &Context) -> Result<String> {
     let exe = std::env::current_exe().map_err(|e| Error::io("finding the pgkeep executable", e))?;
     let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
     let mut cmd = String::new();
+    for var in PASSED_ON_SETTINGS {
+        if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+            cmd.push_str(&format!("{var}={} ", quote(&v.to_string_lossy())));
+        }
+    }
     if let Some(f) = std::env::var_os(crate::secrets::ENV_PASSPHRASE_FILE) {
         cmd.push_str(&format!(
             "{}={} ",
