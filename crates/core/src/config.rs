@@ -1683,7 +1683,7 @@ name = "reports"
             ),
             (
                 "[[repository]]\nname = \"a\"\nurl = \"s3://KEY:SECRETX@bucket/p\"\n",
-                format!("{f}:3:7: repository.url: the repository URL holds credentials, which is refused (they would show in the process list, logs or files)\nHINT: remove them and use the AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE) or an instance role"),
+                format!("{f}:3:7: repository.url: the repository URL holds credentials, which is refused (they would show in the process list, logs or files)\nHINT: remove them and use the AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or an instance role"),
             ),
             (
                 "[[repository]]\nname = \"a\"\nurl = \"/x\"\n[[cluster]]\nname = \"main\"\nrepository = \"b\"\n",

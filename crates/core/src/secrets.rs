@@ -368,7 +368,7 @@ pub fn check_repo_url(url: &str, source: &str) -> Result<()> {
     });
     if has_userinfo || has_secret_param {
         let hint = match scheme.as_str() {
-            "s3" => "remove them and use the AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE) or an instance role",
+            "s3" => "remove them and use the AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or an instance role",
             "az" => "remove them and use the AZURE_STORAGE_* variables (AZURE_STORAGE_ACCOUNT_NAME, AZURE_STORAGE_ACCOUNT_KEY, AZURE_STORAGE_SAS_KEY) or a managed identity",
             "gs" => "remove them and use GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_SERVICE_ACCOUNT",
             _ => "remove them; storage credentials come from the environment (AWS_*, AZURE_STORAGE_*, GOOGLE_* variables)",
@@ -567,7 +567,7 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "--repo: the repository URL holds credentials, which is refused (they would show in the process list, logs or files)\n\
-             HINT: remove them and use the AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_PROFILE) or an instance role"
+             HINT: remove them and use the AWS_* variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) or an instance role"
         );
         assert!(!e.to_string().contains("SECRETX"));
     }
