@@ -362,6 +362,28 @@ fn a_backup_through_503_slowdown_500_and_a_200_error_body_retries_succeeds_and_r
     // Every fault was followed by a retry of the same request.
     assert!(rig.proxy.retries() >= 6, "{}", rig.proxy.summary());
     assert_eq!(rig.backups().len(), 1);
+    // pgkeep's own retries (the index PUT's, past object_store's two) are in the run's record
+    // and in the metric (RELIABILITY.md row 6).
+    let h = rig
+        .run(&["--json", "history", "--kind", "backup"])
+        .expect(0)
+        .json();
+    let retried = h["records"].as_array().unwrap().last().unwrap()["storage_retries"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        retried >= 1,
+        "no storage_retries in the backup's record: {h}"
+    );
+    let m = rig.run(&["metrics"]).expect(0).stdout();
+    assert_eq!(
+        cli_support::sample(
+            &m,
+            "pgkeep_storage_retries_total{cluster=\"main\",kind=\"backup\"}"
+        ),
+        retried as f64,
+        "{m}"
+    );
     rig.check_clean("a backup through 5xx");
 
     let restored = rig.restored_dump("restore", "latest", "restored");

@@ -183,6 +183,13 @@ pub struct RunRecord {
     /// What the run did, in one line (a drill: its checks and recovery time).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// Storage requests this process retried after a temporary error (HTTP 5xx, SlowDown,
+    /// a reset or a timeout), when there were any: a store that needs retries shows here
+    /// and in `pgkeep_storage_retries_total` before it fails outright. The count is the
+    /// process's ([`pgkeep_repo::storage::global_retry_counter`]): one run per process for
+    /// the CLI and the daemon's jobs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_retries: Option<u64>,
 }
 
 impl RunRecord {
@@ -300,6 +307,11 @@ impl RunStart {
             backup_id: facts.backup_id,
             rto_secs: facts.rto_secs,
             detail: facts.detail,
+            storage_retries: Some(
+                pgkeep_repo::storage::global_retry_counter()
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .filter(|&n| n > 0),
         }
     }
 
@@ -708,6 +720,7 @@ mod tests {
             backup_id: None,
             rto_secs: None,
             detail: None,
+            storage_retries: None,
         }
     }
 

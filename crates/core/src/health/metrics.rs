@@ -258,6 +258,20 @@ fn run_families(m: &mut Metrics, snap: &Snapshot) {
             .count();
         f.push(labels(c, &[("kind", Some(kind.as_str()))]), n as f64);
     }
+    let f = m.add(
+        "pgkeep_storage_retries_total",
+        "counter",
+        "Storage requests retried after a temporary error (5xx, SlowDown, reset, timeout), per kind of run, in the kept run history (expire compacts it: a drop is a counter reset).",
+    );
+    for kind in RunKind::ALL {
+        let n: u64 = snap
+            .history
+            .iter()
+            .filter(|r| r.kind == kind)
+            .filter_map(|r| r.storage_retries)
+            .sum();
+        f.push(labels(c, &[("kind", Some(kind.as_str()))]), n as f64);
+    }
 }
 
 /// Newest physical backup (kind `backup`) and newest dump per database (kind `dump`).
