@@ -233,15 +233,16 @@ pub async fn restore(
 }
 
 /// A failure after the target was marked incomplete: the message says so and what to do
-/// (e.g. a full file system: free space, then `--delta` keeps what was written).
+/// (e.g. a full file system or a store that stopped answering: remove the cause, then
+/// `--delta` keeps what was written).
 fn left_incomplete(e: Error, target: &Path) -> Error {
     Error::with_hint(
         e.kind(),
         e.to_string(),
         format!(
             "{} is left marked incomplete ({INCOMPLETE_MARKER}): do not start PostgreSQL on it. \
-             Remove the cause (a full file system: free space on it), then run the restore \
-             again with --delta",
+             Remove the cause named above (free space on a full file system, wait for an \
+             unreachable store), then run the restore again with --delta",
             target.display()
         ),
     )
