@@ -27,6 +27,13 @@
 //!   PagerDuty routing key (from a file) and the SMTP password (STARTTLS + AUTH required by
 //!   the receiver); `notify test` and the notified failures deliver to all four.
 //! - `PGKEEP_DAEMON_PASSWORD`: the daemon's basic-auth password, used by the scrapes.
+//! - `PGKEEP_NEW_PASSPHRASE`: `repo key add` adds it, and a `list` opens the repository
+//!   with it.
+//!
+//! Commands: repo init/info/check/key add/key list/prune, backup, list, info, restore,
+//! archive-push (sync and async), archive-get, dump, restore-dump, export-dump, verify,
+//! expire, pin, unpin, copy, check (and --nagios), status, metrics (text, --output,
+//! cloudwatch), history, notify test, drill (physical and dump), generate, daemon.
 //!
 //! A second test gives secrets on the command line (`--pg` with a password, `--repo` with
 //! credentials, `--primary-conninfo` with a password): refused with exit 2, never echoed.
@@ -65,6 +72,7 @@ struct Secrets {
     pd: Canary,
     smtp: Canary,
     daemon: Canary,
+    new_passphrase: Canary,
 }
 
 impl Secrets {
@@ -83,6 +91,7 @@ impl Secrets {
             self.pd.clone(),
             self.smtp.clone(),
             self.daemon.clone(),
+            self.new_passphrase.clone(),
         ]
     }
 }
@@ -287,6 +296,7 @@ async fn no_secret_shows_in_any_output_file_object_or_process_list() {
         pd: fresh("pdroutingkey"),
         smtp: fresh("smtppassword"),
         daemon: fresh("daemonpassword"),
+        new_passphrase: fresh("newpassphrase"),
     };
     let canaries = sec.all();
     // The sandbox first: its paths mark this test's own archiver, drill server and daemon
@@ -727,7 +737,7 @@ cron = "*/2 * * * * *"
         &[],
         &[0],
     );
-    r.run("s3 list", &[vv, "--json", "list"], &on_s3, &[], &[0]);
+    r.run("s3 list", &["-vvv", "--json", "list"], &on_s3, &[], &[0]);
     r.run(
         "s3 dump",
         &[vv, "--json", "dump", "--db", "app"],
@@ -840,6 +850,88 @@ cron = "*/2 * * * * *"
         &[],
         &[1, 10],
     );
+
+    // ---- The rest of the commands on the local repository: a second key (its passphrase
+    // a canary too), verify, export-dump, pin/unpin, prune, generate, async archive-push.
+    r.run(
+        "repo key add",
+        &[vv, "--json", "repo", "key", "add"],
+        &[("PGKEEP_NEW_PASSPHRASE", &sec.new_passphrase.value)],
+        &[],
+        &[0],
+    );
+    // The archiver (postgres) reads every key file: the one root just wrote too.
+    chown_postgres(&repo.join("keys"));
+    r.run(
+        "list with the new key",
+        &[vv, "list"],
+        &[("PGKEEP_PASSPHRASE", &sec.new_passphrase.value)],
+        &[],
+        &[0],
+    );
+    r.run(
+        "repo key list",
+        &[vv, "--json", "repo", "key", "list"],
+        &[],
+        &[],
+        &[0],
+    );
+    r.run(
+        "verify",
+        &[vv, "--json", "verify", "--read-data"],
+        &[],
+        &[],
+        &[0],
+    );
+    let exported = sb.path().join("app.dump.sql");
+    r.run(
+        "export-dump",
+        &[
+            vv,
+            "export-dump",
+            &dump_id,
+            "--output",
+            exported.to_str().unwrap(),
+            "--format",
+            "plain",
+        ],
+        &[],
+        &[],
+        &[0],
+    );
+    r.run("pin", &[vv, "--json", "pin", &dump_id], &[], &[], &[0]);
+    r.run("unpin", &[vv, "unpin", &dump_id], &[], &[], &[0]);
+    r.run(
+        "repo prune --dry-run",
+        &[vv, "--json", "repo", "prune", "--dry-run"],
+        &[],
+        &[],
+        &[0],
+    );
+    // systemd only: cron(8) cannot express the daemon's every-2-seconds schedule (exit 2).
+    r.run(
+        "generate systemd",
+        &[vv, "generate", "systemd", "--mode", "jobs"],
+        &[],
+        &[],
+        &[0],
+    );
+    let spool = sb.path().join("spool");
+    if seg_path.exists() {
+        r.run(
+            "archive-push (async)",
+            &[
+                vv,
+                "archive-push",
+                "--spool-dir",
+                spool.to_str().unwrap(),
+                seg_path.to_str().unwrap(),
+            ],
+            &[],
+            &[],
+            &[0],
+        );
+    }
 
     // ---- Retention on the local repository.
     r.run(
