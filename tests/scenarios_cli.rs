@@ -316,3 +316,58 @@ fn repo_check_warns_about_a_group_readable_config_file() {
         r.stdout()
     );
 }
+
+/// The archiver runs as `postgres`; a key file root made (0600) beside one `postgres` can read
+/// used to fail every `archive-push` with "permission denied" although the readable key
+/// matched.
+#[test]
+fn a_key_file_this_user_cannot_read_does_not_hide_one_that_matches() {
+    if !pgkeep_testing::cluster::require_root("running pgkeep as postgres beside a root key") {
+        return;
+    }
+    let s = Sandbox::new();
+    let root_pass = [("PGKEEP_PASSPHRASE", PASSPHRASE)];
+    s.run_repo(&["repo", "init"], &root_pass).expect(0);
+    let roots_key = files_under(&s.repo().join("keys")).remove(0);
+    s.run_repo(
+        &["repo", "key", "add"],
+        &[
+            root_pass[0],
+            ("PGKEEP_NEW_PASSPHRASE", "the archiver's passphrase"),
+        ],
+    )
+    .expect(0);
+    let chown = |args: &[&str], path: &Path| {
+        assert!(Command::new("chown")
+            .args(args)
+            .arg(path)
+            .status()
+            .unwrap()
+            .success());
+    };
+    chown(&["-R", "postgres"], s.path());
+    chown(&["root"], &roots_key);
+    let as_postgres = |pass: &str| {
+        Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(env!("CARGO_BIN_EXE_pgkeep"))
+            .args(["--repo", s.repo().to_str().unwrap(), "--json", "list"])
+            .env("PGKEEP_CONFIG", s.path().join("empty.toml"))
+            .env("PGKEEP_PASSPHRASE", pass)
+            .output()
+            .unwrap()
+    };
+    let ok = as_postgres("the archiver's passphrase");
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // Only the unreadable key would match: the error is the permission, not "wrong passphrase".
+    let denied = as_postgres(PASSPHRASE);
+    let err = String::from_utf8_lossy(&denied.stderr).to_string();
+    assert_eq!(denied.status.code(), Some(1), "{err}");
+    assert!(err.to_lowercase().contains("permission"), "{err}");
+    assert!(!err.contains(PASSPHRASE), "{err}");
+}

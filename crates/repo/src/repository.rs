@@ -780,8 +780,19 @@ async fn find_key(storage: &dyn Storage, passphrase: &str) -> Result<(MasterKey,
             "the repository is encrypted but has no key files",
         ));
     }
+    // A key file this process cannot read (root's 0600 key, read by the archiver running as
+    // postgres) must not hide another key that matches: skip it, and say so only if none does.
+    let mut unreadable = None;
     for m in keys {
-        let raw = storage.get(&m.key).await?;
+        let raw = match storage.get(&m.key).await {
+            Ok(raw) => raw,
+            Err(e) if e.kind == SErr::PermissionDenied => {
+                tracing::debug!(key = %m.key, "skipping a key file this process cannot read: {e}");
+                unreadable.get_or_insert(e);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let Ok(kf) = serde_json::from_slice::<KeyFile>(&raw) else {
             tracing::warn!(key = %m.key, "skipping unreadable key file");
             continue;
@@ -797,7 +808,10 @@ async fn find_key(storage: &dyn Storage, passphrase: &str) -> Result<(MasterKey,
             return Ok((master, m.key.trim_start_matches("keys/").to_string()));
         }
     }
-    Err(RepoError::WrongPassphrase {
-        location: storage.location(),
-    })
+    match unreadable {
+        Some(e) => Err(e.into()),
+        None => Err(RepoError::WrongPassphrase {
+            location: storage.location(),
+        }),
+    }
 }
