@@ -1,0 +1,306 @@
+//! Issue 18, item 3: SIGINT and SIGTERM in the middle of the work of `backup` (both methods),
+//! `restore`, `dump`, `restore-dump`, `archive-push` (synchronous, and the asynchronous
+//! foreground and background pusher), `expire` and `copy`, sent to the pgkeep process alone
+//! (as a service manager does; pgkeep must stop its own children).
+//!
+//! To be sure the signal lands while the command works, every storage operation of the
+//! interrupted run is slowed down by the `PGKEEP_TEST_STORE_LATENCY_MS` hook of pgkeep-storage,
+//! and the signal is sent only once the command has visibly started (its lock object exists,
+//! the server shows its backup or its pg_dump/pg_restore session, its process is pushing).
+//!
+//! After each signal, what a user relies on:
+//! - exit 130 within [`interrupt::EXIT_BOUND`], saying so on stderr;
+//! - the repository's `locks/` directory is empty, and a command needing the lock (the same
+//!   command, or `repo prune --dry-run`, which takes the exclusive lock) runs at once;
+//! - nothing half-made is listed (`list --json` shows no new entry, or only whole ones) and
+//!   `repo check` passes (`--read-data` in this file too);
+//! - the server is left as before: no replication slot, no session of pgkeep, pg_dump,
+//!   pg_restore or pg_basebackup (a non-exclusive backup ends with its session), and the next
+//!   backup, dump or restore succeeds;
+//! - `archive-push`: the segment is not acknowledged to PostgreSQL, a retry stores it, and at
+//!   no moment is a segment acknowledged that the repository does not hold.
+
+mod cli_support;
+#[path = "cli_support/interrupt.rs"]
+mod interrupt;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cli_support::Sandbox;
+use interrupt::{assert_no_locks, eventually, lock_files, spawn, Sig, SIGNALS};
+use pgkeep_storage::LATENCY_ENV;
+use pgkeep_testing::Cluster;
+
+/// The storage latency of the interrupted runs: long enough that every command is still at
+/// work a second after it visibly started, short enough for its clean-up after the signal.
+const SLOW: (&str, &str) = (LATENCY_ENV, "400");
+
+/// How long a command may take to start its work under [`SLOW`].
+const START_BOUND: Duration = Duration::from_secs(60);
+
+/// Sessions on the server other than the caller's own: client backends and WAL senders, as
+/// `backend_type:application_name:state` (empty when there are none).
+fn sessions(c: &Cluster) -> String {
+    c.sql(
+        "select coalesce(string_agg(backend_type || ':' || application_name || ':' || coalesce(state, ''), ', '), '') \
+         from pg_stat_activity where pid <> pg_backend_pid() \
+         and backend_type in ('client backend', 'walsender')",
+    )
+    .unwrap()
+}
+
+fn slots(c: &Cluster) -> String {
+    c.sql("select coalesce(string_agg(slot_name || ':' || active::text, ', '), '') from pg_replication_slots")
+        .unwrap()
+}
+
+/// Asserts that the server has, within a few seconds, no replication slot and no other
+/// session: the interrupted run's connections are gone, and with them its backup (a
+/// non-exclusive backup ends with its session) and its temporary slot.
+fn assert_server_clean(c: &Cluster, what: &str) {
+    let clean = eventually(Duration::from_secs(10), || {
+        sessions(c).is_empty() && slots(c).is_empty()
+    });
+    assert!(
+        clean,
+        "{what}: the server still has sessions [{}] and replication slots [{}]",
+        sessions(c),
+        slots(c)
+    );
+}
+
+/// No `program` that pgkeep started for this cluster runs any more.
+fn assert_no_tool_left(c: &Cluster, program: &str, what: &str) {
+    let env = format!("PGHOST={}", c.socket_dir().display());
+    let gone = eventually(Duration::from_secs(2), || {
+        interrupt::tool_processes(program, &env).is_empty()
+    });
+    assert!(
+        gone,
+        "{what}: {program} still runs: {:?}",
+        interrupt::tool_processes(program, &env)
+    );
+}
+
+/// Ids in `list --json`, oldest first.
+fn listed(s: &Sandbox, repo: &Path) -> Vec<String> {
+    let r = s
+        .run(&["--repo", repo.to_str().unwrap(), "--json", "list"], &[])
+        .expect(0);
+    r.json()["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// `repo check` (with `--read-data` when asked) passes with no problem.
+fn assert_repo_checks(s: &Sandbox, repo: &Path, read_data: bool, what: &str) {
+    let mut args = vec!["--repo", repo.to_str().unwrap(), "--json", "repo", "check"];
+    if read_data {
+        args.push("--read-data");
+    }
+    let r = s.run(&args, &[]);
+    assert_eq!(
+        r.code(),
+        0,
+        "{what}: repo check\n{}\n{}",
+        r.stdout(),
+        r.stderr()
+    );
+    assert_eq!(
+        r.json()["problems"].as_array().map(|a| a.len()),
+        Some(0),
+        "{what}: {}",
+        r.stdout()
+    );
+}
+
+/// The exclusive lock is free: `repo prune --dry-run` (which takes it) runs at once.
+fn assert_exclusive_lock_free(s: &Sandbox, repo: &Path, what: &str) {
+    let t = Instant::now();
+    let r = s.run(
+        &[
+            "--repo",
+            repo.to_str().unwrap(),
+            "repo",
+            "prune",
+            "--dry-run",
+        ],
+        &[],
+    );
+    assert_eq!(r.code(), 0, "{what}: repo prune --dry-run: {}", r.stderr());
+    assert!(
+        !r.stderr().contains("stale"),
+        "{what}: the next run met a stale lock: {}",
+        r.stderr()
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "{what}: repo prune --dry-run took {:?}",
+        t.elapsed()
+    );
+}
+
+/// What every interrupted run against a local repository must leave: no lock, the exclusive
+/// lock free at once, the same listing as before, a repository that checks clean.
+fn assert_repository_as_before(s: &Sandbox, repo: &Path, before: &[String], what: &str) {
+    assert_no_locks(repo, what);
+    assert_exclusive_lock_free(s, repo, what);
+    assert_eq!(listed(s, repo), before, "{what}: a new entry is listed");
+    assert_repo_checks(s, repo, false, what);
+}
+
+/// A cluster with pgbench data of scale `scale` and an unencrypted repository.
+fn setup(scale: u32) -> (Sandbox, Cluster) {
+    let c = Cluster::new().unwrap();
+    c.pgbench(&["-i", "-s", &scale.to_string(), "-q"]).unwrap();
+    let s = Sandbox::new();
+    s.run_repo(&["repo", "init", "--no-encryption"], &[])
+        .expect(0);
+    (s, c)
+}
+
+fn backup_args(c: &Cluster, method: &str) -> Vec<String> {
+    vec![
+        "--repo".into(),
+        "REPO".into(),
+        "backup".into(),
+        "--pgdata".into(),
+        c.pgdata().display().to_string(),
+        "--pg".into(),
+        c.conninfo(),
+        "--method".into(),
+        method.into(),
+    ]
+}
+
+fn with_repo<'a>(args: &'a [String], repo: &'a str) -> Vec<&'a str> {
+    args.iter()
+        .map(|a| if a == "REPO" { repo } else { a.as_str() })
+        .collect()
+}
+
+/// Rows of ~1 KiB of random bytes (incompressible): ~70 MiB, some 18 packs of 4 MiB that an
+/// interrupted backup is still uploading (under [`SLOW`]) when the signal lands.
+fn random_table(c: &Cluster, rows: u32) {
+    c.sql(&format!(
+        "create table r(id int, b bytea) with (autovacuum_enabled = off); \
+         insert into r select g, (select decode(string_agg(md5(random()::text || x), ''), 'hex') \
+         from generate_series(1, 63 + 0 * g) x) from generate_series(1, {rows}) g"
+    ))
+    .unwrap();
+}
+
+#[test]
+fn backup_interrupted_in_backup_mode_exits_130_ends_the_backup_and_lists_nothing() {
+    let c = Cluster::builder()
+        .setting("max_wal_size", "64MB")
+        .start()
+        .unwrap();
+    c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
+    let s = Sandbox::new();
+    s.run_repo(
+        &["repo", "init", "--no-encryption", "--pack-size", "4MiB"],
+        &[],
+    )
+    .expect(0);
+    let repo = s.repo();
+    let repo_s = repo.to_str().unwrap().to_string();
+    // A first backup: the interrupted ones must leave exactly this listed. Then data it does
+    // not have, which every interrupted backup has to upload.
+    let local = backup_args(&c, "local");
+    s.run(&with_repo(&local, &repo_s), &[]).expect(0);
+    let before = listed(&s, &repo);
+    assert_eq!(before.len(), 1);
+    random_table(&c, 60_000);
+
+    for (sig, method) in [
+        (Sig::Int, "local"),
+        (Sig::Term, "local"),
+        (Sig::Term, "basebackup"),
+        (Sig::Int, "basebackup"),
+    ] {
+        let what = format!("backup --method {method}, SIG{sig:?}");
+        let args = backup_args(&c, method);
+        let mut run = spawn(&s, &with_repo(&args, &repo_s), &[SLOW]);
+        run.wait_until("in backup mode", START_BOUND, || {
+            let busy = if method == "local" {
+                // pg_backup_start runs or has returned on pgkeep's session (the temporary
+                // slot, taken first, pins the WAL).
+                c.sql(
+                    "select count(*) from pg_stat_activity where application_name = 'pgkeep' \
+                     and query like 'SELECT pg_backup_start%'",
+                )
+                .unwrap()
+                    == "1"
+                    && !slots(&c).is_empty()
+            } else {
+                // pg_basebackup's WAL sender streams the data directory.
+                c.sql(
+                    "select count(*) from pg_stat_progress_basebackup \
+                     where phase = 'streaming database files'",
+                )
+                .unwrap()
+                    == "1"
+            };
+            busy && !lock_files(&repo).is_empty()
+        });
+        // Mid-work: uploads are under way.
+        std::thread::sleep(Duration::from_millis(500));
+        run.interrupt(sig).expect_interrupted(&what);
+        assert_server_clean(&c, &what);
+        assert_no_tool_left(&c, "pg_basebackup", &what);
+        assert_repository_as_before(&s, &repo, &before, &what);
+    }
+
+    // The next backup starts at once and completes; everything reads back.
+    let t = Instant::now();
+    s.run(&with_repo(&local, &repo_s), &[]).expect(0);
+    eprintln!("next backup: {:.1} s", t.elapsed().as_secs_f64());
+    assert_eq!(listed(&s, &repo).len(), 2);
+    assert_no_locks(&repo, "after the next backup");
+    assert_server_clean(&c, "after the next backup");
+    assert_repo_checks(&s, &repo, true, "after the interrupted backups");
+}
+
+#[test]
+fn dump_interrupted_while_pg_dump_runs_exits_130_stops_pg_dump_and_lists_nothing() {
+    let (s, c) = setup(5);
+    let repo = s.repo();
+    let pg = c.conninfo();
+    s.run_repo(&["dump", "--db", "postgres", "--pg", &pg], &[])
+        .expect(0);
+    let before = listed(&s, &repo);
+    assert_eq!(before.len(), 1);
+    for sig in SIGNALS {
+        let what = format!("dump, SIG{sig:?}");
+        let repo_s = repo.to_str().unwrap();
+        let mut run = spawn(
+            &s,
+            &["--repo", repo_s, "dump", "--db", "postgres", "--pg", &pg],
+            &[SLOW],
+        );
+        run.wait_until("dumping", START_BOUND, || {
+            c.sql(
+                "select count(*) from pg_stat_activity where application_name = 'pg_dump' \
+                 and state is not null",
+            )
+            .unwrap()
+                != "0"
+                && !lock_files(&repo).is_empty()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        run.interrupt(sig).expect_interrupted(&what);
+        assert_server_clean(&c, &what);
+        assert_no_tool_left(&c, "pg_dump", &what);
+        assert_repository_as_before(&s, &repo, &before, &what);
+    }
+    // The next dump starts at once and completes.
+    s.run_repo(&["dump", "--db", "postgres", "--pg", &pg], &[])
+        .expect(0);
+    assert_eq!(listed(&s, &repo).len(), 2);
+    assert_no_locks(&repo, "after the next dump");
+}
