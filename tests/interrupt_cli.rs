@@ -304,3 +304,61 @@ fn dump_interrupted_while_pg_dump_runs_exits_130_stops_pg_dump_and_lists_nothing
     assert_eq!(listed(&s, &repo).len(), 2);
     assert_no_locks(&repo, "after the next dump");
 }
+
+#[test]
+fn restore_interrupted_while_writing_exits_130_frees_its_lock_and_leaves_a_marked_directory() {
+    let c = Cluster::new().unwrap();
+    c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
+    random_table(&c, 40_000);
+    let s = Sandbox::new();
+    s.run_repo(
+        &["repo", "init", "--no-encryption", "--pack-size", "4MiB"],
+        &[],
+    )
+    .expect(0);
+    let repo = s.repo();
+    let repo_s = repo.to_str().unwrap().to_string();
+    s.run(&with_repo(&backup_args(&c, "local"), &repo_s), &[])
+        .expect(0);
+    let dump = c.pg_dump("postgres").unwrap();
+    let before = listed(&s, &repo);
+    let work = tempfile::tempdir().unwrap();
+    for sig in SIGNALS {
+        let what = format!("restore, SIG{sig:?}");
+        let target = work.path().join(format!("{sig:?}"));
+        let t = target.to_str().unwrap();
+        let mut run = spawn(
+            &s,
+            &["--repo", &repo_s, "restore", "latest", "--target-dir", t],
+            &[SLOW],
+        );
+        run.wait_until("writing files", START_BOUND, || {
+            target.join("pgkeep.restore-incomplete").exists()
+                && target.join("base").exists()
+                && !lock_files(&repo).is_empty()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        run.interrupt(sig).expect_interrupted(&what);
+        assert_repository_as_before(&s, &repo, &before, &what);
+        // Nothing half-made: the directory says it is incomplete, and lacks what would let
+        // PostgreSQL start it.
+        assert!(target.join("pgkeep.restore-incomplete").exists(), "{what}");
+        assert!(!target.join("backup_label").exists(), "{what}");
+        assert!(!target.join("global/pg_control").exists(), "{what}");
+        // A plain rerun is refused; --delta completes it, at once.
+        let r = s.run_repo(&["restore", "latest", "--target-dir", t], &[]);
+        assert_eq!(r.code(), 2, "{what}: {}", r.stderr());
+        assert!(r.stderr().contains("incomplete restore"), "{}", r.stderr());
+        s.run_repo(&["restore", "latest", "--target-dir", t, "--delta"], &[])
+            .expect(0);
+        assert!(!target.join("pgkeep.restore-incomplete").exists());
+        assert_no_locks(&repo, &what);
+    }
+    // The completed restore starts with the backed-up data.
+    let target = work.path().join(format!("{:?}", Sig::Term));
+    let restored = Cluster::builder().start_existing(&target).unwrap();
+    assert_eq!(
+        pgkeep_testing::cluster::first_difference(&dump, &restored.pg_dump("postgres").unwrap()),
+        None
+    );
+}
