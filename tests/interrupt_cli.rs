@@ -362,3 +362,121 @@ fn restore_interrupted_while_writing_exits_130_frees_its_lock_and_leaves_a_marke
         None
     );
 }
+
+fn database_exists(c: &Cluster, db: &str) -> bool {
+    c.sql(&format!(
+        "select count(*) from pg_database where datname = '{db}'"
+    ))
+    .unwrap()
+        == "1"
+}
+
+#[test]
+fn restore_dump_interrupted_while_pg_restore_runs_exits_130_and_leaves_no_database_behind() {
+    let c = Cluster::new().unwrap();
+    c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
+    random_table(&c, 40_000);
+    let s = Sandbox::new();
+    s.run_repo(
+        &["repo", "init", "--no-encryption", "--pack-size", "4MiB"],
+        &[],
+    )
+    .expect(0);
+    let repo = s.repo();
+    let repo_s = repo.to_str().unwrap().to_string();
+    let pg = c.conninfo();
+    s.run_repo(&["dump", "--db", "postgres", "--pg", &pg], &[])
+        .expect(0);
+    let before = listed(&s, &repo);
+    for sig in SIGNALS {
+        let what = format!("restore-dump --create, SIG{sig:?}");
+        let db = format!("restored_{sig:?}").to_lowercase();
+        let args = [
+            "--repo",
+            &repo_s,
+            "restore-dump",
+            "latest",
+            "--pg",
+            &pg,
+            "--target-db",
+            &db,
+            "--create",
+        ];
+        let mut run = spawn(&s, &args, &[SLOW]);
+        run.wait_until("restoring", START_BOUND, || {
+            c.sql(
+                "select count(*) from pg_stat_activity where application_name = 'pg_restore' \
+                 and state is not null",
+            )
+            .unwrap()
+                != "0"
+                && !lock_files(&repo).is_empty()
+        });
+        std::thread::sleep(Duration::from_millis(500));
+        run.interrupt(sig).expect_interrupted(&what);
+        assert_server_clean(&c, &what);
+        assert_no_tool_left(&c, "pg_restore", &what);
+        assert_repository_as_before(&s, &repo, &before, &what);
+        // The database this run created, half restored, is gone: the same command again
+        // restores it (a database left behind would refuse `--create`).
+        assert!(
+            !database_exists(&c, &db),
+            "{what}: the half-restored database {db} is left"
+        );
+        s.run(&args, &[]).expect(0);
+        assert_eq!(
+            c.sql_db(&db, "select count(*) from r").unwrap(),
+            "40000",
+            "{what}"
+        );
+    }
+
+    // Into an existing database: pg_restore's single transaction is rolled back, the
+    // database is as it was.
+    let what = "restore-dump into an existing database, SIGINT";
+    c.sql("create database existing").unwrap();
+    c.sql_db(
+        "existing",
+        "create table keep as select generate_series(1, 3) i",
+    )
+    .unwrap();
+    let args = [
+        "--repo",
+        &repo_s,
+        "restore-dump",
+        "latest",
+        "--pg",
+        &pg,
+        "--target-db",
+        "existing",
+        "--force",
+        "--no-safety-dump",
+    ];
+    let mut run = spawn(&s, &args, &[SLOW]);
+    run.wait_until("restoring", START_BOUND, || {
+        c.sql(
+            "select count(*) from pg_stat_activity where application_name = 'pg_restore' \
+             and state is not null",
+        )
+        .unwrap()
+            != "0"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    run.interrupt(Sig::Int).expect_interrupted(what);
+    assert_server_clean(&c, what);
+    assert_repository_as_before(&s, &repo, &before, what);
+    assert_eq!(
+        c.sql_db(
+            "existing",
+            "select string_agg(table_name, ',' order by table_name) from information_schema.tables \
+             where table_schema = 'public'"
+        )
+        .unwrap(),
+        "keep",
+        "{what}: the database changed"
+    );
+    assert_eq!(
+        c.sql_db("existing", "select sum(i) from keep").unwrap(),
+        "6"
+    );
+}
