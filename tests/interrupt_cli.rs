@@ -480,3 +480,262 @@ fn restore_dump_interrupted_while_pg_restore_runs_exits_130_and_leaves_no_databa
         "6"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// archive-push
+
+/// A cluster archiving into a shared sandbox repository through a wrapper script that gives
+/// `archive-push` the latency written in a file (so the test slows down one attempt and lets
+/// the retry run at full speed); asynchronous when `spool` is given (`options.spool_dir`).
+struct Archiving {
+    s: Sandbox,
+    c: Cluster,
+    latency: std::path::PathBuf,
+    spool: Option<std::path::PathBuf>,
+    config: std::path::PathBuf,
+}
+
+impl Archiving {
+    fn start(asynchronous: bool) -> Archiving {
+        use std::os::unix::fs::PermissionsExt;
+        let s = Sandbox::shared();
+        let latency = s.path().join("latency");
+        std::fs::write(&latency, "0").unwrap();
+        let config = s.path().join("archive.toml");
+        let spool = asynchronous.then(|| s.path().join("spool"));
+        match &spool {
+            Some(sp) => {
+                std::fs::create_dir(sp).unwrap();
+                chown_postgres(sp);
+                std::fs::write(
+                    &config,
+                    format!("[options]\nspool_dir = \"{}\"\n", sp.display()),
+                )
+                .unwrap();
+            }
+            None => std::fs::write(&config, "").unwrap(),
+        }
+        let script = s.path().join("push.sh");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nPGKEEP_TEST_STORE_LATENCY_MS=$(cat {}) exec {} --config {} --repo {} archive-push \"$1\"\n",
+                latency.display(),
+                env!("CARGO_BIN_EXE_pgkeep"),
+                config.display(),
+                s.repo().display()
+            ),
+        )
+        .unwrap();
+        for (f, mode) in [(&latency, 0o644), (&config, 0o644), (&script, 0o755)] {
+            std::fs::set_permissions(f, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        let c = Cluster::builder()
+            .archive_command(&format!("{} %p", script.display()))
+            .start()
+            .unwrap();
+        c.sql("create table t(i int)").unwrap();
+        Archiving {
+            s,
+            c,
+            latency,
+            spool,
+            config,
+        }
+    }
+
+    fn set_latency(&self, ms: u32) {
+        std::fs::write(&self.latency, ms.to_string()).unwrap();
+    }
+
+    /// Writes some WAL and switches: the name of the segment PostgreSQL now archives, and a
+    /// copy of it (to compare with what the repository returns).
+    fn next_segment(&self) -> (String, Vec<u8>) {
+        self.c
+            .sql("insert into t select generate_series(1, 10000)")
+            .unwrap();
+        let seg = self
+            .c
+            .sql("select pg_walfile_name(pg_switch_wal())")
+            .unwrap();
+        let data = std::fs::read(self.c.pgdata().join("pg_wal").join(&seg)).unwrap();
+        (seg, data)
+    }
+
+    fn stored(&self, seg: &str) -> bool {
+        self.s
+            .repo()
+            .join("wal/main")
+            .join(&seg[..16])
+            .join(seg)
+            .exists()
+    }
+
+    /// Whether PostgreSQL counts `seg` as archived.
+    fn acknowledged(&self, seg: &str) -> bool {
+        let last = self
+            .c
+            .sql("select coalesce(last_archived_wal, '') from pg_stat_archiver")
+            .unwrap();
+        last.as_str() >= seg
+            || self
+                .c
+                .pgdata()
+                .join("pg_wal/archive_status")
+                .join(format!("{seg}.done"))
+                .exists()
+    }
+
+    /// The invariant, checked at every poll: acknowledged implies stored (read in this order,
+    /// since a push stores before it acknowledges).
+    fn assert_never_acknowledged_unstored(&self, seg: &str) {
+        if self.acknowledged(seg) {
+            assert!(
+                self.stored(seg),
+                "{seg} was acknowledged to PostgreSQL but the repository does not hold it"
+            );
+        }
+    }
+
+    /// Waits (up to `timeout`) until `seg` is acknowledged, checking the invariant meanwhile;
+    /// then the repository returns exactly `data` for it.
+    fn wait_archived(&self, seg: &str, data: &[u8], timeout: Duration) {
+        let t = Instant::now();
+        loop {
+            self.assert_never_acknowledged_unstored(seg);
+            if self.acknowledged(seg) {
+                break;
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "{seg} not archived after {timeout:?}; log:\n{}",
+                self.c.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let dest = self.s.path().join(format!("got-{seg}"));
+        self.s
+            .run_repo(&["archive-get", seg, dest.to_str().unwrap()], &[])
+            .expect(0);
+        assert!(std::fs::read(&dest).unwrap() == data, "{seg}: other bytes");
+        std::fs::remove_file(&dest).unwrap();
+    }
+
+    /// The `archive-push` process PostgreSQL runs for `seg` (the foreground, not a pusher),
+    /// waiting for it (checking the invariant) up to `timeout`.
+    fn pusher_of(&self, seg: &str, timeout: Duration) -> u32 {
+        let repo = self.s.repo().display().to_string();
+        let t = Instant::now();
+        loop {
+            self.assert_never_acknowledged_unstored(seg);
+            let found = interrupt::processes(|l| {
+                l.contains(&repo)
+                    && l.contains(" archive-push ")
+                    && l.ends_with(&format!("pg_wal/{seg}"))
+            });
+            if let Some((pid, _)) = found.first() {
+                return *pid;
+            }
+            assert!(
+                t.elapsed() < timeout,
+                "no archive-push of {seg}; log:\n{}",
+                self.c.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Signals an archive-push process that PostgreSQL started (not a child of the test):
+    /// its exit, within the bound, is read from the server log.
+    fn interrupt_pusher(&self, pid: u32, sig: Sig, seg: &str, what: &str) {
+        let failures_before = self.exit_130_lines();
+        let t = Instant::now();
+        sig.send(pid);
+        // The retry runs at full speed.
+        self.set_latency(0);
+        while interrupt::alive(pid) {
+            assert!(
+                t.elapsed() < interrupt::EXIT_BOUND,
+                "{what}: archive-push still runs {:?} after the signal",
+                t.elapsed()
+            );
+            self.assert_never_acknowledged_unstored(seg);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let exited = t.elapsed();
+        // PostgreSQL logs the exit code (and, reading 130 as a signal, restarts its archiver).
+        let logged = eventually(Duration::from_secs(10), || {
+            self.exit_130_lines() > failures_before
+        });
+        assert!(
+            logged,
+            "{what}: no 'exit code 130' in the server log:\n{}",
+            self.c.log_tail()
+        );
+        eprintln!(
+            "{what}: archive-push exit 130 {:.2} s after the signal",
+            exited.as_secs_f64()
+        );
+    }
+
+    fn exit_130_lines(&self) -> usize {
+        std::fs::read_to_string(self.c.log_path())
+            .unwrap_or_default()
+            .matches("archive command failed with exit code 130")
+            .count()
+    }
+}
+
+fn chown_postgres(p: &Path) {
+    let st = std::process::Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(p)
+        .status()
+        .unwrap();
+    assert!(st.success());
+}
+
+#[test]
+fn archive_push_interrupted_mid_push_is_not_acknowledged_and_the_retry_stores_the_segment() {
+    if !pgkeep_testing::cluster::require_root("the server runs archive-push as `postgres`") {
+        return;
+    }
+    let a = Archiving::start(false);
+    // Interrupted while it opens the repository and checks the cluster's identity, before
+    // the upload; then right after the upload, before the segment's summary is written and
+    // before the exit that would acknowledge it.
+    for (sig, stored) in [
+        (Sig::Int, false),
+        (Sig::Term, false),
+        (Sig::Term, true),
+        (Sig::Int, true),
+    ] {
+        let what = format!("archive-push, SIG{sig:?}, segment stored: {stored}");
+        // Every storage operation of this attempt takes 1.5 s: opening the repository, the
+        // existence check and the upload take several.
+        a.set_latency(1500);
+        let (seg, data) = a.next_segment();
+        let pid = a.pusher_of(&seg, START_BOUND);
+        let seen = Instant::now();
+        loop {
+            a.assert_never_acknowledged_unstored(&seg);
+            let ready = if stored {
+                a.stored(&seg)
+            } else {
+                seen.elapsed() > Duration::from_secs(1)
+            };
+            if ready {
+                break;
+            }
+            assert!(interrupt::alive(pid), "{what}: archive-push ended first");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(a.stored(&seg), stored, "{what}");
+        a.interrupt_pusher(pid, sig, &seg, &what);
+        assert!(!a.acknowledged(&seg), "{what}: {seg} acknowledged");
+        assert_no_locks(&a.s.repo(), &what);
+        // PostgreSQL retries; the retry stores it.
+        a.wait_archived(&seg, &data, Duration::from_secs(90));
+    }
+    assert_repo_checks(&a.s, &a.s.repo(), false, "after the interrupted pushes");
+}

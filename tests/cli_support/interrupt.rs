@@ -93,6 +93,16 @@ impl Ended {
 
 /// `pgkeep ARGS` in the background with the environment of [`Sandbox::run`] plus `envs`.
 pub fn spawn(s: &Sandbox, args: &[&str], envs: &[(&str, &str)]) -> Running {
+    spawn_with(s, args, envs, |_| {})
+}
+
+/// [`spawn`], with `adjust` applied to the command last (to run it as another user, say).
+pub fn spawn_with(
+    s: &Sandbox,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    adjust: impl FnOnce(&mut Command),
+) -> Running {
     static N: AtomicU32 = AtomicU32::new(0);
     let n = N.fetch_add(1, Ordering::SeqCst);
     let out = s.path().join(format!("bg-{n}.out"));
@@ -112,6 +122,7 @@ pub fn spawn(s: &Sandbox, args: &[&str], envs: &[(&str, &str)]) -> Running {
     for (k, v) in envs {
         cmd.env(k, v);
     }
+    adjust(&mut cmd);
     Running {
         child: cmd.spawn().unwrap(),
         what: args.join(" "),
@@ -284,4 +295,34 @@ pub fn tool_processes(program: &str, env_entry: &str) -> Vec<u32> {
         }
     }
     v
+}
+
+/// Whether a process with this id is alive (not a zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty())
+}
+
+/// Whether some process holds the flock on `file` (`flock -n`, util-linux).
+pub fn flock_held(file: &Path) -> bool {
+    let st = Command::new("flock")
+        .args(["-n", "-E", "99"])
+        .arg(file)
+        .arg("true")
+        .status()
+        .unwrap();
+    match st.code() {
+        Some(0) => false,
+        Some(99) => true,
+        other => panic!("flock -n {}: {other:?}", file.display()),
+    }
+}
+
+/// The uid and gid of a user (`id -u`, `id -g`).
+pub fn user_ids(user: &str) -> (u32, u32) {
+    let id = |flag: &str| {
+        let out = Command::new("id").args([flag, user]).output().unwrap();
+        assert!(out.status.success(), "id {flag} {user}");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    };
+    (id("-u"), id("-g"))
 }
