@@ -739,3 +739,123 @@ fn archive_push_interrupted_mid_push_is_not_acknowledged_and_the_retry_stores_th
     }
     assert_repo_checks(&a.s, &a.s.repo(), false, "after the interrupted pushes");
 }
+
+impl Archiving {
+    fn spool(&self) -> &Path {
+        self.spool.as_deref().expect("asynchronous")
+    }
+
+    fn ok_file(&self, seg: &str) -> std::path::PathBuf {
+        self.spool().join("out/main").join(format!("{seg}.ok"))
+    }
+
+    /// Background pushers of this spool (started by a foreground `archive-push`).
+    fn workers(&self) -> Vec<u32> {
+        let spool = self.spool().display().to_string();
+        interrupt::processes(|l| l.contains(" archive-push-worker ") && l.contains(&spool))
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
+    /// Stops the pushers a foreground started (idle ones linger 30 s): SIGTERM, which must
+    /// end them at once, their lock free.
+    fn stop_workers(&self) {
+        for pid in self.workers() {
+            Sig::Term.send(pid);
+        }
+        assert!(
+            eventually(interrupt::EXIT_BOUND, || self.workers().is_empty()),
+            "background pushers still run after SIGTERM"
+        );
+        assert!(!interrupt::flock_held(&self.spool().join("worker.lock")));
+    }
+}
+
+#[test]
+fn async_archive_push_and_its_pusher_interrupted_acknowledge_nothing_unstored() {
+    if !pgkeep_testing::cluster::require_root("the server runs archive-push as `postgres`") {
+        return;
+    }
+    let a = Archiving::start(true);
+    let (uid, gid) = interrupt::user_ids("postgres");
+    let pg_wal = std::fs::canonicalize(a.c.pgdata().join("pg_wal")).unwrap();
+    let repo_s = a.s.repo().display().to_string();
+    // Warm up: asynchronous archiving works (through the spool: the pusher's lock is there).
+    let (seg, data) = a.next_segment();
+    a.wait_archived(&seg, &data, Duration::from_secs(60));
+    assert!(a.spool().join("worker.lock").exists(), "not asynchronous");
+
+    // 1. The background pusher interrupted in the middle of its push. The test starts it
+    // itself (as the server user, as a foreground would) to see its exit code.
+    // Once right after its upload (the summary and the .ok still to write), once earlier.
+    for (sig, stored) in [(Sig::Int, true), (Sig::Term, false)] {
+        let what = format!("archive-push-worker, SIG{sig:?}, segment stored: {stored}");
+        a.stop_workers();
+        a.set_latency(1500);
+        let spool_s = a.spool().display().to_string();
+        let args = [
+            "--config",
+            a.config.to_str().unwrap(),
+            "--repo",
+            &repo_s,
+            "--cluster",
+            "main",
+            "archive-push-worker",
+            "--spool-dir",
+            &spool_s,
+            pg_wal.to_str().unwrap(),
+        ];
+        let mut worker = interrupt::spawn_with(&a.s, &args, &[(LATENCY_ENV, "1500")], |cmd| {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(gid);
+        });
+        let lock = a.spool().join("worker.lock");
+        worker.wait_until("holding the pusher's lock", START_BOUND, || {
+            interrupt::flock_held(&lock)
+        });
+        let (seg, data) = a.next_segment();
+        // The foreground PostgreSQL started waits for the pusher's verdict.
+        a.pusher_of(&seg, START_BOUND);
+        let seen = Instant::now();
+        worker.wait_until("pushing", START_BOUND, || {
+            a.assert_never_acknowledged_unstored(&seg);
+            if stored {
+                a.stored(&seg)
+            } else {
+                seen.elapsed() > Duration::from_millis(3000)
+            }
+        });
+        assert_eq!(a.stored(&seg), stored, "{what}");
+        worker.interrupt(sig).expect_interrupted(&what);
+        a.set_latency(0);
+        assert!(!a.ok_file(&seg).exists(), "{what}: {seg} has an .ok");
+        assert!(!a.acknowledged(&seg), "{what}: {seg} acknowledged");
+        assert!(!interrupt::flock_held(&lock), "{what}: the pusher's lock");
+        assert_no_locks(&a.s.repo(), &what);
+        // The waiting foreground starts another pusher, which stores it.
+        a.wait_archived(&seg, &data, Duration::from_secs(90));
+    }
+
+    // 2. The foreground interrupted while it waits for the pusher: PostgreSQL sees 130, and
+    // its retry collects the verdict of the pusher, which went on.
+    for sig in SIGNALS {
+        let what = format!("archive-push --spool-dir, SIG{sig:?}");
+        a.stop_workers();
+        a.set_latency(1500);
+        let (seg, data) = a.next_segment();
+        let pid = a.pusher_of(&seg, START_BOUND);
+        let seen = Instant::now();
+        while seen.elapsed() < Duration::from_secs(1) {
+            a.assert_never_acknowledged_unstored(&seg);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!a.workers().is_empty(), "{what}: no pusher started");
+        a.interrupt_pusher(pid, sig, &seg, &what);
+        assert!(!a.acknowledged(&seg), "{what}: {seg} acknowledged");
+        a.wait_archived(&seg, &data, Duration::from_secs(90));
+    }
+    a.stop_workers();
+    assert_no_locks(&a.s.repo(), "after the asynchronous pushes");
+    assert_repo_checks(&a.s, &a.s.repo(), false, "after the asynchronous pushes");
+}
