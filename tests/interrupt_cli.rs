@@ -859,3 +859,91 @@ fn async_archive_push_and_its_pusher_interrupted_acknowledge_nothing_unstored() 
     assert_no_locks(&a.s.repo(), "after the asynchronous pushes");
     assert_repo_checks(&a.s, &a.s.repo(), false, "after the asynchronous pushes");
 }
+
+// ---------------------------------------------------------------------------------------------
+// expire and copy
+
+/// Replaces the random table's rows (new bytes the repository has not seen).
+fn refill(c: &Cluster, rows: u32) {
+    c.sql(&format!(
+        "truncate r; insert into r select g, (select decode(string_agg(md5(random()::text || x), ''), 'hex') \
+         from generate_series(1, 63 + 0 * g) x) from generate_series(1, {rows}) g"
+    ))
+    .unwrap();
+}
+
+/// Manifests of the sandbox repository's cluster `main`.
+fn manifest_count(repo: &Path) -> usize {
+    std::fs::read_dir(repo.join("backups/main"))
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with(".tmp-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn expire_interrupted_while_removing_exits_130_and_leaves_only_whole_dumps_listed() {
+    let c = Cluster::new().unwrap();
+    random_table(&c, 1);
+    let s = Sandbox::new();
+    s.run_repo(
+        &["repo", "init", "--no-encryption", "--pack-size", "4MiB"],
+        &[],
+    )
+    .expect(0);
+    let repo = s.repo();
+    let repo_s = repo.to_str().unwrap().to_string();
+    let pg = c.conninfo();
+    let expire = [
+        "--repo",
+        &repo_s,
+        "expire",
+        "--kind",
+        "dump",
+        "--keep-last",
+        "1",
+        "--grace",
+        "0",
+    ];
+    // Once while it removes manifests, once in its garbage collection after them.
+    for (sig, in_gc) in [(Sig::Int, false), (Sig::Term, true)] {
+        let what = format!("expire, SIG{sig:?}, in the garbage collection: {in_gc}");
+        // Four dumps of different data (each ~12 MiB of its own packs); three to remove.
+        for _ in 0..4 {
+            refill(&c, 12_000);
+            s.run_repo(&["dump", "--db", "postgres", "--pg", &pg], &[])
+                .expect(0);
+        }
+        let before = listed(&s, &repo);
+        let newest = before.last().unwrap().clone();
+        let manifests = manifest_count(&repo);
+        let mut run = spawn(&s, &expire, &[SLOW]);
+        run.wait_until("removing", START_BOUND, || {
+            let removed = manifests - manifest_count(&repo);
+            !lock_files(&repo).is_empty() && if in_gc { removed == 3 } else { removed >= 1 }
+        });
+        if in_gc {
+            // The manifests are gone; packs and index files are next.
+            std::thread::sleep(Duration::from_millis(600));
+        }
+        run.interrupt(sig).expect_interrupted(&what);
+        assert_no_locks(&repo, &what);
+        assert_exclusive_lock_free(&s, &repo, &what);
+        // What is listed is whole: a subset of before with the newest kept, all of it
+        // readable.
+        let after = listed(&s, &repo);
+        assert!(after.iter().all(|id| before.contains(id)), "{what}");
+        assert!(after.contains(&newest), "{what}: the newest dump is gone");
+        assert!(
+            after.len() < before.len(),
+            "{what}: interrupted before any removal"
+        );
+        assert_repo_checks(&s, &repo, true, &what);
+        // The rerun finishes the work.
+        s.run(&expire, &[]).expect(0);
+        assert_eq!(listed(&s, &repo), [newest.clone()], "{what}");
+        assert_repo_checks(&s, &repo, false, &what);
+    }
+}
