@@ -947,3 +947,77 @@ fn expire_interrupted_while_removing_exits_130_and_leaves_only_whole_dumps_liste
         assert_repo_checks(&s, &repo, false, &what);
     }
 }
+
+#[test]
+fn copy_interrupted_mid_transfer_exits_130_frees_both_locks_and_the_rerun_completes() {
+    let c = Cluster::new().unwrap();
+    c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
+    random_table(&c, 20_000);
+    let s = Sandbox::new();
+    s.run_repo(
+        &["repo", "init", "--no-encryption", "--pack-size", "4MiB"],
+        &[],
+    )
+    .expect(0);
+    let repo = s.repo();
+    let repo_s = repo.to_str().unwrap().to_string();
+    let pg = c.conninfo();
+    s.run(&with_repo(&backup_args(&c, "local"), &repo_s), &[])
+        .expect(0);
+    s.run_repo(&["dump", "--db", "postgres", "--pg", &pg], &[])
+        .expect(0);
+    let source_list = listed(&s, &repo);
+    let second = s.path().join("second");
+    let second_s = second.to_str().unwrap().to_string();
+    s.run(
+        &[
+            "--repo",
+            &second_s,
+            "repo",
+            "init",
+            "--no-encryption",
+            "--pack-size",
+            "4MiB",
+        ],
+        &[],
+    )
+    .expect(0);
+    let copy = ["--repo", &repo_s, "copy", "--to", &second_s, "--all"];
+    for sig in SIGNALS {
+        let what = format!("copy, SIG{sig:?}");
+        let target_before = listed(&s, &second);
+        let packs_before = interrupt::count_files(&second.join("packs"));
+        // Both repositories are slowed down: a shorter latency does.
+        let mut run = spawn(&s, &copy, &[(LATENCY_ENV, "150")]);
+        run.wait_until("copying", START_BOUND, || {
+            !lock_files(&repo).is_empty()
+                && !lock_files(&second).is_empty()
+                && interrupt::count_files(&second.join("packs")) > packs_before
+        });
+        run.interrupt(sig).expect_interrupted(&what);
+        assert_no_locks(&repo, &format!("{what} (source)"));
+        assert_no_locks(&second, &format!("{what} (target)"));
+        assert_exclusive_lock_free(&s, &repo, &what);
+        assert_exclusive_lock_free(&s, &second, &what);
+        assert_eq!(listed(&s, &repo), source_list, "{what}: the source changed");
+        // The target lists only whole copies, and checks clean.
+        let after = listed(&s, &second);
+        assert!(
+            after.iter().all(|id| source_list.contains(id)) && after.len() < source_list.len(),
+            "{what}: {after:?}"
+        );
+        assert!(after.len() >= target_before.len(), "{what}");
+        assert_repo_checks(&s, &second, false, &what);
+    }
+    // The rerun completes the copy; everything reads back.
+    let r = s.run(&copy, &[]).expect(0);
+    assert!(
+        r.stderr().is_empty() || !r.stderr().contains("stale"),
+        "{}",
+        r.stderr()
+    );
+    assert_eq!(listed(&s, &second), source_list);
+    assert_no_locks(&repo, "after the rerun");
+    assert_no_locks(&second, "after the rerun");
+    assert_repo_checks(&s, &second, true, "the completed copy");
+}

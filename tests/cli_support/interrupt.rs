@@ -326,3 +326,20 @@ pub fn user_ids(user: &str) -> (u32, u32) {
     };
     (id("-u"), id("-g"))
 }
+
+/// Files under `dir` (recursively), not counting the local backend's temporary files.
+pub fn count_files(dir: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    rd.flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with(".tmp-"))
+        .map(|e| {
+            if e.path().is_dir() {
+                count_files(&e.path())
+            } else {
+                1
+            }
+        })
+        .sum()
+}
