@@ -1636,6 +1636,12 @@ fn main() {
         };
         let start = cli.run_start(&ctx);
         let interrupted = tokio::select! {
+            // Signals first: Ctrl-C on a terminal also stops the children (pg_dump,
+            // pg_basebackup), and the command failing of that in the same wake-up is the
+            // interruption (130), not a failure of its own (1).
+            biased;
+            _ = tokio::signal::ctrl_c() => "interrupted",
+            _ = terminated => "terminated",
             r = run(&cli, &ctx, start.as_ref()) => {
                 let code = match r {
                     Ok(code) => code,
@@ -1645,8 +1651,6 @@ fn main() {
                 finish_cleanups().await;
                 return code;
             }
-            _ = tokio::signal::ctrl_c() => "interrupted",
-            _ = terminated => "terminated",
         };
         // The command's future is dropped: its guards have started their clean-ups (lock
         // releases, children killed), which run while the record of the run is written.

@@ -36,6 +36,10 @@ use pgkeep_testing::Cluster;
 /// work a second after it visibly started, short enough for its clean-up after the signal.
 const SLOW: (&str, &str) = (LATENCY_ENV, "400");
 
+/// The latency of the interrupted backups: with 4 uploads in flight, their ~18 packs take
+/// some 5 s in backup mode.
+const BACKUP_SLOW: (&str, &str) = (LATENCY_ENV, "1000");
+
 /// How long a command may take to start its work under [`SLOW`].
 const START_BOUND: Duration = Duration::from_secs(60);
 
@@ -67,6 +71,16 @@ fn assert_server_clean(c: &Cluster, what: &str) {
         "{what}: the server still has sessions [{}] and replication slots [{}]",
         sessions(c),
         slots(c)
+    );
+}
+
+/// `program` runs for this cluster now (so that [`assert_no_tool_left`] looks for the right
+/// processes).
+fn assert_tool_runs(c: &Cluster, program: &str, what: &str) {
+    let env = format!("PGHOST={}", c.socket_dir().display());
+    assert!(
+        !interrupt::tool_processes(program, &env).is_empty(),
+        "{what}: no {program} found running before the signal"
     );
 }
 
@@ -220,37 +234,43 @@ fn backup_interrupted_in_backup_mode_exits_130_ends_the_backup_and_lists_nothing
     for (sig, method) in [
         (Sig::Int, "local"),
         (Sig::Term, "local"),
+        (Sig::CtrlC, "local"),
         (Sig::Term, "basebackup"),
         (Sig::Int, "basebackup"),
+        (Sig::CtrlC, "basebackup"),
     ] {
-        let what = format!("backup --method {method}, SIG{sig:?}");
+        let what = format!("backup --method {method}, {sig:?}");
         let args = backup_args(&c, method);
-        let mut run = spawn(&s, &with_repo(&args, &repo_s), &[SLOW]);
+        let mut run = spawn(&s, &with_repo(&args, &repo_s), &[BACKUP_SLOW]);
+        let progress = run.stderr_path();
         run.wait_until("in backup mode", START_BOUND, || {
-            let busy = if method == "local" {
-                // pg_backup_start runs or has returned on pgkeep's session (the temporary
-                // slot, taken first, pins the WAL).
-                c.sql(
-                    "select count(*) from pg_stat_activity where application_name = 'pgkeep' \
-                     and query like 'SELECT pg_backup_start%'",
-                )
-                .unwrap()
-                    == "1"
-                    && !slots(&c).is_empty()
-            } else {
-                // pg_basebackup's WAL sender streams the data directory.
-                c.sql(
-                    "select count(*) from pg_stat_progress_basebackup \
-                     where phase = 'streaming database files'",
-                )
-                .unwrap()
-                    == "1"
-            };
-            busy && !lock_files(&repo).is_empty()
+            // The file phase has begun: pg_backup_start has returned (local), pg_basebackup
+            // streams (basebackup).
+            std::fs::read_to_string(&progress)
+                .unwrap_or_default()
+                .contains("backup: ")
+                && !lock_files(&repo).is_empty()
+                && (method == "local"
+                    || c.sql(
+                        "select count(*) from pg_stat_progress_basebackup \
+                         where phase = 'streaming database files'",
+                    )
+                    .unwrap()
+                        == "1")
         });
-        // Mid-work: uploads are under way.
-        std::thread::sleep(Duration::from_millis(500));
-        run.interrupt(sig).expect_interrupted(&what);
+        if method == "basebackup" {
+            assert_tool_runs(&c, "pg_basebackup", &what);
+        }
+        let ended = run.interrupt(sig).expect_interrupted(&what);
+        if method == "local" {
+            // The signal landed in backup mode: pg_backup_stop was never reached.
+            assert!(
+                ended.stderr.contains("pg_backup_start on")
+                    && !ended.stderr.contains("pg_backup_stop"),
+                "{what}: not interrupted in backup mode:\n{}",
+                ended.stderr
+            );
+        }
         assert_server_clean(&c, &what);
         assert_no_tool_left(&c, "pg_basebackup", &what);
         assert_repository_as_before(&s, &repo, &before, &what);
@@ -275,8 +295,8 @@ fn dump_interrupted_while_pg_dump_runs_exits_130_stops_pg_dump_and_lists_nothing
         .expect(0);
     let before = listed(&s, &repo);
     assert_eq!(before.len(), 1);
-    for sig in SIGNALS {
-        let what = format!("dump, SIG{sig:?}");
+    for sig in [Sig::Int, Sig::Term, Sig::CtrlC] {
+        let what = format!("dump, {sig:?}");
         let repo_s = repo.to_str().unwrap();
         let mut run = spawn(
             &s,
@@ -293,6 +313,7 @@ fn dump_interrupted_while_pg_dump_runs_exits_130_stops_pg_dump_and_lists_nothing
                 && !lock_files(&repo).is_empty()
         });
         std::thread::sleep(Duration::from_millis(500));
+        assert_tool_runs(&c, "pg_dump", &what);
         run.interrupt(sig).expect_interrupted(&what);
         assert_server_clean(&c, &what);
         assert_no_tool_left(&c, "pg_dump", &what);
@@ -324,7 +345,7 @@ fn restore_interrupted_while_writing_exits_130_frees_its_lock_and_leaves_a_marke
     let before = listed(&s, &repo);
     let work = tempfile::tempdir().unwrap();
     for sig in SIGNALS {
-        let what = format!("restore, SIG{sig:?}");
+        let what = format!("restore, {sig:?}");
         let target = work.path().join(format!("{sig:?}"));
         let t = target.to_str().unwrap();
         let mut run = spawn(
@@ -388,8 +409,8 @@ fn restore_dump_interrupted_while_pg_restore_runs_exits_130_and_leaves_no_databa
     s.run_repo(&["dump", "--db", "postgres", "--pg", &pg], &[])
         .expect(0);
     let before = listed(&s, &repo);
-    for sig in SIGNALS {
-        let what = format!("restore-dump --create, SIG{sig:?}");
+    for sig in [Sig::Int, Sig::Term, Sig::CtrlC] {
+        let what = format!("restore-dump --create, {sig:?}");
         let db = format!("restored_{sig:?}").to_lowercase();
         let args = [
             "--repo",
@@ -413,6 +434,7 @@ fn restore_dump_interrupted_while_pg_restore_runs_exits_130_and_leaves_no_databa
                 && !lock_files(&repo).is_empty()
         });
         std::thread::sleep(Duration::from_millis(500));
+        assert_tool_runs(&c, "pg_restore", &what);
         run.interrupt(sig).expect_interrupted(&what);
         assert_server_clean(&c, &what);
         assert_no_tool_left(&c, "pg_restore", &what);
@@ -483,6 +505,11 @@ fn restore_dump_interrupted_while_pg_restore_runs_exits_130_and_leaves_no_databa
 
 // ---------------------------------------------------------------------------------------------
 // archive-push
+
+/// The storage latency of an interrupted `archive-push` attempt (and of PostgreSQL's retry
+/// that follows at once): opening the repository, checking the cluster's identity, the
+/// existence check, the upload and the summary take one each.
+const PUSH_LATENCY_MS: u32 = 2000;
 
 /// A cluster archiving into a shared sandbox repository through a wrapper script that gives
 /// `archive-push` the latency written in a file (so the test slows down one attempt and lets
@@ -651,8 +678,6 @@ impl Archiving {
         let failures_before = self.exit_130_lines();
         let t = Instant::now();
         sig.send(pid);
-        // The retry runs at full speed.
-        self.set_latency(0);
         while interrupt::alive(pid) {
             assert!(
                 t.elapsed() < interrupt::EXIT_BOUND,
@@ -711,28 +736,31 @@ fn archive_push_interrupted_mid_push_is_not_acknowledged_and_the_retry_stores_th
         (Sig::Int, true),
     ] {
         let what = format!("archive-push, SIG{sig:?}, segment stored: {stored}");
-        // Every storage operation of this attempt takes 1.5 s: opening the repository, the
-        // existence check and the upload take several.
-        a.set_latency(1500);
+        a.set_latency(PUSH_LATENCY_MS);
         let (seg, data) = a.next_segment();
         let pid = a.pusher_of(&seg, START_BOUND);
         let seen = Instant::now();
         loop {
-            a.assert_never_acknowledged_unstored(&seg);
             let ready = if stored {
+                // Only a file test while the window is open: the signal must land before
+                // the summary is written and the process exits.
                 a.stored(&seg)
             } else {
+                a.assert_never_acknowledged_unstored(&seg);
                 seen.elapsed() > Duration::from_secs(1)
             };
             if ready {
                 break;
             }
             assert!(interrupt::alive(pid), "{what}: archive-push ended first");
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(2));
         }
-        assert_eq!(a.stored(&seg), stored, "{what}");
         a.interrupt_pusher(pid, sig, &seg, &what);
+        // PostgreSQL's retry is as slow as this attempt was: it cannot have acknowledged the
+        // segment yet.
         assert!(!a.acknowledged(&seg), "{what}: {seg} acknowledged");
+        assert_eq!(a.stored(&seg), stored, "{what}");
+        a.set_latency(0);
         assert_no_locks(&a.s.repo(), &what);
         // PostgreSQL retries; the retry stores it.
         a.wait_archived(&seg, &data, Duration::from_secs(90));
@@ -792,7 +820,7 @@ fn async_archive_push_and_its_pusher_interrupted_acknowledge_nothing_unstored() 
     for (sig, stored) in [(Sig::Int, true), (Sig::Term, false)] {
         let what = format!("archive-push-worker, SIG{sig:?}, segment stored: {stored}");
         a.stop_workers();
-        a.set_latency(1500);
+        a.set_latency(PUSH_LATENCY_MS);
         let spool_s = a.spool().display().to_string();
         let args = [
             "--config",
@@ -806,10 +834,15 @@ fn async_archive_push_and_its_pusher_interrupted_acknowledge_nothing_unstored() 
             &spool_s,
             pg_wal.to_str().unwrap(),
         ];
-        let mut worker = interrupt::spawn_with(&a.s, &args, &[(LATENCY_ENV, "1500")], |cmd| {
-            use std::os::unix::process::CommandExt;
-            cmd.uid(uid).gid(gid);
-        });
+        let mut worker = interrupt::spawn_with(
+            &a.s,
+            &args,
+            &[(LATENCY_ENV, &PUSH_LATENCY_MS.to_string())],
+            |cmd| {
+                use std::os::unix::process::CommandExt;
+                cmd.uid(uid).gid(gid);
+            },
+        );
         let lock = a.spool().join("worker.lock");
         worker.wait_until("holding the pusher's lock", START_BOUND, || {
             interrupt::flock_held(&lock)
@@ -819,19 +852,27 @@ fn async_archive_push_and_its_pusher_interrupted_acknowledge_nothing_unstored() 
         a.pusher_of(&seg, START_BOUND);
         let seen = Instant::now();
         worker.wait_until("pushing", START_BOUND, || {
-            a.assert_never_acknowledged_unstored(&seg);
             if stored {
+                // Only a file test while the window (the summary's write) is open.
                 a.stored(&seg)
             } else {
-                seen.elapsed() > Duration::from_millis(3000)
+                a.assert_never_acknowledged_unstored(&seg);
+                seen.elapsed() > Duration::from_millis(2 * PUSH_LATENCY_MS as u64)
             }
         });
-        assert_eq!(a.stored(&seg), stored, "{what}");
         worker.interrupt(sig).expect_interrupted(&what);
-        a.set_latency(0);
+        assert_eq!(a.stored(&seg), stored, "{what}");
+        // The foreground starts another pusher as soon as the lock is free; it is as slow as
+        // this one, so it cannot have acknowledged the segment yet.
         assert!(!a.ok_file(&seg).exists(), "{what}: {seg} has an .ok");
         assert!(!a.acknowledged(&seg), "{what}: {seg} acknowledged");
-        assert!(!interrupt::flock_held(&lock), "{what}: the pusher's lock");
+        a.set_latency(0);
+        // The foreground starts another pusher as soon as the lock is free: the lock is
+        // free, or held by that one.
+        assert!(
+            !interrupt::flock_held(&lock) || !a.workers().is_empty(),
+            "{what}: the pusher's lock is held by no pusher"
+        );
         assert_no_locks(&a.s.repo(), &what);
         // The waiting foreground starts another pusher, which stores it.
         a.wait_archived(&seg, &data, Duration::from_secs(90));
@@ -842,7 +883,7 @@ fn async_archive_push_and_its_pusher_interrupted_acknowledge_nothing_unstored() 
     for sig in SIGNALS {
         let what = format!("archive-push --spool-dir, SIG{sig:?}");
         a.stop_workers();
-        a.set_latency(1500);
+        a.set_latency(PUSH_LATENCY_MS);
         let (seg, data) = a.next_segment();
         let pid = a.pusher_of(&seg, START_BOUND);
         let seen = Instant::now();
@@ -853,6 +894,7 @@ fn async_archive_push_and_its_pusher_interrupted_acknowledge_nothing_unstored() 
         assert!(!a.workers().is_empty(), "{what}: no pusher started");
         a.interrupt_pusher(pid, sig, &seg, &what);
         assert!(!a.acknowledged(&seg), "{what}: {seg} acknowledged");
+        a.set_latency(0);
         a.wait_archived(&seg, &data, Duration::from_secs(90));
     }
     a.stop_workers();

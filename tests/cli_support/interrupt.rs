@@ -17,8 +17,12 @@ pub const EXIT_BOUND: Duration = Duration::from_secs(15);
 /// The signals a user (Ctrl-C) or a service manager (stop) sends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Sig {
+    /// SIGINT to pgkeep alone (`kill -INT`).
     Int,
+    /// SIGTERM to pgkeep alone (a service manager's stop).
     Term,
+    /// SIGINT to pgkeep's whole process group, its children too: Ctrl-C on a terminal.
+    CtrlC,
 }
 
 /// Both, in the order the tests use them.
@@ -27,19 +31,24 @@ pub const SIGNALS: [Sig; 2] = [Sig::Int, Sig::Term];
 impl Sig {
     fn name(self) -> &'static str {
         match self {
-            Sig::Int => "INT",
+            Sig::Int | Sig::CtrlC => "INT",
             Sig::Term => "TERM",
         }
     }
 
-    /// Sends this signal to one process (never a group: a service manager's SIGTERM reaches
-    /// pgkeep alone, and pgkeep must stop its own children).
+    /// Sends this signal to the process `pid` (started by [`spawn`], so the leader of its own
+    /// process group): to it alone, as a service manager's SIGTERM reaches pgkeep alone (and
+    /// pgkeep must stop its children), or for [`Sig::CtrlC`] to its group.
     pub fn send(self, pid: u32) {
+        let target = match self {
+            Sig::CtrlC => format!("-{pid}"),
+            _ => pid.to_string(),
+        };
         let st = Command::new("kill")
-            .args(["-s", self.name(), &pid.to_string()])
+            .args(["-s", self.name(), "--", &target])
             .status()
             .unwrap();
-        assert!(st.success(), "kill -s {} {pid}", self.name());
+        assert!(st.success(), "kill -s {} {target}", self.name());
     }
 }
 
@@ -122,6 +131,8 @@ pub fn spawn_with(
     for (k, v) in envs {
         cmd.env(k, v);
     }
+    // Its own process group, which Sig::CtrlC signals as a terminal would.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     adjust(&mut cmd);
     Running {
         child: cmd.spawn().unwrap(),
@@ -139,6 +150,11 @@ impl Running {
 
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+
+    /// Where its stderr goes (progress lines are there), to read while it runs.
+    pub fn stderr_path(&self) -> PathBuf {
+        self.err.clone()
     }
 
     /// Waits until `ready()` holds while the command still runs; fails when it ends first or
