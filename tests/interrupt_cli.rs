@@ -985,7 +985,7 @@ fn expire_interrupted_while_removing_exits_130_and_leaves_only_whole_dumps_liste
         assert_repo_checks(&s, &repo, true, &what);
         // The rerun finishes the work.
         s.run(&expire, &[]).expect(0);
-        assert_eq!(listed(&s, &repo), [newest.clone()], "{what}");
+        assert_eq!(listed(&s, &repo), vec![newest.clone()], "{what}");
         assert_repo_checks(&s, &repo, false, &what);
     }
 }
