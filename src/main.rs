@@ -859,6 +859,24 @@ fn nagios_unknown(e: &Error) -> String {
     format!("PGKEEP UNKNOWN - {}", m.replace('|', "/"))
 }
 
+/// How long the binary waits, before it exits, for the clean-ups that dropped guards started
+/// (see `pgkeep_repo::cleanup`): a lock release on a slow object store takes a few requests.
+const CLEANUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits for the clean-ups started by dropped guards, saying on stderr when some did not end
+/// in time (then a lock may be left behind, and the next run on this host ignores it as
+/// stale).
+async fn finish_cleanups() {
+    let left = pgkeep_repo::cleanup::finish(CLEANUP_TIMEOUT).await;
+    if left > 0 {
+        eprintln!(
+            "pgkeep: warning: {left} clean-up task(s) (lock releases) did not end within {} s; \
+             HINT: a lock left behind is stale once this process has exited: `pgkeep repo unlock` removes it",
+            CLEANUP_TIMEOUT.as_secs()
+        );
+    }
+}
+
 /// Records an interrupted run (SIGINT/SIGTERM) as far as the repository can be reached.
 async fn record_interrupted(ctx: &Context, start: Option<&RunStart>, what: &str) {
     if let Some(s) = start {
@@ -1618,18 +1636,31 @@ fn main() {
         };
         let start = cli.run_start(&ctx);
         let interrupted = tokio::select! {
-            r = run(&cli, &ctx, start.as_ref()) => return match r {
-                Ok(code) => code,
-                Err(e) => fail(json, e),
-            },
+            // Signals first: Ctrl-C on a terminal also stops the children (pg_dump,
+            // pg_basebackup), and the command failing of that in the same wake-up is the
+            // interruption (130), not a failure of its own (1).
+            biased;
             _ = tokio::signal::ctrl_c() => "interrupted",
             _ = terminated => "terminated",
+            r = run(&cli, &ctx, start.as_ref()) => {
+                let code = match r {
+                    Ok(code) => code,
+                    Err(e) => fail(json, e),
+                };
+                // An error path may have dropped a lock without releasing it.
+                finish_cleanups().await;
+                return code;
+            }
         };
-        // The command's future is dropped: the record of the run is written here.
-        record_interrupted(&ctx, start.as_ref(), interrupted).await;
+        // The command's future is dropped: its guards have started their clean-ups (lock
+        // releases, children killed), which run while the record of the run is written.
+        tokio::join!(
+            record_interrupted(&ctx, start.as_ref(), interrupted),
+            finish_cleanups()
+        );
         fail(json, Error::new(ErrorKind::Interrupted, interrupted))
     });
-    // Let lock releases spawned by drops run before the runtime goes away.
+    // Blocking work the dropped future left (file reads and writes) gets a moment to stop.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     std::process::exit(code);
 }

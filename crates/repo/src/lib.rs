@@ -8,6 +8,7 @@
 
 pub mod check;
 mod chunker;
+pub mod cleanup;
 pub mod copy;
 pub mod crypto;
 pub mod error;

@@ -360,11 +360,10 @@ impl Drop for RepoLock {
             return;
         };
         let storage = self.repo.storage().clone();
-        if let Ok(h) = tokio::runtime::Handle::try_current() {
-            h.spawn(async move {
-                let _ = storage.delete(&key).await;
-            });
-        }
+        // Tracked, so that the binary waits for it before exiting (see crate::cleanup).
+        crate::cleanup::spawn(async move {
+            let _ = storage.delete(&key).await;
+        });
     }
 }
 

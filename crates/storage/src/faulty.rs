@@ -285,11 +285,12 @@ impl<S: Storage> Storage for Faulty<S> {
 
 /// Applies the crash-loop test hook: when [`KILL_AFTER_OPS_ENV`] (`PGKEEP_TEST_KILL_AFTER_OPS`)
 /// is set to N, returns `s` wrapped so that the process SIGKILLs itself after N mutating
-/// operations; otherwise returns `s` unchanged. A value that is not a number is ignored
+/// operations; otherwise returns `s` unchanged. The other storage hooks ([`CLOCK_OFFSET_ENV`],
+/// [`LATENCY_ENV`]) are applied first, under the same rules. A value that is not a number is ignored
 /// with a warning. Release builds ignore the variable (with a warning): only builds with
 /// debug assertions, i.e. test builds, honour it, so it cannot fire in production by accident.
 pub fn wrap_from_env(s: Arc<dyn Storage>) -> Arc<dyn Storage> {
-    let s = clock_offset_from_env(s);
+    let s = latency_from_env(clock_offset_from_env(s));
     let Ok(value) = std::env::var(KILL_AFTER_OPS_ENV) else {
         return s;
     };
@@ -330,6 +331,33 @@ fn clock_offset_from_env(s: Arc<dyn Storage>) -> Arc<dyn Storage> {
         }
         Err(_) => {
             tracing::warn!("ignoring {CLOCK_OFFSET_ENV}={value:?}: not a number of seconds");
+            s
+        }
+    }
+}
+
+/// Test hook: when this variable holds a number of milliseconds, [`wrap_from_env`] makes every
+/// storage operation of the process first sleep that long, as a slow object store would. The
+/// interruption tests use it so that a command is still in the middle of its work when a
+/// SIGINT or SIGTERM lands. Like the kill hooks, only builds with debug assertions honour it.
+pub const LATENCY_ENV: &str = "PGKEEP_TEST_STORE_LATENCY_MS";
+
+fn latency_from_env(s: Arc<dyn Storage>) -> Arc<dyn Storage> {
+    let Ok(value) = std::env::var(LATENCY_ENV) else {
+        return s;
+    };
+    if !crate::crashpoint::armed(LATENCY_ENV) {
+        return s;
+    }
+    match value.trim().parse::<u64>() {
+        Ok(ms) => {
+            tracing::warn!("test hook {LATENCY_ENV}={ms}: every storage operation waits {ms} ms");
+            let f = Faulty::new(s);
+            f.with_latency(Duration::from_millis(ms));
+            Arc::new(f)
+        }
+        Err(_) => {
+            tracing::warn!("ignoring {LATENCY_ENV}={value:?}: not a number of milliseconds");
             s
         }
     }

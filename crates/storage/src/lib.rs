@@ -42,7 +42,7 @@ mod url;
 
 pub use crate::url::{open_storage, open_storage_unwrapped, StorageOptions};
 pub use aligned::{AlignedBuf, DIRECT_IO_ALIGN};
-pub use faulty::{wrap_from_env, Faulty, CLOCK_OFFSET_ENV, KILL_AFTER_OPS_ENV};
+pub use faulty::{wrap_from_env, Faulty, CLOCK_OFFSET_ENV, KILL_AFTER_OPS_ENV, LATENCY_ENV};
 pub use local::LocalStorage;
 pub use object::{ObjectStoreStorage, DEFAULT_MULTIPART_THRESHOLD, DEFAULT_PART_SIZE};
 pub use redact::redact_url;

@@ -34,6 +34,8 @@
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::Utc;
@@ -210,8 +212,10 @@ pub(crate) async fn run(
     progress.begin(Phase::Backup, estimate, 0);
     let w = writer.clone();
     let program2 = program.clone();
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let _cancel = CancelOnDrop(cancelled.clone());
     let outcome = crate::progress::blocking_with_progress(progress, move |counter| {
-        ingest_child(child, &program2, &w, &cfg, &counter)
+        ingest_child(child, &program2, &w, &cfg, &counter, cancelled)
     })
     .await;
     progress.end();
@@ -423,14 +427,44 @@ struct Streamed {
 
 /// Reads the child's tar stream into `writer`, then waits for it. On any failure of ours the
 /// child is killed (the server then aborts the backup).
+/// Set when the backup's future is dropped (SIGINT/SIGTERM end the command that way): the
+/// thread reading pg_basebackup's stream, which the drop cannot stop, then fails its next
+/// read and kills the child, instead of letting it stream on until the process exits.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A reader that fails once `cancelled` is set.
+struct Cancellable<R> {
+    inner: R,
+    cancelled: Arc<AtomicBool>,
+}
+
+impl<R: Read> Read for Cancellable<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.cancelled.load(Ordering::SeqCst) {
+            return Err(std::io::Error::other("the backup was interrupted"));
+        }
+        self.inner.read(buf)
+    }
+}
+
 fn ingest_child(
     mut child: Child,
     program: &str,
     writer: &BlobWriter,
     cfg: &StreamConfig,
     counter: &Counter,
+    cancelled: Arc<AtomicBool>,
 ) -> Result<Streamed> {
-    let stdout = child.stdout.take().expect("piped stdout");
+    let stdout = Cancellable {
+        inner: child.stdout.take().expect("piped stdout"),
+        cancelled,
+    };
     let stderr = child.stderr.take().expect("piped stderr");
     // Drain stderr on its own thread so a chatty child never blocks on a full pipe.
     let err_thread = std::thread::spawn(move || {

@@ -1140,6 +1140,9 @@ async fn restore_one(
         }
     }
     let q = quote_ident(&p.target);
+    // Set once this run created the target: until the contents are in, dropping it (an
+    // error, or SIGINT/SIGTERM dropping this future) drops the database too.
+    let mut created: Option<CreatedDatabase> = None;
     if p.drop {
         let sql = if opts.force {
             format!("DROP DATABASE {q} WITH (FORCE)")
@@ -1177,6 +1180,12 @@ async fn restore_one(
                 None => sql_err(&what, admin.target(), &e),
             }
         })?;
+        created = Some(CreatedDatabase {
+            params: params.clone(),
+            maintenance_db: p.maintenance_db.clone(),
+            name: p.target.clone(),
+            kept: false,
+        });
         if let Some(t) = &p.missing_tablespace {
             d.property_warnings.push(format!(
                 "{}: created in the default tablespace: the target server has no tablespace {t:?}",
@@ -1286,6 +1295,10 @@ async fn restore_one(
         fed?;
         w
     };
+    // The contents are in: what follows (checks, late settings) no longer undoes it.
+    if let Some(c) = created.take() {
+        c.keep();
+    }
     let warnings = warnings.trim();
     if !warnings.is_empty() {
         d.pg_restore_warnings = Some(warnings.to_string());
@@ -1526,6 +1539,62 @@ fn describe_properties(pr: &DatabaseProperties, opts: &RestoreDumpOptions) -> St
         parts.push("template".into());
     }
     parts.join("; ")
+}
+
+/// A database this restore created and has not filled yet. Dropped without
+/// [`CreatedDatabase::keep`] (the restore failed, or the command was interrupted), it drops
+/// the database, through a clean-up the binary waits for before it exits
+/// (`pgkeep_repo::cleanup`): as `--single-transaction` leaves an existing target as it was,
+/// a restore that does not complete leaves no half-restored database behind, and the same
+/// command can be run again.
+struct CreatedDatabase {
+    params: ConnParams,
+    maintenance_db: String,
+    name: String,
+    kept: bool,
+}
+
+impl CreatedDatabase {
+    /// The restore completed: the database stays.
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for CreatedDatabase {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        let (params, maintenance, name) = (
+            self.params.clone(),
+            self.maintenance_db.clone(),
+            self.name.clone(),
+        );
+        pgkeep_repo::cleanup::spawn(async move {
+            let sql = format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(&name)
+            );
+            let dropped = match connect_rw(&params, &maintenance).await {
+                // WITH (FORCE): pg_restore's session may not have ended yet.
+                Ok(c) => c
+                    .inner()
+                    .batch_execute(&sql)
+                    .await
+                    .map_err(|e| sql_text(&e)),
+                Err(e) => Err(e.to_string()),
+            };
+            match dropped {
+                Ok(()) => tracing::warn!(
+                    "the restore did not complete: the database {name:?} it created was dropped"
+                ),
+                Err(e) => tracing::warn!(
+                    "the restore did not complete, and the database {name:?} it created could not be dropped: {e}; HINT: drop it by hand (DROP DATABASE) before restoring again with --create"
+                ),
+            }
+        });
+    }
 }
 
 struct RemoveOnDrop(PathBuf);

@@ -48,8 +48,8 @@ fn scratch_name(db: &str) -> String {
     format!("pgkeep_drill_{clean}_{tag}")
 }
 
-/// Drops the scratch database when dropped (a task on the runtime, which the binary lets
-/// finish before it exits), unless [`ScratchDatabase::drop_now`] already did.
+/// Drops the scratch database when dropped (a task on the runtime, which the binary waits
+/// for before it exits: `pgkeep_repo::cleanup`), unless [`ScratchDatabase::drop_now`] already did.
 struct ScratchDatabase {
     params: ConnParams,
     name: String,
@@ -67,13 +67,11 @@ impl Drop for ScratchDatabase {
     fn drop(&mut self) {
         if !self.dropped {
             let (p, n) = (self.params.clone(), self.name.clone());
-            if let Ok(h) = tokio::runtime::Handle::try_current() {
-                h.spawn(async move {
-                    if let Err(e) = drop_database(p, n.clone()).await {
-                        tracing::warn!("drill: could not drop the scratch database {n}: {e}");
-                    }
-                });
-            }
+            pgkeep_repo::cleanup::spawn(async move {
+                if let Err(e) = drop_database(p, n.clone()).await {
+                    tracing::warn!("drill: could not drop the scratch database {n}: {e}");
+                }
+            });
         }
     }
 }
