@@ -3,6 +3,9 @@
 //! files and a lock object, from real repositories this program creates in a temporary
 //! directory. `--from-repo DIR` also takes the manifests and index files of an existing
 //! plain repository (fuzz/make-corpus.sh passes the one it backs a real cluster up into).
+//! From files kept in the repository: the WAL records of each release (crates/pg's test
+//! fixtures, decoded from real WAL), the segment summaries of the `wal_segment` seeds, and
+//! the pg_control files of each release.
 //!
 //! ```sh
 //! cargo run -p pgkeep-fuzz --example make_corpus [-- --from-repo DIR]
@@ -230,10 +233,80 @@ fn from_repo(dir: &Path) {
         raw.extend_from_slice(key.as_bytes());
         raw.extend_from_slice(&stored);
         put("manifest", &format!("{kind}-stored"), &raw);
-        put("manifest", &format!("{kind}-json"), &with_mode(1, &json));
+        if let Some(files) = v["files"].as_array() {
+            // The JSON of a physical manifest lists every file of the cluster (200 KB for a
+            // fresh one, milliseconds to parse): kept whole only in its stored form above,
+            // and as JSON with its first files only, so that mutations get far more tries.
+            let mut small = v.clone();
+            small["files"] = serde_json::Value::Array(files.iter().take(12).cloned().collect());
+            let json = serde_json::to_vec(&small).unwrap();
+            put(
+                "manifest",
+                &format!("{kind}-json-12-files"),
+                &with_mode(1, &json),
+            );
+        } else {
+            put("manifest", &format!("{kind}-json"), &with_mode(1, &json));
+        }
     }
     for (i, p) in files(&dir.join("index")).iter().enumerate().take(2) {
         index_seeds(&format!("backup-{i}"), &std::fs::read(p).unwrap());
+    }
+}
+
+/// The records of crates/pg's fixtures (real WAL of each release), for the `wal_record`
+/// target's even mode (major, split point, record), and the summaries of the `wal_segment`
+/// seeds for its odd mode.
+fn wal_records() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../crates/pg/tests/fixtures");
+    for major in 13u8..=18 {
+        let text =
+            std::fs::read_to_string(fixtures.join(format!("wal_records/records-{major}.hex")))
+                .unwrap();
+        let lines = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty());
+        for (i, line) in lines.enumerate() {
+            let mut v = vec![0, major - 13, 128];
+            v.extend(
+                (0..line.len())
+                    .step_by(2)
+                    .map(|k| u8::from_str_radix(&line[k..k + 2], 16).unwrap()),
+            );
+            put("wal_record", &format!("pg{major}-record-{i}"), &v);
+        }
+        let ctl = std::fs::read(fixtures.join(format!("pg_control/pg_control-{major}"))).unwrap();
+        put(
+            "pg_control",
+            &format!("pg{major}-fixture"),
+            &with_mode(0, &ctl),
+        );
+        if major == 15 || major == 18 {
+            put(
+                "pg_control",
+                &format!("pg{major}-fixture-crc-fixed"),
+                &with_mode(1, &ctl),
+            );
+        }
+    }
+    let mut all = Vec::new();
+    for p in files(&corpus_dir("wal_segment")) {
+        let data = std::fs::read(&p).unwrap();
+        let s = pgkeep_pg::walrecords::SegmentSummary::of_segment(&data, &p).unwrap();
+        let name = p.file_name().unwrap().to_str().unwrap();
+        put(
+            "wal_record",
+            &format!("summary-{name}"),
+            &with_mode(1, &serde_json::to_vec(&s).unwrap()),
+        );
+        all.push(s);
+    }
+    if all.len() >= 2 {
+        put(
+            "wal_record",
+            "summaries-pair",
+            &with_mode(1, &serde_json::to_vec(&all[..2]).unwrap()),
+        );
     }
 }
 
@@ -241,6 +314,7 @@ fn from_repo(dir: &Path) {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     blobs_and_pack();
+    wal_records();
     let tmp = tempfile::tempdir().unwrap();
     repositories(tmp.path()).await;
     if let Some(i) = args.iter().position(|a| a == "--from-repo") {

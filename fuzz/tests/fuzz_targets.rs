@@ -13,9 +13,9 @@ fn fuzz(name: &'static str) {
     let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("fuzz-failures");
     let stats = harness::run(name, &dir);
     // Real inputs must reach the end of the parser, or the mutations explore only its
-    // first refusal.
+    // first refusal (a reproduced input alone may well be refused).
     assert!(
-        stats.accepted > 0,
+        stats.accepted > 0 || std::env::var_os("PGKEEP_FUZZ_INPUT").is_some(),
         "fuzz target {name}: no corpus file is accepted; its seeds do not reach the parser"
     );
 }
