@@ -14,7 +14,10 @@
 #   one).
 # - The repository targets' seeds made by pgkeep's own writers (fuzz/examples/make_corpus.rs).
 #
-# The configuration files and WAL file names are kept by hand (documented examples).
+# Kept by hand, left alone here: the configuration files (the examples of docs/config.md and
+# the README), the WAL file names, and the `nested-*` inputs (2000 levels of brackets: the
+# TOML and JSON parsers must refuse them without running out of stack). Files this script
+# writes replace those of the same name; remove a target's directory first to drop old ones.
 #
 #   fuzz/make-corpus.sh        (from the repository root or anywhere)
 set -euo pipefail
