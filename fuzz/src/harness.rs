@@ -36,7 +36,8 @@ pub const MAX_LIVE: usize = 3 << 30;
 const MAX_INPUT: usize = 1 << 20;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
-/// Where the input that broke the allocation limits is written (set by [`run`]).
+/// Where the input that broke the allocation limits is written (the first directory given
+/// to [`run_target`] in this process).
 static FAILURE_DIR: OnceLock<PathBuf> = OnceLock::new();
 
 thread_local! {
@@ -113,7 +114,11 @@ fn over_limit(size: usize, live: usize) -> ! {
         Some((ptr, len, name)) => {
             // SAFETY: `run_one` keeps the input alive while it is set as current.
             let input = unsafe { std::slice::from_raw_parts(ptr, len) };
-            let saved = save_failure(name, input);
+            let dir = FAILURE_DIR
+                .get()
+                .cloned()
+                .unwrap_or_else(std::env::temp_dir);
+            let saved = save_failure(&dir, name, input);
             eprintln!(
                 "fuzz target {name}: an allocation of {size} bytes (with {live} bytes live) \
                  breaks the limits ({MAX_ALLOC} per allocation, {MAX_LIVE} in all); the input \
@@ -129,13 +134,9 @@ fn over_limit(size: usize, live: usize) -> ! {
     std::process::abort()
 }
 
-/// Saves a failing input under the failure directory; returns its path.
-fn save_failure(name: &str, input: &[u8]) -> PathBuf {
-    let dir = FAILURE_DIR
-        .get()
-        .cloned()
-        .unwrap_or_else(std::env::temp_dir)
-        .join(name);
+/// Saves a failing input under `dir/<target>/`; returns its path.
+fn save_failure(dir: &Path, name: &str, input: &[u8]) -> PathBuf {
+    let dir = dir.join(name);
     let _ = std::fs::create_dir_all(&dir);
     let h = input.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
@@ -190,6 +191,44 @@ fn env_f64(name: &str, default: f64) -> f64 {
     }
 }
 
+/// How long and from where one target runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Time spent on mutations after the corpus (zero: the corpus only).
+    pub budget: Duration,
+    /// Longest one input may run.
+    pub hang: Duration,
+    /// Seed of the mutations.
+    pub seed: u64,
+    /// Whether to mutate at all (not when replaying one input).
+    pub mutate: bool,
+}
+
+impl Options {
+    /// From `PGKEEP_FUZZ_SECS`, `PGKEEP_FUZZ_HANG_SECS`, `PGKEEP_FUZZ_SEED` and
+    /// `PGKEEP_FUZZ_INPUT` (see the module documentation).
+    pub fn from_env() -> Self {
+        Options {
+            budget: Duration::from_secs_f64(env_f64("PGKEEP_FUZZ_SECS", 6.0)),
+            hang: Duration::from_secs_f64(env_f64("PGKEEP_FUZZ_HANG_SECS", 10.0)),
+            seed: match std::env::var("PGKEEP_FUZZ_SEED") {
+                Ok(s) => s.parse().expect("PGKEEP_FUZZ_SEED is a u64"),
+                Err(_) => rand::rng().random(),
+            },
+            mutate: std::env::var_os("PGKEEP_FUZZ_INPUT").is_none(),
+        }
+    }
+}
+
+/// What made a run fail; the input is saved at `saved`.
+#[derive(Debug, Clone)]
+pub enum Finding {
+    /// The target panicked with this message.
+    Panic { saved: PathBuf, message: String },
+    /// One input ran longer than the hang limit.
+    Hang { saved: PathBuf },
+}
+
 /// State the watchdog reads while the worker runs.
 struct Shared {
     /// Nanoseconds since `epoch` when the current input started, 0 between inputs.
@@ -197,97 +236,117 @@ struct Shared {
     epoch: Instant,
     current: Mutex<Vec<u8>>,
     done: AtomicBool,
+    failure_dir: PathBuf,
 }
 
-/// Runs target `name`: its corpus, then mutations for the time budget. Panics (failing the
-/// test) on a finding, naming the saved input; `failure_dir` receives it.
+/// Runs target `name` with [`Options::from_env`] on its corpus (or on `PGKEEP_FUZZ_INPUT`).
+/// Panics (failing the test) on a finding, naming the saved input; `failure_dir` receives it.
 pub fn run(name: &'static str, failure_dir: &Path) -> RunStats {
-    let _ = FAILURE_DIR.set(failure_dir.to_path_buf());
     let t = target(name).unwrap_or_else(|| panic!("no fuzz target {name}"));
     let corpus: Vec<Vec<u8>> = match std::env::var_os("PGKEEP_FUZZ_INPUT") {
         Some(p) => vec![std::fs::read(&p).expect("reading PGKEEP_FUZZ_INPUT")],
         None => load_corpus(name).into_iter().map(|(_, b)| b).collect(),
     };
-    assert!(!corpus.is_empty(), "fuzz target {name} has an empty corpus");
-    let budget = Duration::from_secs_f64(env_f64("PGKEEP_FUZZ_SECS", 6.0));
-    let hang = Duration::from_secs_f64(env_f64("PGKEEP_FUZZ_HANG_SECS", 10.0));
-    let seed = match std::env::var("PGKEEP_FUZZ_SEED") {
-        Ok(s) => s.parse().expect("PGKEEP_FUZZ_SEED is a u64"),
-        Err(_) => rand::rng().random(),
+    let opts = Options::from_env();
+    let seed = opts.seed;
+    let replay = |saved: &Path| {
+        format!(
+            "the input is saved at {}\nreproduce: PGKEEP_FUZZ_INPUT={} cargo test -p pgkeep-fuzz \
+             --test fuzz_targets {name}",
+            saved.display(),
+            saved.display()
+        )
     };
+    match run_target(t, corpus, failure_dir, &opts) {
+        Ok(stats) => {
+            eprintln!(
+                "fuzz target {name}: {} corpus files ({} accepted), {} mutations ({} accepted) \
+                 in {:?}, seed {seed}",
+                stats.corpus,
+                stats.accepted,
+                stats.mutations,
+                stats.mutations_accepted,
+                opts.budget
+            );
+            stats
+        }
+        Err(Finding::Panic { saved, message }) => panic!(
+            "fuzz target {name} panicked (seed {seed}): {message}\n{}",
+            replay(&saved)
+        ),
+        Err(Finding::Hang { saved }) => panic!(
+            "fuzz target {name}: one input ran longer than {:?} (seed {seed})\n{}",
+            opts.hang,
+            replay(&saved)
+        ),
+    }
+}
+
+/// Runs `t` on `corpus`, then on mutations of it for the budget, on a worker thread watched
+/// for hangs. Findings save their input under `failure_dir/<target>/`.
+pub fn run_target(
+    t: &'static Target,
+    corpus: Vec<Vec<u8>>,
+    failure_dir: &Path,
+    opts: &Options,
+) -> Result<RunStats, Finding> {
+    let _ = FAILURE_DIR.set(failure_dir.to_path_buf());
+    assert!(
+        !corpus.is_empty(),
+        "fuzz target {} has an empty corpus",
+        t.name
+    );
     let shared = Arc::new(Shared {
         started: AtomicU64::new(0),
         epoch: Instant::now(),
         current: Mutex::new(Vec::new()),
         done: AtomicBool::new(false),
+        failure_dir: failure_dir.to_path_buf(),
     });
     let worker = {
-        let shared = shared.clone();
-        let mutate = std::env::var_os("PGKEEP_FUZZ_INPUT").is_none();
+        let (shared, opts) = (shared.clone(), opts.clone());
         std::thread::Builder::new()
-            .name(format!("fuzz-{name}"))
+            .name(format!("fuzz-{}", t.name))
             .stack_size(2 << 20)
             .spawn(move || {
-                let r = work(t, &corpus, mutate, budget, seed, &shared);
+                let r = work(t, &corpus, &opts, &shared);
                 shared.done.store(true, Ordering::SeqCst);
                 r
             })
             .expect("spawning the fuzz worker")
     };
     while !shared.done.load(Ordering::SeqCst) {
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
         let at = shared.started.load(Ordering::SeqCst);
         if at != 0
             && shared
                 .epoch
                 .elapsed()
                 .saturating_sub(Duration::from_nanos(at))
-                > hang
+                > opts.hang
         {
+            // The worker is left to finish on its own: a hung input cannot be stopped.
             let input = shared.current.lock().unwrap().clone();
-            let saved = save_failure(name, &input);
-            panic!(
-                "fuzz target {name}: one input ran longer than {hang:?} (seed {seed}); it is \
-                 saved at {}\nreproduce: PGKEEP_FUZZ_INPUT={} cargo test -p pgkeep-fuzz --test \
-                 fuzz_targets {name}",
-                saved.display(),
-                saved.display()
-            );
+            let saved = save_failure(failure_dir, t.name, &input);
+            return Err(Finding::Hang { saved });
         }
     }
-    match worker.join().expect("the fuzz worker does not panic") {
-        Ok(stats) => {
-            eprintln!(
-                "fuzz target {name}: {} corpus files ({} accepted), {} mutations ({} accepted) \
-                 in {budget:?}, seed {seed}",
-                stats.corpus, stats.accepted, stats.mutations, stats.mutations_accepted
-            );
-            stats
-        }
-        Err((saved, msg)) => panic!(
-            "fuzz target {name} panicked (seed {seed}): {msg}\nthe input is saved at {}\n\
-             reproduce: PGKEEP_FUZZ_INPUT={} cargo test -p pgkeep-fuzz --test fuzz_targets {name}",
-            saved.display(),
-            saved.display()
-        ),
-    }
+    worker.join().expect("the fuzz worker does not panic")
 }
 
 /// The worker: corpus, then mutations. Err carries the saved input and the panic message.
 fn work(
     t: &'static Target,
     corpus: &[Vec<u8>],
-    mutate: bool,
-    budget: Duration,
-    seed: u64,
+    opts: &Options,
     shared: &Shared,
-) -> Result<RunStats, (PathBuf, String)> {
+) -> Result<RunStats, Finding> {
     let mut stats = RunStats::default();
     for input in corpus {
         stats.corpus += 1;
         stats.accepted += usize::from(run_one(t, input, shared)?);
     }
-    if !mutate {
+    if !opts.mutate {
         return Ok(stats);
     }
     let max_len = corpus
@@ -297,8 +356,8 @@ fn work(
         .unwrap_or(0)
         .saturating_mul(2)
         .clamp(4096, MAX_INPUT);
-    let mut rng = StdRng::seed_from_u64(seed);
-    let deadline = Instant::now() + budget;
+    let mut rng = StdRng::seed_from_u64(opts.seed);
+    let deadline = Instant::now() + opts.budget;
     let mut input = Vec::with_capacity(max_len);
     while Instant::now() < deadline {
         // A batch between clock reads: most inputs take microseconds.
@@ -316,7 +375,7 @@ fn work(
 }
 
 /// Runs one input, with the watchdog and the allocator told what it is.
-fn run_one(t: &'static Target, input: &[u8], shared: &Shared) -> Result<bool, (PathBuf, String)> {
+fn run_one(t: &'static Target, input: &[u8], shared: &Shared) -> Result<bool, Finding> {
     {
         let mut cur = shared.current.lock().unwrap();
         cur.clear();
@@ -331,11 +390,14 @@ fn run_one(t: &'static Target, input: &[u8], shared: &Shared) -> Result<bool, (P
     CURRENT.with(|c| c.set(None));
     shared.started.store(0, Ordering::SeqCst);
     r.map_err(|payload| {
-        let msg = payload
+        let message = payload
             .downcast_ref::<String>()
             .cloned()
             .or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "(no message)".into());
-        (save_failure(t.name, input), msg)
+        Finding::Panic {
+            saved: save_failure(&shared.failure_dir, t.name, input),
+            message,
+        }
     })
 }
