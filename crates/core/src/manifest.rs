@@ -320,20 +320,27 @@ pub async fn load_summaries(
             }
             .key();
             let plain = repo.get_sealed(&key, key.as_bytes()).await?;
-            let bad = |e: serde_json::Error| {
+            summary_of(&plain).map_err(|e| {
                 Error::new(
                     ErrorKind::Integrity,
                     format!("manifest {cluster}/{id} does not parse: {e}"),
                 )
-            };
-            let h: ManifestHeader = serde_json::from_slice(&plain).map_err(bad)?;
-            let f: ChoiceFacts = serde_json::from_slice(&plain).map_err(bad)?;
-            Ok::<_, Error>((h, serde_json::to_value(f).expect("facts serialize")))
+            })
         })
         .buffered(SUMMARY_READS)
         .try_collect()
         .await?;
     Ok(summaries)
+}
+
+/// A manifest body (JSON) reduced as [`load_summaries`] does: its header and the fields of
+/// `ChoiceFacts`.
+pub fn summary_of(
+    plain: &[u8],
+) -> std::result::Result<(ManifestHeader, serde_json::Value), serde_json::Error> {
+    let h: ManifestHeader = serde_json::from_slice(plain)?;
+    let f: ChoiceFacts = serde_json::from_slice(plain)?;
+    Ok((h, serde_json::to_value(f).expect("facts serialize")))
 }
 
 /// Loads the headers of every manifest of `cluster`, oldest first.

@@ -473,6 +473,11 @@ impl Scanner<'_> {
     fn walk(&self, mut pos: usize, len: usize, total: usize, mut f: impl FnMut(&[u8])) -> Walk {
         let mut left = len;
         loop {
+            if pos >= self.data.len() {
+                // Nothing of it here: a continuation at the top of a file shorter than its
+                // first page (a torn copy) starts past the whole pages read.
+                return Walk::PastEnd;
+            }
             let page_end = (pos / self.page + 1) * self.page;
             let take = left.min(page_end - pos);
             f(&self.data[pos..pos + take]);
@@ -773,10 +778,19 @@ mod hex_bytes {
         if s.len() % 2 != 0 {
             return Err(serde::de::Error::custom("odd number of hex digits"));
         }
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(serde::de::Error::custom))
+        // By bytes, not by string slices: a multi-byte character in a stored summary must be
+        // an error, not a slice through the middle of it (a panic).
+        s.as_bytes()
+            .chunks_exact(2)
+            .map(|p| match (nibble(p[0]), nibble(p[1])) {
+                (Some(h), Some(l)) => Ok(h << 4 | l),
+                _ => Err(serde::de::Error::custom("not a hex digit")),
+            })
             .collect()
+    }
+
+    fn nibble(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
     }
 }
 

@@ -78,6 +78,7 @@ pub fn derive_kek(
     salt: &[u8],
     params: KdfParams,
 ) -> Result<Zeroizing<[u8; 32]>, String> {
+    params.check()?;
     let p = argon2::Params::new(params.m_kib, params.t, params.p, Some(32))
         .map_err(|e| format!("bad KDF parameters: {e}"))?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, p);

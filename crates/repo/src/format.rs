@@ -33,6 +33,16 @@ impl Default for ChunkerParams {
     }
 }
 
+/// Largest plaintext of one blob: the chunker's largest chunk (at most 16 MiB, see
+/// [`RepoConfig::check`]) and a relation piece (`relation_chunk_size`, at most 16 MiB) are
+/// never larger. Readers refuse larger lengths before allocating for them.
+pub const MAX_BLOB_LEN: u32 = 16 << 20;
+
+/// Pack sizes a repository may have. The command line offers 4..=128 MiB
+/// (`repo init --pack-size`); 1 MiB is allowed so tests can make many packs from little
+/// data. Above 128 MiB a pack is held in memory several times over by the writer's uploads.
+pub const PACK_SIZE_LIMITS: std::ops::RangeInclusive<u64> = (1 << 20)..=(128 << 20);
+
 /// The `config` object: written once by `init`, plaintext, holds no secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,6 +63,41 @@ pub struct RepoConfig {
     pub pack_size: u64,
 }
 
+impl RepoConfig {
+    /// Checks the settings `init` writes and every later writer relies on: a zstd level in
+    /// 1..=22, chunker sizes FastCDC accepts (it panics on others) with
+    /// `64 KiB <= min < avg < max`, `min <= 1 MiB`, `avg <= 4 MiB`, `max <= 16 MiB`, and a
+    /// pack size in [`PACK_SIZE_LIMITS`]. `config` is plaintext that nothing authenticates:
+    /// it is checked when a repository is opened, not only when it is made.
+    pub fn check(&self) -> Result<(), String> {
+        if !(1..=22).contains(&self.compression_level) {
+            return Err(format!(
+                "compression level {} is out of range 1..=22",
+                self.compression_level
+            ));
+        }
+        let c = self.chunker;
+        if !(c.min < c.avg
+            && c.avg < c.max
+            && c.min >= 64 * 1024
+            && c.min <= 1024 * 1024
+            && c.avg <= 4 * 1024 * 1024
+            && c.max <= MAX_BLOB_LEN)
+        {
+            return Err(format!("invalid chunker parameters {c:?}"));
+        }
+        if !PACK_SIZE_LIMITS.contains(&self.pack_size) {
+            return Err(format!(
+                "pack size {} bytes is out of range {}..={} bytes (1 MiB to 128 MiB)",
+                self.pack_size,
+                PACK_SIZE_LIMITS.start(),
+                PACK_SIZE_LIMITS.end()
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Argon2id parameters of a key file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,6 +108,33 @@ pub struct KdfParams {
     pub t: u32,
     /// Parallelism.
     pub p: u32,
+}
+
+/// Most memory a key file may ask Argon2id for: 1 GiB (the default is 19 MiB).
+pub const MAX_KDF_MEMORY_KIB: u32 = 1 << 20;
+/// Most Argon2id passes a key file may ask for (the default is 2).
+pub const MAX_KDF_ITERATIONS: u32 = 16;
+/// Most Argon2id lanes a key file may ask for (the default is 1).
+pub const MAX_KDF_PARALLELISM: u32 = 16;
+
+impl KdfParams {
+    /// Refuses parameters outside the bounds above. Key files are read before anything
+    /// authenticates them: unchecked, a damaged or hostile one could make the key derivation
+    /// allocate terabytes or run for days (Argon2id's cost is `m_kib` KiB times `t` passes).
+    pub fn check(&self) -> Result<(), String> {
+        let ok = (1..=MAX_KDF_PARALLELISM).contains(&self.p)
+            && (1..=MAX_KDF_ITERATIONS).contains(&self.t)
+            && (8 * self.p..=MAX_KDF_MEMORY_KIB).contains(&self.m_kib);
+        if ok {
+            Ok(())
+        } else {
+            Err(format!(
+                "KDF parameters m_kib={} t={} p={} are out of bounds (p 1..={MAX_KDF_PARALLELISM}, \
+                 t 1..={MAX_KDF_ITERATIONS}, m_kib 8*p..={MAX_KDF_MEMORY_KIB})",
+                self.m_kib, self.t, self.p
+            ))
+        }
+    }
 }
 
 impl Default for KdfParams {
@@ -95,6 +167,46 @@ pub struct KeyFile {
     pub salt: String,
     /// nonce || AES-256-GCM(master key) || tag, hex.
     pub wrapped: String,
+}
+
+/// Salt lengths a key file may carry (Argon2 needs at least 8 bytes; pgkeep writes 16).
+const KEY_SALT_LEN: std::ops::RangeInclusive<usize> = 8..=64;
+
+/// What unwrapping a key file's master key needs, decoded and checked by [`KeyFile::parse`].
+#[derive(Debug, Clone)]
+pub struct KeyMaterial {
+    /// Argon2id parameters, within [`KdfParams::check`]'s bounds.
+    pub kdf_params: KdfParams,
+    /// The salt.
+    pub salt: Vec<u8>,
+    /// nonce || AES-256-GCM(master key) || tag.
+    pub wrapped: Vec<u8>,
+}
+
+impl KeyFile {
+    /// Parses a `keys/<id>` object and checks what the key derivation will be given: the
+    /// argon2id KDF, parameters within [`KdfParams::check`]'s bounds, a hex salt of 8 to 64
+    /// bytes and a hex wrapped key. The error says what is wrong.
+    pub fn parse(raw: &[u8]) -> Result<(KeyFile, KeyMaterial), String> {
+        let kf: KeyFile =
+            serde_json::from_slice(raw).map_err(|e| format!("not a key file: {e}"))?;
+        if kf.kdf != "argon2id" {
+            return Err(format!("unknown KDF {:?} (pgkeep writes argon2id)", kf.kdf));
+        }
+        kf.kdf_params.check()?;
+        let salt = hex::decode(&kf.salt).map_err(|e| format!("salt is not hex: {e}"))?;
+        if !KEY_SALT_LEN.contains(&salt.len()) {
+            return Err(format!("salt of {} bytes (8 to 64 expected)", salt.len()));
+        }
+        let wrapped =
+            hex::decode(&kf.wrapped).map_err(|e| format!("wrapped key is not hex: {e}"))?;
+        let material = KeyMaterial {
+            kdf_params: kf.kdf_params,
+            salt,
+            wrapped,
+        };
+        Ok((kf, material))
+    }
 }
 
 /// A `locks/<id>` object. Plaintext JSON; holds no secret.
@@ -163,6 +275,30 @@ pub struct IndexFile {
     pub version: u32,
     /// The packs this index file describes.
     pub packs: Vec<IndexPack>,
+}
+
+impl IndexFile {
+    /// Checks what readers allocate or slice by: every blob's plaintext length is at most
+    /// [`MAX_BLOB_LEN`] and its stored bytes lie inside its pack.
+    pub fn check(&self) -> Result<(), String> {
+        for p in &self.packs {
+            for b in &p.blobs {
+                if b.raw_length > MAX_BLOB_LEN {
+                    return Err(format!(
+                        "blob {} of pack {} has a plaintext length of {} bytes (at most {MAX_BLOB_LEN})",
+                        b.id, p.id, b.raw_length
+                    ));
+                }
+                if b.offset as u64 + b.length as u64 > p.size {
+                    return Err(format!(
+                        "blob {} extends past the end of pack {} ({} bytes)",
+                        b.id, p.id, p.size
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A reference to a byte stream stored as an ordered list of blobs.

@@ -20,7 +20,7 @@ use bytes::Bytes;
 
 use crate::crypto::Sealer;
 use crate::error::{RepoError, Result};
-use crate::format::{IndexBlob, IndexDelta};
+use crate::format::{IndexBlob, IndexDelta, MAX_BLOB_LEN};
 use crate::id::{BlobId, Id, PackId};
 
 const MAGIC: &[u8; 4] = b"PGKP";
@@ -202,6 +202,13 @@ pub fn decode_blob(
     bases: &BasePlaintexts,
     where_: &str,
 ) -> Result<Vec<u8>> {
+    // The length comes from an index or a pack header: checked before it is allocated.
+    if raw_length > MAX_BLOB_LEN {
+        return Err(RepoError::integrity(
+            format!("blob {id} in {where_}"),
+            format!("a plaintext length of {raw_length} bytes (blobs hold at most {MAX_BLOB_LEN})"),
+        ));
+    }
     let mut plain = vec![0u8; raw_length as usize];
     decode_blob_into(sealer, decompressor, id, stored, &mut plain, bases, where_)?;
     Ok(plain)
@@ -452,6 +459,9 @@ pub fn parse_pack_header(
         };
         if b.offset as u64 + b.length as u64 > start {
             return Err(bad("blob extends past the data area"));
+        }
+        if b.raw_length > MAX_BLOB_LEN {
+            return Err(bad("a blob's plaintext length is larger than any blob"));
         }
         out.push(b);
     }

@@ -23,10 +23,16 @@ use crate::index::Index;
 /// take it as a few parallel multipart parts.
 pub const DEFAULT_PACK_SIZE: u64 = 16 << 20;
 
-/// Pack sizes [`Repository::init`] accepts. The command line offers 4..=128 MiB
-/// (`repo init --pack-size`); 1 MiB is allowed here so tests can make many packs from little
-/// data. Above 128 MiB a pack is held in memory several times over by the writer's uploads.
-pub const PACK_SIZE_LIMITS: std::ops::RangeInclusive<u64> = (1 << 20)..=(128 << 20);
+pub use crate::format::PACK_SIZE_LIMITS;
+
+/// Most bytes a sealed object ([`Repository::get_sealed`]) may decompress to: a WAL segment
+/// of PostgreSQL's largest size (1 GiB) and some room. zstd expands a few bytes into
+/// gigabytes, and in a plain repository anyone who can write to the store can forge a
+/// metadata object: decompression stops here instead of at the memory's end.
+pub const MAX_SEALED_LEN: usize = (1 << 30) + (1 << 20);
+
+/// Most bytes an index file may decompress to.
+pub const MAX_INDEX_LEN: usize = 1 << 30;
 
 /// How `init` sets up a repository.
 #[derive(Debug, Clone)]
@@ -196,31 +202,6 @@ impl Repository {
     /// Write order: the key first, then `config` (put-if-absent), so a half-made repository
     /// has no `config` and is not taken for a repository.
     pub async fn init(storage: Arc<dyn Storage>, opts: InitOptions) -> Result<Repository> {
-        if !(1..=22).contains(&opts.compression_level) {
-            return Err(RepoError::Invalid(format!(
-                "compression level {} is out of range 1..=22",
-                opts.compression_level
-            )));
-        }
-        let c = opts.chunker;
-        if !(c.min < c.avg && c.avg < c.max && c.min >= 64 * 1024 && c.max <= 16 * 1024 * 1024) {
-            return Err(RepoError::Invalid(format!(
-                "invalid chunker parameters {c:?}"
-            )));
-        }
-        if !PACK_SIZE_LIMITS.contains(&opts.pack_size) {
-            return Err(RepoError::Invalid(format!(
-                "pack size {} bytes is out of range {}..={} bytes (1 MiB to 128 MiB)",
-                opts.pack_size,
-                PACK_SIZE_LIMITS.start(),
-                PACK_SIZE_LIMITS.end()
-            )));
-        }
-        if Self::exists(storage.as_ref()).await? {
-            return Err(RepoError::AlreadyExists {
-                location: storage.location(),
-            });
-        }
         let config = RepoConfig {
             version: FORMAT_VERSION,
             id: random_hex(16),
@@ -230,6 +211,13 @@ impl Repository {
             chunker: opts.chunker,
             pack_size: opts.pack_size,
         };
+        config.check().map_err(RepoError::Invalid)?;
+        opts.kdf.check().map_err(RepoError::Invalid)?;
+        if Self::exists(storage.as_ref()).await? {
+            return Err(RepoError::AlreadyExists {
+                location: storage.location(),
+            });
+        }
         let (sealer, key_id) = match &opts.passphrase {
             Some(p) => {
                 let master = MasterKey::generate();
@@ -292,17 +280,7 @@ impl Repository {
             }
             Err(e) => return Err(e.into()),
         };
-        let config: RepoConfig =
-            serde_json::from_slice(&raw).map_err(|e| RepoError::NotARepository {
-                location: location.clone(),
-                reason: format!("its `config` object is unreadable ({e})"),
-            })?;
-        if config.version != FORMAT_VERSION {
-            return Err(RepoError::Invalid(format!(
-                "repository at {location} has format version {}, this pgkeep reads version {FORMAT_VERSION}\nHINT: use a pgkeep release that supports it",
-                config.version
-            )));
-        }
+        let config = parse_config(&raw, &location)?;
         let (sealer, key_id) = if config.encrypted {
             let p = passphrase.ok_or(RepoError::PassphraseRequired {
                 location: location.clone(),
@@ -403,16 +381,7 @@ impl Repository {
 
     pub(crate) async fn read_index_file(&self, key: &str) -> Result<IndexFile> {
         let raw = self.inner.storage.get(key).await?;
-        let plain = self
-            .inner
-            .sealer
-            .open_meta(INDEX_AAD, &raw)
-            .ok_or_else(|| RepoError::integrity(key, "index file failed authentication"))?;
-        let json = zstd::bulk::decompress(&plain, 1 << 30).map_err(|e| {
-            RepoError::integrity(key, format!("index file does not decompress: {e}"))
-        })?;
-        serde_json::from_slice(&json)
-            .map_err(|e| RepoError::integrity(key, format!("index file does not parse: {e}")))
+        parse_index_file(&self.inner.sealer, key, &raw)
     }
 
     /// Writes an index file and adds it to the in-memory index.
@@ -481,11 +450,7 @@ impl Repository {
             }
             Err(e) => return Err(e.into()),
         };
-        let z = self.inner.sealer.open_meta(aad, &raw).ok_or_else(|| {
-            RepoError::integrity(key, "failed authentication (altered or truncated)")
-        })?;
-        zstd::stream::decode_all(&z[..])
-            .map_err(|e| RepoError::integrity(key, format!("does not decompress: {e}")))
+        open_sealed(&self.inner.sealer, key, aad, &raw, MAX_SEALED_LEN)
     }
 
     /// Stores a manifest: the commit point of a backup or dump.
@@ -793,18 +758,15 @@ async fn find_key(storage: &dyn Storage, passphrase: &str) -> Result<(MasterKey,
             }
             Err(e) => return Err(e.into()),
         };
-        let Ok(kf) = serde_json::from_slice::<KeyFile>(&raw) else {
-            tracing::warn!(key = %m.key, "skipping unreadable key file");
-            continue;
+        let k = match KeyFile::parse(&raw) {
+            Ok((_, k)) => k,
+            Err(e) => {
+                tracing::warn!(key = %m.key, "skipping unreadable key file: {e}");
+                continue;
+            }
         };
-        let Ok(salt) = hex::decode(&kf.salt) else {
-            continue;
-        };
-        let Ok(wrapped) = hex::decode(&kf.wrapped) else {
-            continue;
-        };
-        let kek = derive_kek(passphrase, &salt, kf.kdf_params).map_err(RepoError::Invalid)?;
-        if let Some(master) = unwrap_master(&kek, &wrapped) {
+        let kek = derive_kek(passphrase, &k.salt, k.kdf_params).map_err(RepoError::Invalid)?;
+        if let Some(master) = unwrap_master(&kek, &k.wrapped) {
             return Ok((master, m.key.trim_start_matches("keys/").to_string()));
         }
     }
@@ -814,4 +776,77 @@ async fn find_key(storage: &dyn Storage, passphrase: &str) -> Result<(MasterKey,
             location: storage.location(),
         }),
     }
+}
+
+/// Parses and checks a repository's `config` object ([`RepoConfig::check`]): its format
+/// version must be this build's, its settings within what the writers handle.
+pub fn parse_config(raw: &[u8], location: &str) -> Result<RepoConfig> {
+    let config: RepoConfig =
+        serde_json::from_slice(raw).map_err(|e| RepoError::NotARepository {
+            location: location.to_string(),
+            reason: format!("its `config` object is unreadable ({e})"),
+        })?;
+    if config.version != FORMAT_VERSION {
+        return Err(RepoError::Invalid(format!(
+            "repository at {location} has format version {}, this pgkeep reads version {FORMAT_VERSION}\nHINT: use a pgkeep release that supports it",
+            config.version
+        )));
+    }
+    config.check().map_err(|reason| RepoError::NotARepository {
+        location: location.to_string(),
+        reason: format!("its `config` object holds settings no pgkeep writes ({reason})"),
+    })?;
+    Ok(config)
+}
+
+/// Verifies, decompresses (at most [`MAX_INDEX_LEN`] bytes), parses and checks
+/// ([`IndexFile::check`]) an index file as stored under `key`.
+pub fn parse_index_file(sealer: &Sealer, key: &str, raw: &[u8]) -> Result<IndexFile> {
+    let plain = sealer
+        .open_meta(INDEX_AAD, raw)
+        .ok_or_else(|| RepoError::integrity(key, "index file failed authentication"))?;
+    let json = decompress_bounded(&plain, MAX_INDEX_LEN)
+        .map_err(|e| RepoError::integrity(key, format!("index file does not decompress: {e}")))?;
+    let file: IndexFile = serde_json::from_slice(&json)
+        .map_err(|e| RepoError::integrity(key, format!("index file does not parse: {e}")))?;
+    file.check()
+        .map_err(|e| RepoError::integrity(key, format!("index file is invalid: {e}")))?;
+    Ok(file)
+}
+
+/// Verifies and decompresses a metadata object as [`Repository::put_sealed_if_absent`]
+/// stored it under `key` with `aad`; more than `max` bytes once decompressed is an integrity
+/// error ([`Repository::get_sealed`] allows [`MAX_SEALED_LEN`]).
+pub fn open_sealed(
+    sealer: &Sealer,
+    key: &str,
+    aad: &[u8],
+    raw: &[u8],
+    max: usize,
+) -> Result<Vec<u8>> {
+    let z = sealer
+        .open_meta(aad, raw)
+        .ok_or_else(|| RepoError::integrity(key, "failed authentication (altered or truncated)"))?;
+    decompress_bounded(&z, max)
+        .map_err(|e| RepoError::integrity(key, format!("does not decompress: {e}")))
+}
+
+/// Decompresses zstd frames (one or several, concatenated), refusing more than `limit`
+/// bytes of output. Memory grows with the output actually produced, not with the size a
+/// frame header claims (at most 64 MiB is reserved ahead on its word).
+fn decompress_bounded(z: &[u8], limit: usize) -> std::result::Result<Vec<u8>, String> {
+    use std::io::Read;
+    let mut out = Vec::new();
+    if let Ok(Some(n)) = zstd::zstd_safe::get_frame_content_size(z) {
+        out.reserve((n.min(limit as u64) as usize).min(64 << 20));
+    }
+    let decoder = zstd::stream::read::Decoder::with_buffer(z).map_err(|e| e.to_string())?;
+    let n = decoder
+        .take(limit as u64 + 1)
+        .read_to_end(&mut out)
+        .map_err(|e| e.to_string())?;
+    if n > limit {
+        return Err(format!("more than {limit} bytes once decompressed"));
+    }
+    Ok(out)
 }
