@@ -834,19 +834,39 @@ fn async_archive_push_and_its_pusher_interrupted_acknowledge_nothing_unstored() 
             &spool_s,
             pg_wal.to_str().unwrap(),
         ];
-        let mut worker = interrupt::spawn_with(
-            &a.s,
-            &args,
-            &[(LATENCY_ENV, &PUSH_LATENCY_MS.to_string())],
-            |cmd| {
-                use std::os::unix::process::CommandExt;
-                cmd.uid(uid).gid(gid);
-            },
-        );
         let lock = a.spool().join("worker.lock");
-        worker.wait_until("holding the pusher's lock", START_BOUND, || {
-            interrupt::flock_held(&lock)
-        });
+        // PostgreSQL's archiver may start a pusher of its own between `stop_workers` and this
+        // one (it retries at once): then this one finds the lock taken and exits 0 at once.
+        // Start again until this one is the pusher holding the lock (the only one running).
+        let mut attempts = 0;
+        let mut worker = loop {
+            attempts += 1;
+            let mut w = interrupt::spawn_with(
+                &a.s,
+                &args,
+                &[(LATENCY_ENV, &PUSH_LATENCY_MS.to_string())],
+                |cmd| {
+                    use std::os::unix::process::CommandExt;
+                    cmd.uid(uid).gid(gid);
+                },
+            );
+            let mine = w.pid();
+            let holds = eventually(START_BOUND, || {
+                w.child.try_wait().unwrap().is_some()
+                    || (interrupt::flock_held(&lock) && a.workers() == vec![mine])
+            });
+            if holds && w.child.try_wait().unwrap().is_none() {
+                break w;
+            }
+            assert!(
+                attempts < 5,
+                "{what}: the test's pusher never held the lock:\n{}",
+                w.stderr()
+            );
+            let _ = w.child.kill();
+            let _ = w.child.wait();
+            a.stop_workers();
+        };
         let (seg, data) = a.next_segment();
         // The foreground PostgreSQL started waits for the pusher's verdict.
         a.pusher_of(&seg, START_BOUND);
