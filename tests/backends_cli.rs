@@ -28,36 +28,9 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use backends::{chown_postgres, Repo, Store};
+use cli_support::switch_and_wait;
 use pgkeep_testing::cluster::first_difference;
 use pgkeep_testing::Cluster;
-
-/// Switches WAL and waits until the server reports the switched segment archived, failing
-/// with the server log when `archive_command` failed. Returns the segment's name.
-fn switch_and_wait(c: &Cluster) -> String {
-    let seg = c.sql("SELECT pg_walfile_name(pg_switch_wal())").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let row = c
-            .sql("SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver")
-            .unwrap();
-        let (archived, failed) = row.split_once('|').unwrap();
-        assert_eq!(
-            failed,
-            "0",
-            "archive_command failed; log:\n{}",
-            c.log_tail()
-        );
-        if archived.len() == 24 && archived >= seg.as_str() {
-            return seg;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{seg} not archived; log:\n{}",
-            c.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// Starts a restored data directory and waits until recovery ended with a promotion.
 fn start_promoted(dir: &Path) -> Cluster {

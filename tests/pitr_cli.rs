@@ -21,7 +21,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cli_support::{
-    amcheck_all, assert_same_cluster, populate_whole_cluster, Sandbox, WholeCluster,
+    amcheck_all, assert_same_cluster, populate_whole_cluster, switch_and_wait, Sandbox,
+    WholeCluster,
 };
 use pgkeep_testing::cluster::{first_difference, running_as_root};
 use pgkeep_testing::Cluster;
@@ -170,35 +171,6 @@ impl Setup {
             ts_dir.display()
         );
         r.stderr()
-    }
-}
-
-/// Switches WAL and waits until PostgreSQL reports the switched segment archived, failing
-/// with the server log when archive_command fails. Returns the switched segment's name.
-fn switch_and_wait(c: &Cluster) -> String {
-    let seg = c.sql("SELECT pg_walfile_name(pg_switch_wal())").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        let row = c
-            .sql("SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver")
-            .unwrap();
-        let (archived, failed) = row.split_once('|').unwrap();
-        assert_eq!(
-            failed,
-            "0",
-            "archive_command failed; log:\n{}",
-            c.log_tail()
-        );
-        // History files sort after segments of lower timelines; compare segments only.
-        if archived.len() == 24 && archived >= seg.as_str() {
-            return seg;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{seg} not archived; log:\n{}",
-            c.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

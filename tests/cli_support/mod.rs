@@ -161,22 +161,33 @@ pub fn start_archiving(s: &Sandbox) -> pgkeep_testing::Cluster {
         .unwrap()
 }
 
-/// Switches WAL and waits until the server archived the segment (pg_stat_archiver), failing
-/// with the server log when the archive_command failed.
-pub fn switch_and_wait(c: &pgkeep_testing::Cluster) {
+/// Switches WAL and waits until the server reports the switched segment archived
+/// (pg_stat_archiver), failing with the server log when archive_command failed. Returns the
+/// segment's name.
+pub fn switch_and_wait(c: &pgkeep_testing::Cluster) -> String {
     use std::time::{Duration, Instant};
-    let last = c.sql("SELECT pg_walfile_name(pg_switch_wal())").unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let seg = c.sql("SELECT pg_walfile_name(pg_switch_wal())").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let row = c
             .sql("SELECT coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver")
             .unwrap();
         let (archived, failed) = row.split_once('|').unwrap();
-        assert_eq!(failed, "0", "archive_command failed:\n{}", c.log_tail());
-        if archived >= last.as_str() {
-            return;
+        assert_eq!(
+            failed,
+            "0",
+            "archive_command failed; log:\n{}",
+            c.log_tail()
+        );
+        // History files sort after segments of lower timelines; compare segments only.
+        if archived.len() == 24 && archived >= seg.as_str() {
+            return seg;
         }
-        assert!(Instant::now() < deadline, "{last} not archived");
+        assert!(
+            Instant::now() < deadline,
+            "{seg} not archived; log:\n{}",
+            c.log_tail()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
