@@ -179,8 +179,10 @@ pub fn switch_and_wait(c: &pgkeep_testing::Cluster) -> String {
             "archive_command failed; log:\n{}",
             c.log_tail()
         );
-        // History files sort after segments of lower timelines; compare segments only.
-        if archived.len() == 24 && archived >= seg.as_str() {
+        // The archiver works in name order, so a segment, `.partial` or `.backup` file at or
+        // past `seg` means `seg` is archived (after a backup, `<seg>.<offset>.backup` comes
+        // last). Timeline history files (`00000002.history`) say nothing about segments.
+        if archived.len() >= 24 && archived[..24] >= *seg.as_str() {
             return seg;
         }
         assert!(
