@@ -288,7 +288,18 @@ fn backup_interrupted_in_backup_mode_exits_130_ends_the_backup_and_lists_nothing
 
 #[test]
 fn dump_interrupted_while_pg_dump_runs_exits_130_stops_pg_dump_and_lists_nothing() {
-    let (s, c) = setup(5);
+    // pgbench rows compress into a single pack, which pgkeep takes in faster than pg_dump
+    // writes: pg_dump could end before the signal. ~100 MiB of incompressible rows in 4 MiB
+    // packs, each upload a second long, keep pg_dump blocked on its pipe for seconds.
+    let c = Cluster::new().unwrap();
+    c.pgbench(&["-i", "-s", "1", "-q"]).unwrap();
+    random_table(&c, 100_000);
+    let s = Sandbox::new();
+    s.run_repo(
+        &["repo", "init", "--no-encryption", "--pack-size", "4MiB"],
+        &[],
+    )
+    .expect(0);
     let repo = s.repo();
     let pg = c.conninfo();
     s.run_repo(&["dump", "--db", "postgres", "--pg", &pg], &[])
@@ -301,8 +312,9 @@ fn dump_interrupted_while_pg_dump_runs_exits_130_stops_pg_dump_and_lists_nothing
         let mut run = spawn(
             &s,
             &["--repo", repo_s, "dump", "--db", "postgres", "--pg", &pg],
-            &[SLOW],
+            &[BACKUP_SLOW],
         );
+        let env = format!("PGHOST={}", c.socket_dir().display());
         run.wait_until("dumping", START_BOUND, || {
             c.sql(
                 "select count(*) from pg_stat_activity where application_name = 'pg_dump' \
@@ -311,6 +323,7 @@ fn dump_interrupted_while_pg_dump_runs_exits_130_stops_pg_dump_and_lists_nothing
             .unwrap()
                 != "0"
                 && !lock_files(&repo).is_empty()
+                && !interrupt::tool_processes("pg_dump", &env).is_empty()
         });
         std::thread::sleep(Duration::from_millis(500));
         assert_tool_runs(&c, "pg_dump", &what);
