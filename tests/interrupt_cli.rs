@@ -167,16 +167,6 @@ fn assert_repository_as_before(s: &Sandbox, repo: &Path, before: &[String], what
     assert_repo_checks(s, repo, false, what);
 }
 
-/// A cluster with pgbench data of scale `scale` and an unencrypted repository.
-fn setup(scale: u32) -> (Sandbox, Cluster) {
-    let c = Cluster::new().unwrap();
-    c.pgbench(&["-i", "-s", &scale.to_string(), "-q"]).unwrap();
-    let s = Sandbox::new();
-    s.run_repo(&["repo", "init", "--no-encryption"], &[])
-        .expect(0);
-    (s, c)
-}
-
 fn backup_args(c: &Cluster, method: &str) -> Vec<String> {
     vec![
         "--repo".into(),
