@@ -548,6 +548,55 @@ fn truncated_and_reset_reads_during_a_restore_are_retried_and_the_restore_is_ide
     rig.check_clean("restores through cut reads");
 }
 
+/// The backup's run record counts, by method, exactly the requests the store received
+/// (multipart steps, list pages and object_store's own retries included): what the user pays
+/// for at a provider that bills per request.
+#[test]
+fn the_run_record_counts_every_request_the_store_received_by_method() {
+    let rig = Rig::new("faults-requests");
+    let src = source_cluster(24_000);
+    // A retried part: the retry is a request the provider bills too.
+    rig.proxy.add(Rule::new(
+        Match::kind(Kind::UploadPart),
+        Fault::internal_error(),
+    ));
+    rig.proxy.reset_records();
+    rig.backup("backup", &src).expect(0);
+    // The count is taken when the command ends. Recording comes after: it opens the
+    // repository again (GET config, then the key list) and PUTs the record. Compare with
+    // what the store received before that.
+    let records = rig.proxy.records();
+    let record_put = records
+        .iter()
+        .position(|r| r.method == "PUT" && r.target.contains("/history/"))
+        .unwrap_or_else(|| panic!("no PUT of the run record among {records:#?}"));
+    let recording = records[..record_put]
+        .iter()
+        .rposition(|r| r.method == "GET" && r.target.ends_with("/config"))
+        .expect("the recording opened the repository");
+    let mut seen = std::collections::BTreeMap::<String, u64>::new();
+    for r in &records[..recording] {
+        *seen.entry(r.method.clone()).or_default() += 1;
+    }
+    let h = rig
+        .run(&["--json", "history", "--kind", "backup"])
+        .expect(0)
+        .json();
+    let record = h["records"].as_array().unwrap().last().unwrap().clone();
+    let counted: std::collections::BTreeMap<String, u64> =
+        serde_json::from_value(record["storage_requests"].clone())
+            .unwrap_or_else(|e| panic!("no storage_requests in {record}: {e}"));
+    assert_eq!(
+        counted,
+        seen,
+        "{}\nthe recording's requests: {:#?}",
+        rig.proxy.summary(),
+        &records[recording..]
+    );
+    assert!(counted["PUT"] >= 3 && counted["POST"] >= 2, "{counted:?}");
+    assert!(rig.proxy.retries() >= 1, "{}", rig.proxy.summary());
+}
+
 /// Writes a little, switches to a new WAL segment and returns the name of the one completed.
 fn switch(c: &Cluster) -> String {
     c.sql("create table if not exists w(i int); insert into w select generate_series(1, 1000)")

@@ -190,6 +190,13 @@ pub struct RunRecord {
     /// the CLI and the daemon's jobs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_retries: Option<u64>,
+    /// HTTP requests this process sent to object storage, by method (`GET`, `PUT`, `POST`,
+    /// `HEAD`, `DELETE`), when it sent any: what the run costs at a provider that bills per
+    /// request. Counted on the wire ([`pgkeep_repo::storage::global_request_counter`]), so
+    /// multipart steps, list pages and retries are included; writing this record (a second
+    /// opening of the repository and one PUT) is not. Local repositories send none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_requests: Option<BTreeMap<String, u64>>,
 }
 
 impl RunRecord {
@@ -312,6 +319,8 @@ impl RunStart {
                     .load(std::sync::atomic::Ordering::Relaxed),
             )
             .filter(|&n| n > 0),
+            storage_requests: Some(pgkeep_repo::storage::global_request_counter().by_method())
+                .filter(|m| !m.is_empty()),
         }
     }
 
@@ -721,6 +730,7 @@ mod tests {
             rto_secs: None,
             detail: None,
             storage_retries: None,
+            storage_requests: None,
         }
     }
 

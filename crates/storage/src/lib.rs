@@ -37,6 +37,7 @@ mod faulty;
 mod local;
 mod object;
 mod redact;
+mod requests;
 mod retry;
 mod url;
 
@@ -46,6 +47,7 @@ pub use faulty::{wrap_from_env, Faulty, CLOCK_OFFSET_ENV, KILL_AFTER_OPS_ENV, LA
 pub use local::LocalStorage;
 pub use object::{ObjectStoreStorage, DEFAULT_MULTIPART_THRESHOLD, DEFAULT_PART_SIZE};
 pub use redact::redact_url;
+pub use requests::{global_request_counter, CountingConnector, RequestCounter};
 pub use retry::{global_retry_counter, Retry, RetryPolicy};
 
 /// What a storage error means for the caller; drives retries and exit codes.

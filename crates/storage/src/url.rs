@@ -177,6 +177,7 @@ pub fn open_storage_unwrapped(url: &str, opts: &StorageOptions) -> Result<Arc<dy
         "s3" => {
             let (bucket, prefix) = bucket_and_prefix(&parsed, &shown, "bucket")?;
             let mut b = AmazonS3Builder::from_env()
+                .with_http_connector(counting_connector())
                 .with_bucket_name(&bucket)
                 .with_retry(opts.inner_retry());
             for (k, v) in opts.client_config() {
@@ -219,6 +220,7 @@ pub fn open_storage_unwrapped(url: &str, opts: &StorageOptions) -> Result<Arc<dy
         "az" | "azure" => {
             let (container, prefix) = bucket_and_prefix(&parsed, &shown, "container")?;
             let mut b = MicrosoftAzureBuilder::from_env()
+                .with_http_connector(counting_connector())
                 .with_container_name(&container)
                 .with_retry(opts.inner_retry());
             for (k, v) in opts.client_config() {
@@ -250,6 +252,7 @@ pub fn open_storage_unwrapped(url: &str, opts: &StorageOptions) -> Result<Arc<dy
         "gs" => {
             let (bucket, prefix) = bucket_and_prefix(&parsed, &shown, "bucket")?;
             let mut b = GoogleCloudStorageBuilder::from_env()
+                .with_http_connector(counting_connector())
                 .with_bucket_name(&bucket)
                 .with_retry(opts.inner_retry());
             for (k, v) in opts.client_config() {
@@ -376,6 +379,11 @@ fn bucket_and_prefix(u: &::url::Url, shown: &str, what: &str) -> Result<(String,
         )));
     }
     Ok((bucket, prefix))
+}
+
+/// Every object-storage backend counts its HTTP requests in the process-wide counter.
+fn counting_connector() -> crate::requests::CountingConnector {
+    crate::requests::CountingConnector::new(crate::requests::global_request_counter())
 }
 
 #[cfg(test)]
