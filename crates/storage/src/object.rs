@@ -385,6 +385,20 @@ fn is_transport_error(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// The first error in the chain that says a TLS certificate was refused, as text. Retrying
+/// cannot help, and "check the network" would send the user the wrong way.
+fn certificate_error(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        let text = err.to_string();
+        if text.contains("certificate") {
+            return Some(text);
+        }
+        cur = err.source();
+    }
+    None
+}
+
 /// Maps an object_store error to a [`StorageError`]: kind for retries and exit codes, a
 /// message naming the operation, location and key, with URLs and bodies redacted.
 pub(crate) fn map_error(
@@ -394,7 +408,8 @@ pub(crate) fn map_error(
     e: object_store::Error,
 ) -> StorageError {
     use object_store::Error as E;
-    let text = redact_text(&e.to_string());
+    let mut text = redact_text(&e.to_string());
+    let refused_certificate = std::error::Error::source(&e).and_then(certificate_error);
     let (kind, hint) = match &e {
         E::NotFound { .. } => (ErrorKind::NotFound, ""),
         E::AlreadyExists { .. } | E::Precondition { .. } => (ErrorKind::AlreadyExists, ""),
@@ -430,6 +445,17 @@ pub(crate) fn map_error(
                     (
                         ErrorKind::Temporary,
                         " HINT: the store is busy or failing; retry later",
+                    )
+                }
+                _ if refused_certificate.is_some() => {
+                    let why = refused_certificate.unwrap_or_default();
+                    if !text.contains(&why) {
+                        text = format!("{text} ({})", redact_text(&why));
+                    }
+                    (
+                        ErrorKind::Config,
+                        " HINT: the server's TLS certificate is not trusted. For a private CA, \
+                         point SSL_CERT_FILE at a PEM file holding the usual roots and that CA",
                     )
                 }
                 _ if source.is_some_and(is_transport_error) => (
@@ -468,6 +494,23 @@ mod tests {
             store: "S3",
             source: text.to_owned().into(),
         }
+    }
+
+    #[test]
+    fn a_refused_tls_certificate_is_a_configuration_error_naming_ssl_cert_file() {
+        let e = map_error(
+            "get",
+            "s3://b/p",
+            "config",
+            generic("error sending request: invalid peer certificate: UnknownIssuer"),
+        );
+        assert_eq!(e.kind, ErrorKind::Config, "{e}");
+        assert!(e.message.contains("UnknownIssuer"), "{e}");
+        assert!(
+            e.message
+                .contains("HINT: the server's TLS certificate is not trusted. For a private CA, point SSL_CERT_FILE at"),
+            "{e}"
+        );
     }
 
     #[test]
