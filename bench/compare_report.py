@@ -13,8 +13,15 @@ STEPS = ["full", "incr-local", "incr-tpcb", "restore", "delta-same", "delta-stal
 def main(paths):
     rows = defaultdict(list)
     header = []
+    requests = defaultdict(list)
     for p in paths:
         for line in open(p):
+            if line.startswith("# requests "):
+                # "# requests REPEAT STEP TOOL GET=n PUT=n ... TOTAL"
+                f = line.split()
+                by_method = dict(kv.split("=") for kv in f[5:-1])
+                requests[(f[3], f[4])].append((int(f[-1]), by_method))
+                continue
             if line.startswith("#"):
                 header.append(line.strip())
                 continue
@@ -53,6 +60,21 @@ def main(paths):
                 f"| {s} | {t} | {n} | {wall:.2f} | {r_wall if t != 'pgbackrest' else '1'} | {r_bb} | "
                 f"{cpu:.2f} | {rss / 1024:.0f} | {size} | {r_size} |"
             )
+    if requests:
+        print()
+        print("Storage requests per backup (pgkeep's run record, counted on the wire; medians):")
+        print()
+        print("| step | tool | n | requests | by method |")
+        print("|---|---|---|---|---|")
+        for st in STEPS:
+            for t in tools:
+                v = requests.get((st, t))
+                if not v:
+                    continue
+                total = statistics.median(x[0] for x in v)
+                last = v[-1][1]
+                methods = ", ".join(f"{k} {n}" for k, n in sorted(last.items()))
+                print(f"| {st} | {t} | {len(v)} | {total:.0f} | {methods} |")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,11 @@
 #               WAL replayed = pg_last_wal_replay_lsn() minus the backup_label's start (LSN
 #               distances count the unused tails of switched segments); wall = restore until
 #               the copy is removed again, as pgkeep's command.
+#   floor       the physical floor: pgkeep's backup restored (untimed) with the same WAL already
+#               in pg_wal (copied from the source, which kept it with wal_keep_size), no
+#               recovery.signal and no restore_command; replay = `pg_ctl start` until
+#               pg_is_in_recovery() is false (crash recovery from the backup_label to the end
+#               of the WAL). The issue's targets: pgkeep's replay at most 1.15x this floor.
 # Both repositories as in compare.sh: pgkeep encrypted (its default), pgBackRest zst level 3,
 # process-max 2, unencrypted.
 set -euo pipefail
@@ -136,6 +141,7 @@ port = $PORT
 unix_socket_directories = '$W/sock'
 listen_addresses = ''
 max_wal_size = 4GB
+wal_keep_size = $(( (WAL_TARGET >> 20) + 1024 ))
 synchronous_commit = off
 archive_mode = on
 archive_command = 'PGKEEP_CONFIG=$W/pgkeep.toml $PGKEEP -q archive-push %p && pgbackrest --config=$PGBR_CONF --stanza=bench archive-push %p'
@@ -190,6 +196,12 @@ PGBR_WAL=$(du -sb "$W/pgbr/repo/archive" | cut -f1)
 # The source cluster is not needed any more: stop it, so it takes no CPU or memory.
 as_pg "$PGBIN/pg_ctl" -D "$W/data" -m fast -w stop >/dev/null
 unset PGHOST PGPORT
+# The floor's WAL: the segments both archives hold, kept in the source's pg_wal by wal_keep_size.
+as_pg mkdir -m 700 "$W/walcopy"
+for f in "$W/data/pg_wal/"????????????????????????; do
+  n=$(basename "$f")
+  [[ "$n" > "$LAST" ]] || as_pg cp "$f" "$W/walcopy/$n"
+done
 
 {
   echo "# drill.sh scale=$SCALE wal_gib=$WAL_GIB repeat=$REPEAT db_bytes=$DB_BYTES wal_bytes_after_backups=$WAL_BYTES clients=$CLIENTS cores=$(nproc) $(date -u +%FT%TZ)"
@@ -285,9 +297,51 @@ EOF
   echo "$rep pgbackrest $restore $replay $check $total $wall $rss $replayed $result" | tee -a "$RAW"
 }
 
+# The physical floor: pgkeep's backup restored (untimed), the archived segments copied into
+# its pg_wal, recovery.signal and restore_command removed, so the server replays from pg_wal
+# alone (crash recovery from the backup_label) to the end of the WAL: the least any
+# restore_command can add to.
+run_floor() { # repeat
+  local rep=$1 d=$W/r-floor
+  rm -rf "$d"
+  as_pg mkdir -m 700 "$d"
+  pk -q restore "$PK_BACKUP" --target-dir "$d" >/dev/null
+  as_pg rm -f "$d/recovery.signal" "$d/standby.signal"
+  as_pg sed -i '/^restore_command/d;/^recovery_target/d' "$d/postgresql.auto.conf"
+  local start_lsn first f
+  start_lsn=$(awk '/^START WAL LOCATION:/ {print $4}' "$d/backup_label")
+  first=$(sed -n 's/^START WAL LOCATION:.*(file \([0-9A-F]*\)).*/\1/p' "$d/backup_label")
+  for f in "$W/walcopy/"*; do
+    [[ "$(basename "$f")" < "$first" ]] || as_pg cp "$f" "$d/pg_wal/"
+  done
+  as_pg tee -a "$d/postgresql.auto.conf" >/dev/null <<EOF
+port = $R_PORT
+unix_socket_directories = '$W/rsock'
+listen_addresses = ''
+archive_mode = off
+EOF
+  drop_caches
+  local t0 t1
+  t0=$(now)
+  as_pg "$PGBIN/pg_ctl" -D "$d" -l "$W/r-floor.log" -W start >/dev/null
+  as_pg bash -c 'down=0; until [ "$(psql -X -h "$1" -p "$2" -d postgres -Atc "select pg_is_in_recovery()" 2>/dev/null)" = f ]; do
+      if "$3/pg_ctl" -D "$4" status >/dev/null 2>&1; then down=0; else down=$((down + 1)); [ $down -lt 40 ] || exit 1; fi
+      sleep 0.05; done' _ "$W/rsock" "$R_PORT" "$PGBIN" "$d" || {
+    echo "the floor's server stopped:" >&2; tail -20 "$W/r-floor.log" >&2; exit 1; }
+  t1=$(now)
+  # After crash recovery there is no replay position; the insert position (past the end-of-
+  # recovery checkpoint) is where replay ended, within a record or two.
+  local replayed; replayed=$(as_pg psql -X -h "$W/rsock" -p "$R_PORT" -d postgres -Atc \
+    "select pg_wal_lsn_diff(coalesce(pg_last_wal_replay_lsn(), pg_current_wal_lsn()), '$start_lsn')::bigint")
+  as_pg "$PGBIN/pg_ctl" -D "$d" -m fast -w stop >/dev/null
+  rm -rf "$d"
+  local replay; replay=$(secs "$t0" "$t1")
+  echo "$rep floor na $replay na $replay $replay 0 $replayed ok" | tee -a "$RAW"
+}
+
 for rep in $(seq 1 "$REPEAT"); do
   echo "== repeat $rep/$REPEAT (load $(uptime | sed 's/.*load average: //'))"
-  order="pgkeep pgbackrest"; [ $((rep % 2)) = 0 ] && order="pgbackrest pgkeep"
+  order="floor pgkeep pgbackrest"; [ $((rep % 2)) = 0 ] && order="pgbackrest pgkeep floor"
   for t in $order; do
     [ "$t" = pgkeep ] && [ -n "${BENCH_SKIP_PGKEEP:-}" ] && continue
     "run_$t" "$rep"
@@ -315,7 +369,7 @@ def med(tool, i):
 cols = [("restore s", 0), ("replay s", 1), ("check s", 2), ("total (RTO) s", 3), ("wall s", 4)]
 print("| tool | n | " + " | ".join(c for c, _ in cols) + " | peak MiB | WAL replayed MiB | results |")
 print("|---|---|" + "---|" * (len(cols) + 3))
-for tool in ("pgkeep", "pgbackrest"):
+for tool in ("pgkeep", "pgbackrest", "floor"):
     if tool not in rows:
         continue
     cells = [("-" if med(tool, i) is None else f"{med(tool, i):.2f}") for _, i in cols]
@@ -329,10 +383,18 @@ if "pgkeep" in rows and "pgbackrest" in rows:
         a, b = med("pgkeep", i), med("pgbackrest", i)
         ratio.append(f"**{a / b:.2f}x**" if a is not None and b else "-")
     print(f"| pgkeep/pgBackRest | | " + " | ".join(ratio) + " | | | |")
+if "pgkeep" in rows and "floor" in rows:
+    b = med("floor", 1)
+    for tool, name in (("pgkeep", "**{:.2f}x**"), ("pgbackrest", "{:.2f}x")):
+        a = med(tool, 1)
+        if a is not None:
+            print(f"| {tool}/floor (replay) | | | " + name.format(a / b) + " | | | | | | |")
 print()
 print("Medians over the repeats. total = restore + replay + check (pgkeep: its rto_secs); wall = "
       "everything up to a clean directory again (pgkeep: the `drill` command; pgBackRest: total plus "
       "stopping the server and removing the copy). Peak: the largest process of pgkeep drill's tree; "
-      "pgBackRest: its restore (its archive-get processes are not measured).")
+      "pgBackRest: its restore (its archive-get processes are not measured). floor: pgkeep's "
+      "backup with the same WAL already in pg_wal, replayed without restore_command (crash "
+      "recovery from the backup_label), the physical floor of the replay.")
 PY
 echo "raw: $RAW"
