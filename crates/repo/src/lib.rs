@@ -31,7 +31,7 @@ pub use gc::{PruneOptions, PruneReport};
 pub use id::{BlobId, Id, PackId};
 pub use lock::{clock_skew, LockInfo, LockKind, RepoLock, CLOCK_SKEW_WARN};
 pub use pgkeep_storage as storage;
-pub use reader::PositionalSink;
+pub use reader::{PositionalSink, StreamTarget, StreamsError};
 pub use repair::RepairReport;
 pub use repository::{InitOptions, KeyInfo, ManifestKey, RepoInfo, Repository};
 pub use writer::{BlobWriter, WriteStats, WriterOptions};

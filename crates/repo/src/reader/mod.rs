@@ -12,8 +12,11 @@ use crate::error::{RepoError, Result};
 use crate::format::StreamRef;
 use crate::id::{BlobId, PackId};
 use crate::index::BlobLocation;
+
+mod many;
 use crate::pack::{decode_blob, decode_blob_into, pack_key, BasePlaintexts};
 use crate::repository::Repository;
+pub use many::{StreamTarget, StreamsError, MAX_GAP};
 use pgkeep_storage::{AlignedBuf, DIRECT_IO_ALIGN};
 
 /// Reads larger than this are not coalesced further.
