@@ -449,11 +449,21 @@ async fn run(
     progress.begin(Phase::Restore, total_bytes, plan.len() as u64);
     let counted = Arc::new(AtomicU64::new(0));
     {
-        // Largest first, so that one big relation file does not start last and run alone.
-        let mut order: Vec<&WriteJob> = plan.iter().collect();
-        order.sort_by_key(|j| std::cmp::Reverse(j.bytes(&m)));
-        let mut results = stream::iter(order)
-            .map(|job| write_job(repo, &target, &m, job, counted.clone()))
+        let work = write_work(repo, &m, &plan);
+        let mut results = stream::iter(work)
+            .map(|w| {
+                let (target, m, counted) = (&target, &m, counted.clone());
+                async move {
+                    match w {
+                        WriteWork::One(job) => {
+                            Ok((write_job(repo, target, m, job, counted).await?, 1))
+                        }
+                        WriteWork::Batch(jobs) => {
+                            write_batch(repo, target, m, &jobs, counted).await
+                        }
+                    }
+                }
+            })
             .buffer_unordered(files_in_flight(threads));
         let mut shown = 0u64;
         let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -461,9 +471,10 @@ async fn run(
             tokio::select! {
                 r = results.next() => match r {
                     Some(r) => {
-                        report.bytes_written += r?;
-                        report.files_written += 1;
-                        progress.advance(0, 1);
+                        let (bytes, files): (u64, u64) = r?;
+                        report.bytes_written += bytes;
+                        report.files_written += files;
+                        progress.advance(0, files);
                     }
                     None => break,
                 },
@@ -882,7 +893,9 @@ impl FileSink {
     fn create(p: &Path, mode: u32, size: u64, counted: Arc<AtomicU64>) -> Result<FileSink> {
         let file = create_truncated(p, mode)?;
         preallocate(&file, size);
-        Ok(Self::with(file, p, counted))
+        // A file smaller than one direct write never uses the second descriptor: do not
+        // open it (batches of small files would hold two descriptors each).
+        Ok(Self::with(file, p, counted, size >= DIRECT_MIN as u64))
     }
 
     fn open(p: &Path, counted: Arc<AtomicU64>) -> Result<FileSink> {
@@ -890,15 +903,19 @@ impl FileSink {
             .write(true)
             .open(p)
             .map_err(|e| io_err("opening", p, e))?;
-        Ok(Self::with(file, p, counted))
+        Ok(Self::with(file, p, counted, true))
     }
 
-    fn with(file: File, p: &Path, counted: Arc<AtomicU64>) -> FileSink {
-        let direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(p)
-            .ok();
+    fn with(file: File, p: &Path, counted: Arc<AtomicU64>, direct: bool) -> FileSink {
+        let direct = direct
+            .then(|| {
+                OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(p)
+                    .ok()
+            })
+            .flatten();
         FileSink {
             file,
             direct,
@@ -1005,13 +1022,101 @@ async fn write_job(
             sink
         }
     };
+    finish_file(&sink, f, &p)?;
+    Ok(written)
+}
+
+/// A written file: its write-back started, its mode and time set.
+fn finish_file(sink: &FileSink, f: &FileEntry, p: &Path) -> Result<()> {
     sink.start_writeback();
     let file = &sink.file;
     file.set_permissions(std::fs::Permissions::from_mode(f.mode & 0o7777))
-        .map_err(|e| io_err("setting the mode of", &p, e))?;
+        .map_err(|e| io_err("setting the mode of", p, e))?;
     file.set_modified(mtime_of(f))
-        .map_err(|e| io_err("setting the time of", &p, e))?;
-    Ok(written)
+        .map_err(|e| io_err("setting the time of", p, e))?;
+    Ok(())
+}
+
+/// Files up to this size are restored in batches whose range reads are planned together
+/// ([`Repository::read_streams_at`]): hundreds of small files then cost a few requests
+/// instead of one or more each.
+const SMALL_FILE: u64 = 1 << 20;
+/// Files per batch (each holds a descriptor while its batch runs).
+const BATCH_FILES: usize = 64;
+
+/// What one restore task writes: a file on its own, or a batch of small ones.
+enum WriteWork<'a> {
+    One(&'a WriteJob),
+    Batch(Vec<&'a WriteJob>),
+}
+
+/// Splits the jobs into work: the larger files alone, largest first (so that a big relation
+/// file does not start last and run alone), then the small whole files in batches of
+/// neighbours in the packs.
+fn write_work<'a>(
+    repo: &Repository,
+    m: &BackupManifest,
+    plan: &'a [WriteJob],
+) -> Vec<WriteWork<'a>> {
+    let (small, mut large): (Vec<&WriteJob>, Vec<&WriteJob>) = plan
+        .iter()
+        .partition(|j| j.ranges.is_none() && j.bytes(m) <= SMALL_FILE);
+    large.sort_by_key(|j| std::cmp::Reverse(j.bytes(m)));
+    let empty = StreamRef::default();
+    let streams: Vec<&StreamRef> = small
+        .iter()
+        .map(|j| m.files[j.index].stream.as_ref().unwrap_or(&empty))
+        .collect();
+    let ordered: Vec<&WriteJob> = repo
+        .order_by_location(&streams)
+        .into_iter()
+        .map(|i| small[i])
+        .collect();
+    let mut work: Vec<WriteWork> = large.into_iter().map(WriteWork::One).collect();
+    work.extend(
+        ordered
+            .chunks(BATCH_FILES)
+            .map(|c| WriteWork::Batch(c.to_vec())),
+    );
+    work
+}
+
+/// Restores a batch of small whole files with shared range reads. Returns the bytes and the
+/// files written.
+async fn write_batch(
+    repo: &Repository,
+    target: &Path,
+    m: &BackupManifest,
+    jobs: &[&WriteJob],
+    counted: Arc<AtomicU64>,
+) -> Result<(u64, u64)> {
+    let mut sinks = Vec::with_capacity(jobs.len());
+    let mut targets = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let f = &m.files[job.index];
+        let stream = f.stream.clone().unwrap_or_default();
+        let sink = Arc::new(FileSink::create(
+            &target.join(&f.path),
+            0o600,
+            stream.size,
+            counted.clone(),
+        )?);
+        targets.push(pgkeep_repo::StreamTarget {
+            stream,
+            base: 0,
+            sink: sink.clone(),
+        });
+        sinks.push(sink);
+    }
+    let written = repo
+        .read_streams_at(&targets)
+        .await
+        .map_err(|e| with_file(e.error, &m.files[jobs[e.target].index].path))?;
+    for (job, sink) in jobs.iter().zip(&sinks) {
+        let f = &m.files[job.index];
+        finish_file(sink, f, &target.join(&f.path))?;
+    }
+    Ok((written.iter().sum(), jobs.len() as u64))
 }
 
 /// A repository error while restoring a file, with the file named (which relation file a
