@@ -29,7 +29,8 @@ use pgkeep_pg::wal::WalFileName;
 use serde::{Deserialize, Serialize};
 
 use crate::commands::archive::{
-    open_repository_fast, push_file, write_atomically, ArchivePushReport, PushOutcome,
+    open_repository_fast, push_file, write_atomically, write_restored, ArchivePushReport,
+    PushOutcome,
 };
 use crate::context::{Context, Report};
 use crate::error::{Error, ErrorKind, Result};
@@ -494,9 +495,12 @@ pub async fn get_async(
     let spooled = dir.join(walname);
     let report = if spooled.exists() {
         let bytes = std::fs::metadata(&spooled).map(|m| m.len()).unwrap_or(0);
-        let data = std::fs::read(&spooled).map_err(|e| io_err("reading", &spooled, e))?;
-        write_atomically(dest, &data)?;
-        let _ = std::fs::remove_file(&spooled);
+        // A move when the spool is on the same file system (no copy); a copy otherwise.
+        if std::fs::rename(&spooled, dest).is_err() {
+            let data = std::fs::read(&spooled).map_err(|e| io_err("reading", &spooled, e))?;
+            write_restored(dest, &data)?;
+            let _ = std::fs::remove_file(&spooled);
+        }
         ArchiveGetReport {
             file: walname.to_string(),
             dest: dest.to_path_buf(),
@@ -604,7 +608,7 @@ pub async fn prefetch(ctx: &Context, opts: &AsyncGetOptions, after: &str) -> Res
                     return true;
                 }
                 match fetch(&repo, &cluster, &WalFileName::Segment(s)).await {
-                    Ok(Some(data)) => write_atomically(&path, &data).is_ok(),
+                    Ok(Some(data)) => write_restored(&path, &data).is_ok(),
                     Ok(None) => false,
                     Err(e) => {
                         tracing::warn!("prefetching {s}: {e}");
