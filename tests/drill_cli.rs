@@ -316,6 +316,26 @@ fn drills_to_a_time_and_to_a_restore_point_stop_there() {
     );
     let last = j["last_transaction_time"].as_str().unwrap();
     assert!(!last.is_empty(), "{j:#}");
+    // The drill's restore recorded its speed: a restore plan now has an estimate.
+    let dry = s.path().join("dry-run-target");
+    let plan = s
+        .run_repo(
+            &[
+                "--json",
+                "restore",
+                "latest",
+                "--dry-run",
+                "--target-dir",
+                dry.to_str().unwrap(),
+            ],
+            &[],
+        )
+        .expect(0)
+        .json();
+    assert!(
+        plan["plan"]["estimate"]["secs"].as_f64().unwrap_or(0.0) > 0.0,
+        "no estimate after a drill: {plan}"
+    );
 
     let cfg2 = config(
         &s,

@@ -338,6 +338,9 @@ pub async fn drill(
         id: opts.id.clone(),
         threads: opts.threads,
         recovery: Some(pitr_opts),
+        // A drill is a restore on this host: its speed feeds the estimate of the next
+        // `restore --dry-run`, as a restore's does.
+        speed_log: restore_plan::default_speed_log(),
         ..RestoreOptions::default()
     };
     let (m, _) = restore_plan::select(&repo, &ropts).await?;
