@@ -320,8 +320,8 @@ fn version_case(major: u32) {
     let full = work.join("full");
     let full_ts = work.join("full_ts");
     let full_whole_ts = work.join("full_whole_ts");
-    // No target but an action: recovery through the archive to its end (without any
-    // option, restore leaves the backup as it is, consistent at its own end).
+    // No target but an action: recovery through the archive to its end, promoted there
+    // (restore's default is the same replay to the end of the archive).
     st.restore(
         &full,
         &[(&ts, &full_ts), (&whole.tablespace, &full_whole_ts)],
