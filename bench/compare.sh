@@ -123,7 +123,7 @@ from email.utils import formatdate
 port, account = sys.argv[1], "devstoreaccount1"
 key = base64.b64decode("Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==")
 date, version = formatdate(usegmt=True), "2021-08-06"
-to_sign = ("PUT\n" + "\n" * 10 + f"x-ms-date:{date}\nx-ms-version:{version}\n"
+to_sign = ("PUT\n" + "\n" * 11 + f"x-ms-date:{date}\nx-ms-version:{version}\n"
            f"/{account}/{account}/pgkeep\nrestype:container")
 sig = base64.b64encode(hmac.new(key, to_sign.encode(), hashlib.sha256).digest()).decode()
 req = urllib.request.Request(f"http://127.0.0.1:{port}/{account}/pgkeep?restype=container", method="PUT",
