@@ -147,8 +147,7 @@ async fn a_garbled_shared_read_is_read_again_and_a_persistent_one_names_a_stream
     faulty.flip_next_reads(1000);
     let err = read_all(&repo, &streams)
         .await
-        .err()
-        .expect("every read garbled");
+        .expect_err("every read garbled");
     assert_eq!(err.error.kind(), ErrorKind::Integrity, "{:?}", err.error);
     assert!(
         err.target < streams.len() && streams[err.target].0.size > 0,
