@@ -139,7 +139,7 @@ PY
 stop_stores() {
   [ -n "${WEED_PID:-}" ] && kill "$WEED_PID" 2>/dev/null
   [ -n "${AZURITE_PID:-}" ] && kill "$AZURITE_PID" 2>/dev/null
-  pkill -f "weed mini -dir=$W/s3/data" 2>/dev/null
+  pkill -f "weed mini -dir=$W/s3/data" 2>/dev/null || true
   return 0
 }
 case $STORE in
