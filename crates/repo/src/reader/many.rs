@@ -15,16 +15,14 @@ use std::sync::Arc;
 use futures::stream::{self, StreamExt};
 
 use super::{
-    give_back, take_buffer, with_decompressor, PositionalSink, Request, MAX_REQUEST,
-    MAX_REQUEST_RAW, READS_IN_FLIGHT,
+    with_decompressor, FetchedRange, PositionalSink, Request, MAX_REQUEST, MAX_REQUEST_RAW,
+    READS_IN_FLIGHT,
 };
 use crate::error::RepoError;
 use crate::format::StreamRef;
 use crate::id::{BlobId, PackId};
 use crate::index::BlobLocation;
-use crate::pack::decode_blob_into;
 use crate::repository::Repository;
-use pgkeep_storage::DIRECT_IO_ALIGN;
 
 /// Stored bytes a shared read may span between two wanted blobs: reading them costs less
 /// than another request (a round trip on object storage).
@@ -228,38 +226,21 @@ impl Repository {
         let cur = current.clone();
         self.fetch_then(&req, move |data, bases| {
             let mut out = Vec::new();
+            let name = format!("pack {pack}");
+            let range = FetchedRange {
+                data: &data,
+                start,
+                name: &name,
+                sealer: &sealer,
+                bases,
+            };
             with_decompressor(|d| {
-                let name = format!("pack {pack}");
                 for run in runs(&placed) {
                     let run = &placed[run];
                     let (t, at) = (run[0].target, run[0].at);
                     cur.store(t, Ordering::Relaxed);
-                    let total: usize = run.iter().map(|p| p.loc.raw_length as usize).sum();
-                    // As in read_stream_at: the buffer lines up with the file's pages.
-                    let pad = (at % DIRECT_IO_ALIGN as u64) as usize;
-                    let mut buf = take_buffer(pad + total);
-                    let dst = &mut buf.as_mut_slice()[pad..pad + total];
-                    let mut pos = 0usize;
-                    for p in run {
-                        let s = (p.loc.offset as u64 - start) as usize;
-                        let stored = &data[s..s + p.loc.length as usize];
-                        let n = p.loc.raw_length as usize;
-                        decode_blob_into(
-                            &sealer,
-                            d,
-                            &p.id,
-                            stored,
-                            &mut dst[pos..pos + n],
-                            bases,
-                            &name,
-                        )?;
-                        pos += n;
-                    }
-                    sinks[t].write_at(at, dst).map_err(|e| {
-                        RepoError::Invalid(format!("writing restored data failed: {e}"))
-                    })?;
-                    give_back(buf);
-                    out.push((t, total as u64));
+                    let blobs = run.iter().map(|p| (&p.id, &p.loc));
+                    out.push((t, range.write_run(d, blobs, at, &*sinks[t])?));
                 }
                 Ok(())
             })?;

@@ -143,6 +143,55 @@ pub trait PositionalSink: Send + Sync + 'static {
     fn write_at(&self, offset: u64, data: &[u8]) -> std::io::Result<()>;
 }
 
+/// A range read from a pack, with what decoding its blobs needs.
+struct FetchedRange<'a> {
+    /// The bytes read, from `start` in the pack.
+    data: &'a [u8],
+    start: u64,
+    /// The pack, for errors.
+    name: &'a str,
+    sealer: &'a crate::crypto::Sealer,
+    bases: &'a BasePlaintexts,
+}
+
+impl FetchedRange<'_> {
+    /// Decodes a run of blobs (consecutive in one file) into one buffer that lines up with
+    /// the file's pages, so the sink can write whole pages directly, and writes it at `at`
+    /// with one call. Returns the bytes written.
+    fn write_run<'b>(
+        &self,
+        d: &mut zstd::bulk::Decompressor<'_>,
+        blobs: impl Iterator<Item = (&'b BlobId, &'b BlobLocation)> + Clone,
+        at: u64,
+        sink: &dyn PositionalSink,
+    ) -> Result<u64> {
+        let total: usize = blobs.clone().map(|(_, l)| l.raw_length as usize).sum();
+        let pad = (at % DIRECT_IO_ALIGN as u64) as usize;
+        let mut buf = take_buffer(pad + total);
+        let dst = &mut buf.as_mut_slice()[pad..pad + total];
+        let mut pos = 0usize;
+        for (id, loc) in blobs {
+            let s = (loc.offset as u64 - self.start) as usize;
+            let stored = &self.data[s..s + loc.length as usize];
+            let n = loc.raw_length as usize;
+            decode_blob_into(
+                self.sealer,
+                d,
+                id,
+                stored,
+                &mut dst[pos..pos + n],
+                self.bases,
+                self.name,
+            )?;
+            pos += n;
+        }
+        sink.write_at(at, dst)
+            .map_err(|e| RepoError::Invalid(format!("writing restored data failed: {e}")))?;
+        give_back(buf);
+        Ok(total as u64)
+    }
+}
+
 /// The result of a spawned read; a panic in it is resumed here.
 fn joined<T>(r: std::result::Result<Result<T>, tokio::task::JoinError>) -> Result<T> {
     match r {
@@ -382,33 +431,17 @@ impl Repository {
                     // The decoded range sits in its buffer at the same offset modulo the page
                     // size as in the file, so that the sink can hand its whole pages to the
                     // file system without a copy (direct I/O).
-                    let pad = (at % DIRECT_IO_ALIGN as u64) as usize;
-                    let mut buf = take_buffer(pad + total);
-                    let dst = &mut buf.as_mut_slice()[pad..pad + total];
+                    let name = format!("pack {pack}");
+                    let range = FetchedRange {
+                        data: &data,
+                        start,
+                        name: &name,
+                        sealer: &sealer,
+                        bases,
+                    };
                     with_decompressor(|d| {
-                        let name = format!("pack {pack}");
-                        let mut pos = 0usize;
-                        for (id, loc) in blobs.iter() {
-                            let s = (loc.offset as u64 - start) as usize;
-                            let stored = &data[s..s + loc.length as usize];
-                            let n = loc.raw_length as usize;
-                            decode_blob_into(
-                                &sealer,
-                                d,
-                                id,
-                                stored,
-                                &mut dst[pos..pos + n],
-                                bases,
-                                &name,
-                            )?;
-                            pos += n;
-                        }
-                        Ok(())
+                        range.write_run(d, blobs.iter().map(|(id, loc)| (id, loc)), at, &*sink)
                     })?;
-                    sink.write_at(at, dst).map_err(|e| {
-                        RepoError::Invalid(format!("writing restored data failed: {e}"))
-                    })?;
-                    give_back(buf);
                     Ok(total as u64)
                 })
             })
