@@ -244,6 +244,17 @@ print(f"# pgkeep-json {rep} " + json.dumps(d, separators=(",", ":")))
 PY
 }
 
+# Waits until the server on $R_PORT of data directory $1 is out of recovery. Polled with a fresh
+# connection every 0.05 s, in one shell running as postgres: connections are refused until
+# recovery is consistent, and a session held open through the replay would be cancelled by
+# recovery conflicts. A server that is not running for 2 s in a row (its pid file may not exist
+# yet) has failed.
+wait_promoted() { # datadir
+  as_pg bash -c 'down=0; until [ "$(psql -X -h "$1" -p "$2" -d postgres -Atc "select pg_is_in_recovery()" 2>/dev/null)" = f ]; do
+      if "$3/pg_ctl" -D "$4" status >/dev/null 2>&1; then down=0; else down=$((down + 1)); [ $down -lt 40 ] || exit 1; fi
+      sleep 0.05; done' _ "$W/rsock" "$R_PORT" "$PGBIN" "$1"
+}
+
 run_pgbackrest() { # repeat
   local rep=$1 d=$W/r-pgbr
   rm -rf "$d" "$W/pgbr/spool/archive"
@@ -263,13 +274,7 @@ EOF
   local t0 t1 t2
   t0=$(now)
   as_pg "$PGBIN/pg_ctl" -D "$d" -l "$W/r-pgbr.log" -W start >/dev/null
-  # Polled with a fresh connection every 0.05 s, in one shell running as postgres: connections
-  # are refused until recovery is consistent, and a session held open through the replay would
-  # be cancelled by recovery conflicts.
-  # A server that is not running for 2 s in a row (its pid file may not exist yet) has failed.
-  as_pg bash -c 'down=0; until [ "$(psql -X -h "$1" -p "$2" -d postgres -Atc "select pg_is_in_recovery()" 2>/dev/null)" = f ]; do
-      if "$3/pg_ctl" -D "$4" status >/dev/null 2>&1; then down=0; else down=$((down + 1)); [ $down -lt 40 ] || exit 1; fi
-      sleep 0.05; done' _ "$W/rsock" "$R_PORT" "$PGBIN" "$d" || {
+  wait_promoted "$d" || {
     echo "the restored server stopped:" >&2; tail -20 "$W/r-pgbr.log" >&2; exit 1; }
   t1=$(now)
   local replayed; replayed=$(as_pg psql -X -h "$W/rsock" -p "$R_PORT" -d postgres -Atc \
@@ -324,9 +329,7 @@ EOF
   local t0 t1
   t0=$(now)
   as_pg "$PGBIN/pg_ctl" -D "$d" -l "$W/r-floor.log" -W start >/dev/null
-  as_pg bash -c 'down=0; until [ "$(psql -X -h "$1" -p "$2" -d postgres -Atc "select pg_is_in_recovery()" 2>/dev/null)" = f ]; do
-      if "$3/pg_ctl" -D "$4" status >/dev/null 2>&1; then down=0; else down=$((down + 1)); [ $down -lt 40 ] || exit 1; fi
-      sleep 0.05; done' _ "$W/rsock" "$R_PORT" "$PGBIN" "$d" || {
+  wait_promoted "$d" || {
     echo "the floor's server stopped:" >&2; tail -20 "$W/r-floor.log" >&2; exit 1; }
   t1=$(now)
   # After crash recovery there is no replay position; the insert position (past the end-of-
