@@ -54,6 +54,29 @@ pub struct ManifestHeader {
     pub pg_major: Option<u32>,
 }
 
+impl ManifestHeader {
+    /// Refuses other kinds than physical and newer formats than this pgkeep reads.
+    fn check_physical(&self) -> Result<()> {
+        if self.kind != KIND_PHYSICAL {
+            return Err(Error::usage(format!(
+                "{} of cluster {} is a {} backup, not a physical one",
+                self.id, self.cluster, self.kind
+            )));
+        }
+        if self.format > MANIFEST_FORMAT {
+            return Err(Error::with_hint(
+                ErrorKind::Failure,
+                format!(
+                    "backup {} has manifest format {}, this pgkeep reads up to {MANIFEST_FORMAT}",
+                    self.id, self.format
+                ),
+                "upgrade pgkeep",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What a manifest entry is on disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -215,29 +238,32 @@ pub struct BackupManifest {
 impl BackupManifest {
     /// Parses a manifest body, refusing other kinds and newer formats.
     pub fn from_value(value: serde_json::Value) -> Result<Self> {
-        let header: ManifestHeader = serde_json::from_value(value.clone()).map_err(|e| {
+        let header = ManifestHeader::deserialize(&value).map_err(|e| {
             Error::new(
                 ErrorKind::Integrity,
                 format!("manifest does not parse: {e}"),
             )
         })?;
-        if header.kind != KIND_PHYSICAL {
-            return Err(Error::usage(format!(
-                "{} of cluster {} is a {} backup, not a physical one",
-                header.id, header.cluster, header.kind
-            )));
-        }
-        if header.format > MANIFEST_FORMAT {
-            return Err(Error::with_hint(
-                ErrorKind::Failure,
-                format!(
-                    "backup {} has manifest format {}, this pgkeep reads up to {MANIFEST_FORMAT}",
-                    header.id, header.format
-                ),
-                "upgrade pgkeep",
-            ));
-        }
+        header.check_physical()?;
         serde_json::from_value(value).map_err(|e| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("manifest of backup {} does not parse: {e}", header.id),
+            )
+        })
+    }
+
+    /// Parses a manifest body from its JSON text, as [`BackupManifest::from_value`] does,
+    /// without building a JSON value of every file first (several times the typed size).
+    pub fn from_slice(plain: &[u8]) -> Result<Self> {
+        let header: ManifestHeader = serde_json::from_slice(plain).map_err(|e| {
+            Error::new(
+                ErrorKind::Integrity,
+                format!("manifest does not parse: {e}"),
+            )
+        })?;
+        header.check_physical()?;
+        serde_json::from_slice(plain).map_err(|e| {
             Error::new(
                 ErrorKind::Integrity,
                 format!("manifest of backup {} does not parse: {e}", header.id),
@@ -343,34 +369,95 @@ pub fn summary_of(
     Ok((h, serde_json::to_value(f).expect("facts serialize")))
 }
 
-/// Loads the headers of every manifest of `cluster`, oldest first.
+/// Loads the headers of every manifest of `cluster`, oldest first, each with its body
+/// except a physical manifest's file list: `files` is parsed past and left empty, so a
+/// [`BackupManifest`] made from such a body has the WAL span, stored WAL and totals of the
+/// backup but no files (load the chosen backup with [`load_physical`] for those). A few
+/// manifests are read at a time. Choosing among backups needs no file list, and sixty
+/// bodies of 80,000 files each as JSON values were most of a restore's peak memory.
 pub async fn load_headers(
     repo: &Repository,
     cluster: &str,
 ) -> Result<Vec<(ManifestHeader, serde_json::Value)>> {
+    use futures::{StreamExt, TryStreamExt};
     let ids = list_ids(repo, cluster).await?;
-    let loads = ids.iter().map(|id| repo.load_manifest(cluster, id));
-    let values = futures::future::try_join_all(loads).await?;
-    let mut out = Vec::with_capacity(values.len());
-    for (id, v) in ids.iter().zip(values) {
-        let h: ManifestHeader = serde_json::from_value(v.clone()).map_err(|e| {
+    futures::stream::iter(ids)
+        .map(|id| async move {
+            let key = ManifestKey {
+                cluster: cluster.to_string(),
+                id: id.clone(),
+            }
+            .key();
+            let plain = repo.get_sealed(&key, key.as_bytes()).await?;
+            outline_of(&plain).map_err(|e| {
+                Error::new(
+                    ErrorKind::Integrity,
+                    format!("manifest {cluster}/{id} does not parse: {e}"),
+                )
+            })
+        })
+        .buffered(SUMMARY_READS)
+        .try_collect()
+        .await
+}
+
+/// A manifest body (JSON) as [`load_headers`] reduces it: its header, and the body with
+/// `files` empty.
+pub fn outline_of(
+    plain: &[u8],
+) -> std::result::Result<(ManifestHeader, serde_json::Value), serde_json::Error> {
+    let body: BodyWithoutFiles = serde_json::from_slice(plain)?;
+    let value = serde_json::Value::Object(body.0);
+    let header = ManifestHeader::deserialize(&value)?;
+    Ok((header, value))
+}
+
+/// A manifest body parsed with its `files` array skipped (and kept as an empty array, so the
+/// body still has the field a [`BackupManifest`] requires).
+struct BodyWithoutFiles(serde_json::Map<String, serde_json::Value>);
+
+impl<'de> Deserialize<'de> for BodyWithoutFiles {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = BodyWithoutFiles;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a manifest object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                let mut body = serde_json::Map::new();
+                while let Some(key) = a.next_key::<String>()? {
+                    let value = if key == "files" {
+                        a.next_value::<serde::de::IgnoredAny>()?;
+                        serde_json::Value::Array(Vec::new())
+                    } else {
+                        a.next_value()?
+                    };
+                    body.insert(key, value);
+                }
+                Ok(BodyWithoutFiles(body))
+            }
+        }
+        d.deserialize_map(Fields)
+    }
+}
+
+/// The newest physical backup of `cluster`, if any.
+pub async fn latest_physical(repo: &Repository, cluster: &str) -> Result<Option<BackupManifest>> {
+    // Newest first: the newest manifest is nearly always physical, so one read.
+    for id in list_ids(repo, cluster).await?.iter().rev() {
+        let plain = repo.load_manifest_text(cluster, id).await?;
+        let header: ManifestHeader = serde_json::from_slice(&plain).map_err(|e| {
             Error::new(
                 ErrorKind::Integrity,
                 format!("manifest {cluster}/{id} does not parse: {e}"),
             )
         })?;
-        out.push((h, v));
-    }
-    Ok(out)
-}
-
-/// The newest physical backup of `cluster`, if any.
-pub async fn latest_physical(repo: &Repository, cluster: &str) -> Result<Option<BackupManifest>> {
-    let ids = list_ids(repo, cluster).await?;
-    for id in ids.iter().rev() {
-        let v = repo.load_manifest(cluster, id).await?;
-        if v.get("kind").and_then(|k| k.as_str()) == Some(KIND_PHYSICAL) {
-            return Ok(Some(BackupManifest::from_value(v)?));
+        if header.kind == KIND_PHYSICAL {
+            return Ok(Some(BackupManifest::from_slice(&plain)?));
         }
     }
     Ok(None)
@@ -391,8 +478,8 @@ pub async fn load_physical(
             )
         });
     }
-    let v = repo
-        .load_manifest(cluster, id_or_latest)
+    let plain = repo
+        .load_manifest_text(cluster, id_or_latest)
         .await
         .map_err(|e| {
             if e.kind() == pgkeep_repo::ErrorKind::NotFound {
@@ -405,7 +492,7 @@ pub async fn load_physical(
                 e.into()
             }
         })?;
-    BackupManifest::from_value(v)
+    BackupManifest::from_slice(&plain)
 }
 
 #[cfg(test)]
@@ -432,5 +519,56 @@ mod tests {
         let v = serde_json::json!({"format": 99, "kind": "physical", "id": "x", "cluster": "main"});
         let e = BackupManifest::from_value(v).unwrap_err();
         assert!(e.to_string().contains("upgrade pgkeep"), "{e}");
+    }
+
+    /// Choosing a backup reads every manifest; a physical one's file list is parsed past, and
+    /// what choosing needs (header, WAL span, stored WAL, totals) is kept.
+    #[test]
+    fn an_outline_keeps_the_wal_span_and_totals_and_drops_the_file_list() {
+        let id = "20261205T093253Z";
+        let blob = serde_json::json!({"id": "ab".repeat(32), "len": 8192});
+        let file = |n: u32| {
+            serde_json::json!({"path": format!("base/5/{n}"), "kind": "file", "size": 8192,
+                "mode": 0o600, "mtime": 1, "stream": {"size": 8192, "blobs": [blob.clone()]}})
+        };
+        let body = serde_json::json!({
+            "format": 1, "kind": "physical", "id": id, "cluster": "main", "method": "local",
+            "label": null, "host": "h", "tool_version": "0", "system_identifier": "7",
+            "pg_version_num": 150004, "pg_major": 15, "timeline": 2, "wal_segment_size": 16777216,
+            "data_checksums": true, "start_lsn": "0/26000028", "stop_lsn": "0/26000100",
+            "start_time": "2026-12-05T09:32:53Z", "stop_time": "2026-12-05T09:33:03Z",
+            "duration_secs": 10.0, "backup_label": "START WAL LOCATION", "tablespace_map": null,
+            "tablespaces": [],
+            "files": (0..1000).map(file).collect::<Vec<_>>(),
+            "wal": [{"name": "000000020000000000000026", "size": 16777216,
+                     "stream": {"size": 8192, "blobs": [blob]}}],
+            "totals": {"logical_bytes": 8192000, "files": 1000, "other_entries": 0,
+                "files_skipped_unchanged": 0, "bytes_skipped_unchanged": 0, "bytes_read": 0,
+                "wal_files": 1, "wal_bytes": 8192, "new_bytes": 0, "stored_bytes": 4096},
+            "page_checksum_failures": []
+        });
+        let text = serde_json::to_vec(&body).unwrap();
+        let full = BackupManifest::from_slice(&text).unwrap();
+        assert_eq!(full.files.len(), 1000);
+
+        let (header, outline) = outline_of(&text).unwrap();
+        assert_eq!(
+            (header.id.as_str(), header.kind.as_str()),
+            (id, KIND_PHYSICAL)
+        );
+        assert_eq!(outline["files"], serde_json::json!([]));
+        let m = BackupManifest::from_value(outline).unwrap();
+        assert!(m.files.is_empty());
+        assert_eq!((m.timeline, m.start_lsn.as_str()), (2, "0/26000028"));
+        assert_eq!(m.stop_lsn, full.stop_lsn);
+        assert_eq!(m.wal.len(), 1);
+        assert_eq!(m.wal[0].stream, full.wal[0].stream);
+        assert_eq!(m.totals.stored_bytes, 4096);
+    }
+
+    #[test]
+    fn a_manifest_that_is_not_an_object_is_refused_by_the_outline_reader() {
+        assert!(outline_of(b"[1, 2]").is_err());
+        assert!(outline_of(b"{\"format\": 1, \"files\": [").is_err());
     }
 }

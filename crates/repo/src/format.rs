@@ -1,9 +1,10 @@
 //! Versioned, serde-typed objects of the repository format (see docs/design.md).
 
 use chrono::{DateTime, Utc};
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
-use crate::id::{BlobId, PackId};
+use crate::id::{BlobId, Id, PackId};
 
 /// The repository format version this build writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -342,5 +343,112 @@ pub fn collect_stream_refs(value: &serde_json::Value, out: &mut Vec<StreamRef>) 
             }
         }
         _ => {}
+    }
+}
+
+/// Walks a manifest's JSON as it is parsed and reports every blob reference: inside a
+/// `blobs` array, an object of exactly `id` (a blob id) and `len`, the shape of a
+/// [`StreamRef`]'s blobs. Everything else is skipped over. It finds
+/// every blob that [`collect_stream_refs`] finds (which also requires the `size` beside
+/// `blobs`); reporting more can only keep more.
+pub(crate) struct BlobRefWalk<'f> {
+    f: &'f mut dyn FnMut(BlobId),
+    /// This value is an element of a `blobs` array.
+    blob_ref: bool,
+    /// This value is a `blobs` member.
+    blob_list: bool,
+}
+
+impl<'f> BlobRefWalk<'f> {
+    /// A walk of a whole manifest body that calls `f` with each blob id.
+    pub(crate) fn new(f: &'f mut dyn FnMut(BlobId)) -> Self {
+        BlobRefWalk {
+            f,
+            blob_ref: false,
+            blob_list: false,
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for BlobRefWalk<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for BlobRefWalk<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON manifest")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_unit<E>(self) -> std::result::Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
+        let f = self.f;
+        while seq
+            .next_element_seed(BlobRefWalk {
+                f: &mut *f,
+                blob_ref: self.blob_list,
+                blob_list: false,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
+        let f = self.f;
+        let (mut id, mut len, mut other) = (None, false, false);
+        while let Some(key) = map.next_key::<std::borrow::Cow<'_, str>>()? {
+            match &*key {
+                "id" if self.blob_ref => {
+                    let v: serde_json::Value = map.next_value()?;
+                    id = v.as_str().and_then(|s| s.parse::<Id>().ok());
+                    other |= id.is_none();
+                }
+                "len" if self.blob_ref => {
+                    let v: serde_json::Value = map.next_value()?;
+                    len = v.is_u64();
+                }
+                k => {
+                    other = true;
+                    map.next_value_seed(BlobRefWalk {
+                        f: &mut *f,
+                        blob_ref: false,
+                        blob_list: k == "blobs",
+                    })?;
+                }
+            }
+        }
+        if let (Some(id), true, false) = (id, len, other) {
+            f(id);
+        }
+        Ok(())
     }
 }

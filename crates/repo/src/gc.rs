@@ -38,11 +38,11 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::DeserializeSeed;
 use serde::Serialize;
 
 use crate::error::{RepoError, Result};
-use crate::format::{IndexBlob, IndexDelta, IndexFile, IndexPack, FORMAT_VERSION};
+use crate::format::{BlobRefWalk, IndexBlob, IndexDelta, IndexFile, IndexPack, FORMAT_VERSION};
 use crate::id::{BlobId, Id, PackId};
 use crate::index::Index;
 use crate::pack::{pack_key, PackWriter};
@@ -687,7 +687,7 @@ impl Repository {
 
     /// Calls `f` with every blob id a manifest references. The manifest is parsed as it is
     /// decompressed and never held as a JSON tree: a backup of a million blobs would take
-    /// hundreds of MiB that way (see [`Walk`]).
+    /// hundreds of MiB that way (see [`BlobRefWalk`]).
     async fn manifest_blobs(&self, m: &ManifestKey, f: &mut dyn FnMut(BlobId)) -> Result<()> {
         let key = m.key();
         let sealed = self.storage().get(&key).await?;
@@ -705,14 +705,10 @@ impl Repository {
             1 << 16,
             decoder,
         ));
-        Walk {
-            f,
-            blob_ref: false,
-            blob_list: false,
-        }
-        .deserialize(&mut de)
-        .and_then(|()| de.end())
-        .map_err(|e| bad(format!("manifest does not parse: {e}")))
+        BlobRefWalk::new(f)
+            .deserialize(&mut de)
+            .and_then(|()| de.end())
+            .map_err(|e| bad(format!("manifest does not parse: {e}")))
     }
 
     /// Copies the live blobs of every pack to repack, as stored, into new packs and uploads
@@ -831,102 +827,6 @@ fn dry_run_report(
     report
 }
 
-/// Walks a manifest's JSON as it is parsed and reports every blob reference: inside a
-/// `blobs` array, an object of exactly `id` (a blob id) and `len`, the shape of a
-/// [`StreamRef`](crate::format::StreamRef)'s blobs. Everything else is skipped over. It finds
-/// every blob that [`Repository::stream_refs`] finds (which also requires the `size` beside
-/// `blobs`); reporting more can only keep more.
-struct Walk<'f> {
-    f: &'f mut dyn FnMut(BlobId),
-    /// This value is an element of a `blobs` array.
-    blob_ref: bool,
-    /// This value is a `blobs` member.
-    blob_list: bool,
-}
-
-impl<'de> DeserializeSeed<'de> for Walk<'_> {
-    type Value = ();
-
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<(), D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Walk<'_> {
-    type Value = ();
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON manifest")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> std::result::Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_i64<E>(self, _: i64) -> std::result::Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_u64<E>(self, _: u64) -> std::result::Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_f64<E>(self, _: f64) -> std::result::Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_str<E>(self, _: &str) -> std::result::Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_unit<E>(self) -> std::result::Result<(), E> {
-        Ok(())
-    }
-
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<(), A::Error> {
-        let f = self.f;
-        while seq
-            .next_element_seed(Walk {
-                f: &mut *f,
-                blob_ref: self.blob_list,
-                blob_list: false,
-            })?
-            .is_some()
-        {}
-        Ok(())
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<(), A::Error> {
-        let f = self.f;
-        let (mut id, mut len, mut other) = (None, false, false);
-        while let Some(key) = map.next_key::<std::borrow::Cow<'_, str>>()? {
-            match &*key {
-                "id" if self.blob_ref => {
-                    let v: serde_json::Value = map.next_value()?;
-                    id = v.as_str().and_then(|s| s.parse::<Id>().ok());
-                    other |= id.is_none();
-                }
-                "len" if self.blob_ref => {
-                    let v: serde_json::Value = map.next_value()?;
-                    len = v.is_u64();
-                }
-                k => {
-                    other = true;
-                    map.next_value_seed(Walk {
-                        f: &mut *f,
-                        blob_ref: false,
-                        blob_list: k == "blobs",
-                    })?;
-                }
-            }
-        }
-        if let (Some(id), true, false) = (id, len, other) {
-            f(id);
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -958,13 +858,7 @@ mod tests {
         let mut got = Vec::new();
         let mut f = |id: BlobId| got.push(id);
         let mut de = serde_json::Deserializer::from_slice(&json);
-        Walk {
-            f: &mut f,
-            blob_ref: false,
-            blob_list: false,
-        }
-        .deserialize(&mut de)
-        .unwrap();
+        BlobRefWalk::new(&mut f).deserialize(&mut de).unwrap();
         want.sort();
         got.sort();
         assert_eq!(got, want);

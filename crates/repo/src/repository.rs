@@ -7,15 +7,16 @@ use chrono::Utc;
 use futures::stream::{self, StreamExt, TryStreamExt};
 use pgkeep_storage::{ErrorKind as SErr, Storage};
 use rand::RngCore;
+use serde::de::DeserializeSeed;
 use serde::Serialize;
 
 use crate::crypto::{derive_kek, unwrap_master, wrap_master, MasterKey, Sealer};
 use crate::error::{RepoError, Result};
 use crate::format::{
-    collect_stream_refs, ChunkerParams, IndexFile, KdfParams, KeyFile, RepoConfig, StreamRef,
-    FORMAT_VERSION,
+    collect_stream_refs, BlobRefWalk, ChunkerParams, IndexFile, KdfParams, KeyFile, RepoConfig,
+    StreamRef, FORMAT_VERSION,
 };
-use crate::id::Id;
+use crate::id::{BlobId, Id};
 use crate::index::Index;
 
 /// Default target size of a pack: big enough that per-object costs (requests, index entries)
@@ -469,26 +470,32 @@ impl Repository {
         check_segment("cluster name", cluster)?;
         check_segment("backup id", id)?;
         self.ensure_locks_held()?;
-        let value = serde_json::to_value(body).map_err(|e| RepoError::Invalid(e.to_string()))?;
-        let mut refs = Vec::new();
-        collect_stream_refs(&value, &mut refs);
+        // Serialized once, and its references walked in the text: a JSON tree of a backup of
+        // 80,000 files was 140 MiB, most of a backup's peak memory.
+        let json = serde_json::to_vec(body).map_err(|e| RepoError::Invalid(e.to_string()))?;
+        let mut unindexed = None;
         {
             let index = self.inner.index.read().unwrap();
-            for r in &refs {
-                if let Some(b) = r.blobs.iter().find(|b| !index.contains(&b.id)) {
-                    return Err(RepoError::Invalid(format!(
-                        "manifest {cluster}/{id} references blob {} that is not indexed (finish the writer before saving the manifest)",
-                        b.id
-                    )));
+            let mut check = |b: BlobId| {
+                if unindexed.is_none() && !index.contains(&b) {
+                    unindexed = Some(b);
                 }
-            }
+            };
+            let mut de = serde_json::Deserializer::from_slice(&json);
+            BlobRefWalk::new(&mut check)
+                .deserialize(&mut de)
+                .map_err(|e| RepoError::Invalid(format!("manifest body: {e}")))?;
+        }
+        if let Some(b) = unindexed {
+            return Err(RepoError::Invalid(format!(
+                "manifest {cluster}/{id} references blob {b} that is not indexed (finish the writer before saving the manifest)"
+            )));
         }
         let key = ManifestKey {
             cluster: cluster.into(),
             id: id.into(),
         }
         .key();
-        let json = serde_json::to_vec(&value).expect("json");
         match self.put_sealed_if_absent(&key, key.as_bytes(), &json).await {
             Err(RepoError::Storage(e)) if e.kind == SErr::AlreadyExists => Err(RepoError::Invalid(
                 format!("manifest {cluster}/{id} already exists; manifests are never overwritten"),
@@ -499,6 +506,20 @@ impl Repository {
 
     /// Loads and verifies a manifest.
     pub async fn load_manifest(&self, cluster: &str, id: &str) -> Result<serde_json::Value> {
+        let plain = self.load_manifest_text(cluster, id).await?;
+        serde_json::from_slice(&plain).map_err(|e| {
+            let key = ManifestKey {
+                cluster: cluster.into(),
+                id: id.into(),
+            }
+            .key();
+            RepoError::integrity(&key, format!("manifest does not parse: {e}"))
+        })
+    }
+
+    /// Loads and verifies a manifest, as its JSON text (for readers that parse it into their
+    /// own types rather than into a JSON value).
+    pub async fn load_manifest_text(&self, cluster: &str, id: &str) -> Result<Vec<u8>> {
         check_segment("cluster name", cluster)?;
         check_segment("backup id", id)?;
         let key = ManifestKey {
@@ -506,16 +527,12 @@ impl Repository {
             id: id.into(),
         }
         .key();
-        let plain = match self.get_sealed(&key, key.as_bytes()).await {
-            Err(RepoError::NotFound { .. }) => {
-                return Err(RepoError::NotFound {
-                    what: format!("backup {id} of cluster {cluster}"),
-                })
-            }
-            other => other?,
-        };
-        serde_json::from_slice(&plain)
-            .map_err(|e| RepoError::integrity(&key, format!("manifest does not parse: {e}")))
+        match self.get_sealed(&key, key.as_bytes()).await {
+            Err(RepoError::NotFound { .. }) => Err(RepoError::NotFound {
+                what: format!("backup {id} of cluster {cluster}"),
+            }),
+            other => other,
+        }
     }
 
     /// True when the manifest `backups/<cluster>/<id>` exists (a HEAD; nothing is read).

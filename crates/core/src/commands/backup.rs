@@ -376,7 +376,7 @@ async fn run(
     }
     let previous: Option<BackupManifest> =
         match headers.iter().rev().find(|(h, _)| h.kind == KIND_PHYSICAL) {
-            Some((_, v)) => Some(BackupManifest::from_value(v.clone())?),
+            Some((h, _)) => Some(manifest::load_physical(repo, &opts.cluster, &h.id).await?),
             None => None,
         };
     let newest_id = headers
