@@ -23,7 +23,8 @@
 #               --compress=server-zstd:level=3)
 #   incr-local  incremental after updating 1% of the rows in one key range
 #   incr-tpcb   incremental after `pgbench -T $BENCH_TPS_SECS` (uniform random updates)
-#   restore     restore of the newest backup into an empty directory
+#   restore     restore of the newest backup into an empty directory; beside it the write floor
+#               (`floor`: the restored files written again from memory and synced once)
 #   delta-same  --delta restore over that identical copy
 #   delta-stale --delta restore of the newest backup over a restore of the full backup
 # Each measurement: wall seconds, user+sys CPU seconds of the process tree, max RSS of any one
@@ -386,6 +387,11 @@ for rep in $(seq 1 "$REPEAT"); do
         v=${t#pgkeep:}
         pk_argv "$v"
         measure "$rep" restore "$t" - -- "${PK_ARGV[@]}" -q restore latest --target-dir "$d"
+        if [ "$v" = "${CHUNKS%% *}" ]; then
+          # The write floor: the same files written from memory and synced (bench/write_floor.py).
+          measure "$rep" restore floor - -- python3 bench/write_floor.py "$d" "$W/r-floor"
+          rm -rf "$W/r-floor"
+        fi
         measure "$rep" delta-same "$t" - -- "${PK_ARGV[@]}" -q restore latest --target-dir "$d" --delta
         fresh_dir "$d"
         pk "$v" restore "${FULL_ID[$v]}" --target-dir "$d" >/dev/null

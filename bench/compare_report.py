@@ -33,7 +33,10 @@ def main(paths):
     for h in header[:2]:
         print(h.lstrip("# ").join(["`", "`"]) + "  ")
     print()
-    tools = sorted({t for (_, t) in rows}, key=lambda t: (t != "pgbackrest", t != "pg_basebackup", t))
+    tools = sorted(
+        {t for (_, t) in rows},
+        key=lambda t: (t != "pgbackrest", t != "pg_basebackup", t == "floor", t),
+    )
     med = {}
     for k, v in rows.items():
         med[k] = tuple(statistics.median(x[i] for x in v) for i in range(4)) + (len(v),)
