@@ -97,7 +97,7 @@ start_seaweedfs() {
     -dir="$W/s3/data" -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port=$((S3_PORT + 1)) \
     -s3.port.https="$S3_PORT" -s3.cert.file="$tls/cert.pem" -s3.key.file="$tls/key.pem" \
     -bucket=pgkeep,pgbr -webdav=false -admin.ui=false -master.telemetry=false \
-    -s3.port.iceberg=0 -s3.port.lance=0 > "$W/s3/weed.log" 2>&1) &
+    -s3.port.iceberg=0 -s3.port.lance=0 -metricsPort="$((S3_PORT + 2))" > "$W/s3/weed.log" 2>&1) &
   WEED_PID=$!
   for _ in $(seq 1 100); do
     curl -s -o /dev/null --cacert "$tls/ca.pem" "https://localhost:$S3_PORT/" && break
@@ -315,6 +315,35 @@ r = json.load(sys.stdin)["records"][-1].get("storage_requests") or {}
 print(" ".join(f"{k}={v}" for k, v in sorted(r.items())), sum(r.values()))' |
     { read -r line; echo "# requests $1 $2 $3 $line" | tee -a "$RAW"; }
 }
+# pgBackRest keeps no request count: on S3 take it from SeaweedFS's own counter of requests
+# to pgBackRest's bucket (SeaweedFS_s3_request_total{bucket="pgbr"}), by request type. Its
+# archive-push of the backup's WAL, in the same window, is counted with it.
+pgbr_request_counts() { # -> "Type=n ..." totals so far
+  curl -s "http://127.0.0.1:$((S3_PORT + 2))/metrics" | python3 -c '
+import re, sys, collections
+c = collections.Counter()
+for line in sys.stdin:
+    m = re.match(r"SeaweedFS_s3_request_total\{(.*)\} (\S+)", line)
+    if m and "bucket=\"pgbr\"" in m.group(1):
+        t = re.search(r"type=\"([^\"]*)\"", m.group(1))
+        c[t.group(1) if t else "?"] += int(float(m.group(2)))
+print(" ".join(f"{k}={v}" for k, v in sorted(c.items())))'
+}
+measure_pgbr_backup() { # repeat step type
+  local before after
+  [ "$STORE" = s3 ] && before=$(pgbr_request_counts)
+  measure "$1" "$2" pgbackrest "$PGBR_SIZE" -- runuser -u postgres -- pgbackrest --config="$PGBR_CONF" --stanza=bench --type="$3" backup
+  [ "$STORE" = s3 ] || return 0
+  after=$(pgbr_request_counts)
+  python3 - "$1" "$2" "$before" "$after" <<'PY' | tee -a "$RAW"
+import sys
+rep, step, before, after = sys.argv[1:5]
+parse = lambda s: {k: int(v) for k, v in (kv.split("=") for kv in s.split())}
+b, a = parse(before), parse(after)
+d = {k: a[k] - b.get(k, 0) for k in a if a[k] - b.get(k, 0) > 0}
+print(f"# requests {rep} {step} pgbackrest", " ".join(f"{k}={v}" for k, v in sorted(d.items())), sum(d.values()))
+PY
+}
 fresh_dir() { rm -rf "$1"; }
 # Tools of one step in this repeat's order (alternates).
 order() { # repeat tools...
@@ -344,7 +373,7 @@ for rep in $(seq 1 "$REPEAT"); do
   # Full.
   for t in $(order "$rep" "${TOOLS[@]}" pg_basebackup); do
     case $t in
-      pgbackrest) measure "$rep" full pgbackrest "$PGBR_SIZE" -- runuser -u postgres -- pgbackrest --config="$PGBR_CONF" --stanza=bench --type=full backup ;;
+      pgbackrest) measure_pgbr_backup "$rep" full full ;;
       pg_basebackup) mkdir -p "$W/bb"; measure "$rep" full pg_basebackup "$W/bb" -- pg_basebackup -Ft --compress=server-zstd:level=3 -c fast -D "$W/bb/$rep" ;;
       pgkeep:*) v=${t#pgkeep:}; pk_argv "$v"; measure "$rep" full "$t" "$(pk_size_path "$v")" -- "${PK_ARGV[@]}" -q backup --pgdata "$W/pgdata"; log_requests "$rep" full "$t" "$v" ;;
     esac
@@ -356,7 +385,7 @@ for rep in $(seq 1 "$REPEAT"); do
   incr() { # step
     for t in $(order "$rep" "${TOOLS[@]}"); do
       case $t in
-        pgbackrest) measure "$rep" "$1" pgbackrest "$PGBR_SIZE" -- runuser -u postgres -- pgbackrest --config="$PGBR_CONF" --stanza=bench --type=incr backup ;;
+        pgbackrest) measure_pgbr_backup "$rep" "$1" incr ;;
         pgkeep:*) v=${t#pgkeep:}; pk_argv "$v"; measure "$rep" "$1" "$t" "$(pk_size_path "$v")" -- "${PK_ARGV[@]}" -q backup --pgdata "$W/pgdata"; log_requests "$rep" "$1" "$t" "$v" ;;
       esac
     done

@@ -65,7 +65,10 @@ def main(paths):
             )
     if requests:
         print()
-        print("Storage requests per backup (pgkeep's run record, counted on the wire; medians):")
+        print(
+            "Storage requests per backup (pgkeep: its run record, counted on the wire; "
+            "pgBackRest: SeaweedFS's count for its bucket; medians):"
+        )
         print()
         print("| step | tool | n | requests | by method |")
         print("|---|---|---|---|---|")
