@@ -265,6 +265,13 @@ EOF
 fi
 psql -c checkpoint
 DB_BYTES=$(psql -Atc "select pg_database_size('postgres')")
+# A restore, the write floor beside it and the repositories need about 3x the database on top
+# of the cluster itself: stop now rather than fail on a full disk halfway through the steps.
+FREE=$(df -B1 --output=avail "$W" | tail -1)
+if [ "$FREE" -lt $((DB_BYTES * 3)) ]; then
+  echo "compare.sh: $W has $((FREE >> 20)) MiB free, needs about $((DB_BYTES * 3 >> 20)) MiB (3x the database); free some space or set BENCH_DIR" >&2
+  exit 1
+fi
 echo "   database: $((DB_BYTES / 1048576)) MiB; zstd -3 of the main table's files:"
 TABFILE=$(psql -Atc "select pg_relation_filepath('$TABLE')")
 SAMPLE="$W/pgdata/$TABFILE"   # its first 1 GiB segment (or all of it when smaller)
