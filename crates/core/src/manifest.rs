@@ -336,9 +336,23 @@ pub async fn load_summaries(
     repo: &Repository,
     cluster: &str,
 ) -> Result<Vec<(ManifestHeader, serde_json::Value)>> {
+    load_reduced(repo, cluster, summary_of).await
+}
+
+/// Reduces a manifest's JSON text to its header and the part of its body a caller keeps.
+type BodyReducer =
+    fn(&[u8]) -> std::result::Result<(ManifestHeader, serde_json::Value), serde_json::Error>;
+
+/// Every manifest of `cluster`, oldest first, each reduced by `reduce` from its JSON text as it
+/// is read, [`SUMMARY_READS`] at a time: the whole bodies are never held together.
+async fn load_reduced(
+    repo: &Repository,
+    cluster: &str,
+    reduce: BodyReducer,
+) -> Result<Vec<(ManifestHeader, serde_json::Value)>> {
     use futures::{StreamExt, TryStreamExt};
     let ids = list_ids(repo, cluster).await?;
-    let summaries: Vec<(ManifestHeader, serde_json::Value)> = futures::stream::iter(ids)
+    futures::stream::iter(ids)
         .map(|id| async move {
             let key = ManifestKey {
                 cluster: cluster.to_string(),
@@ -346,7 +360,7 @@ pub async fn load_summaries(
             }
             .key();
             let plain = repo.get_sealed(&key, key.as_bytes()).await?;
-            summary_of(&plain).map_err(|e| {
+            reduce(&plain).map_err(|e| {
                 Error::new(
                     ErrorKind::Integrity,
                     format!("manifest {cluster}/{id} does not parse: {e}"),
@@ -355,8 +369,7 @@ pub async fn load_summaries(
         })
         .buffered(SUMMARY_READS)
         .try_collect()
-        .await?;
-    Ok(summaries)
+        .await
 }
 
 /// A manifest body (JSON) reduced as [`load_summaries`] does: its header and the fields of
@@ -379,26 +392,7 @@ pub async fn load_headers(
     repo: &Repository,
     cluster: &str,
 ) -> Result<Vec<(ManifestHeader, serde_json::Value)>> {
-    use futures::{StreamExt, TryStreamExt};
-    let ids = list_ids(repo, cluster).await?;
-    futures::stream::iter(ids)
-        .map(|id| async move {
-            let key = ManifestKey {
-                cluster: cluster.to_string(),
-                id: id.clone(),
-            }
-            .key();
-            let plain = repo.get_sealed(&key, key.as_bytes()).await?;
-            outline_of(&plain).map_err(|e| {
-                Error::new(
-                    ErrorKind::Integrity,
-                    format!("manifest {cluster}/{id} does not parse: {e}"),
-                )
-            })
-        })
-        .buffered(SUMMARY_READS)
-        .try_collect()
-        .await
+    load_reduced(repo, cluster, outline_of).await
 }
 
 /// A manifest body (JSON) as [`load_headers`] reduces it: its header, and the body with
