@@ -141,6 +141,7 @@ async fn repositories(tmp: &Path) {
             min: 64 << 10,
             avg: 128 << 10,
             max: 256 << 10,
+            whole_pieces: true,
         },
         ..Default::default()
     };

@@ -559,10 +559,6 @@ fn check_threads(n: i64) -> std::result::Result<usize, String> {
 /// Largest fixed piece for relation files: blobs stay well below the pack size.
 pub const MAX_RELATION_CHUNK_SIZE: u32 = 16 << 20;
 
-/// `options.relation_chunk_size` / `PGKEEP_RELATION_CHUNK_SIZE`: `cdc` or `0` (relation files
-/// are chunked content-defined like every file), or a size in bytes (suffixes `K`/`KiB`,
-/// `M`/`MiB`), a multiple of the 8 KiB page, at most 16 MiB: relation files are cut into
-/// aligned pieces of that size.
 /// A lock wait: a duration such as `30s`, `10m`, `1h` (`0`: do not wait), at most a day.
 pub fn check_lock_wait(v: &str) -> std::result::Result<std::time::Duration, String> {
     let d = if v.trim() == "0" {
@@ -617,6 +613,11 @@ fn check_sse_combination(s: &StorageSettings) -> std::result::Result<(), String>
     Ok(())
 }
 
+/// `options.relation_chunk_size` / `PGKEEP_RELATION_CHUNK_SIZE`: `cdc` or `0` (relation files
+/// are chunked content-defined like every file), or a size in bytes (suffixes `K`/`KiB`,
+/// `M`/`MiB`), a multiple of the 8 KiB page, at most 16 MiB: relation files are cut into
+/// aligned pieces of that size, each stored as one blob (in repositories made before
+/// 2026-12-05, cut by FastCDC within it: `ChunkerParams::whole_pieces`).
 pub fn check_relation_chunk_size(v: &str) -> std::result::Result<u32, String> {
     let t = v.trim();
     if t.eq_ignore_ascii_case("cdc") {

@@ -31,7 +31,7 @@ use serde::Serialize;
 
 use crate::chunker::Chunker;
 use crate::error::{RepoError, Result};
-use crate::format::{BlobRef, IndexFile, IndexPack, StreamRef, FORMAT_VERSION};
+use crate::format::{BlobRef, IndexFile, IndexPack, StreamRef, FORMAT_VERSION, MAX_BLOB_LEN};
 use crate::id::BlobId;
 use crate::pack::{
     blob_compressor, encode_blob, encode_delta_blob, pack_key, PackWriter, MAX_DELTA_BASES,
@@ -339,8 +339,9 @@ impl BlobWriter {
         Ok(out)
     }
 
-    /// Reads `reader` to its end in pieces of `piece` bytes and stores each piece as a stream
-    /// of its own, cut by FastCDC within it (chunks never span pieces); the result is their
+    /// Reads `reader` to its end in pieces of `piece` bytes and stores each piece as one blob
+    /// or, in repositories made without [`ChunkerParams::whole_pieces`], as a stream of its
+    /// own cut by FastCDC within it (chunks never span pieces); the result is their
     /// concatenation (a stream is just its blobs in order). BLOCKING, like
     /// [`BlobWriter::ingest_reader`]. Pieces are read into the writer's reused blocks, so
     /// no piece is zeroed first.
@@ -349,7 +350,8 @@ impl BlobWriter {
         reader: &mut R,
         piece: usize,
     ) -> Result<StreamRef> {
-        let piece = piece.max(1);
+        let piece = piece.clamp(1, MAX_BLOB_LEN as usize);
+        let whole_pieces = self.shared.repo.config().chunker.whole_pieces;
         let pool = &self.shared.blocks;
         let mut out = StreamRef::default();
         loop {
@@ -360,7 +362,11 @@ impl BlobWriter {
                 break;
             }
             let whole = pool.share(block, n, eof);
-            let lens = self.cuts(&whole, true);
+            let lens = if whole_pieces {
+                vec![n]
+            } else {
+                self.cuts(&whole, true)
+            };
             self.store_chunks(&whole, &lens, &mut out, None)?;
             if eof {
                 break;
@@ -852,57 +858,75 @@ mod tests {
         }
     }
 
-    /// Relation files are stored in fixed pieces (`relation_chunk_size`), each cut on its own:
-    /// chunks never span a piece, the stream reads back whole, whatever the read sizes, and
-    /// the pieces are read into reused blocks (each was a fresh zeroed buffer).
+    /// Relation files are stored in fixed pieces (`relation_chunk_size`): one blob each in a
+    /// repository with `whole_pieces` (new ones), each cut by FastCDC on its own in one
+    /// without (made before it). Either way chunks never span a piece, the stream reads back
+    /// whole, whatever the read sizes, and the pieces are read into reused blocks (each was a
+    /// fresh zeroed buffer).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn pieces_are_chunked_each_on_its_own_in_reused_blocks() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Arc::new(pgkeep_storage::LocalStorage::new(dir.path()).unwrap());
-        let repo = Repository::init(storage, InitOptions::default())
+    async fn pieces_are_stored_whole_or_cut_each_on_its_own_in_reused_blocks() {
+        for whole_pieces in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let storage = Arc::new(pgkeep_storage::LocalStorage::new(dir.path()).unwrap());
+            let chunker = crate::format::ChunkerParams {
+                whole_pieces,
+                ..Default::default()
+            };
+            let opts = InitOptions {
+                chunker,
+                ..Default::default()
+            };
+            let repo = Repository::init(storage, opts).await.unwrap();
+            let piece = 3 << 20;
+            let mut data = vec![0u8; 40 * piece + 12345];
+            rand::rngs::StdRng::seed_from_u64(9).fill_bytes(&mut data);
+            let mut want = Vec::new();
+            for p in data.chunks(piece) {
+                if whole_pieces {
+                    want.push(p.len());
+                } else {
+                    let cdc =
+                        fastcdc::v2020::FastCDC::new(p, chunker.min, chunker.avg, chunker.max);
+                    want.extend(cdc.map(|ch| ch.length));
+                }
+            }
+            assert!(
+                whole_pieces || want.len() > 41,
+                "FastCDC cuts inside the pieces"
+            );
+            let w = repo.writer(WriterOptions {
+                threads: 2,
+                ..Default::default()
+            });
+            let (w2, d2) = (w.clone(), data.clone());
+            let (a, b) = tokio::task::spawn_blocking(move || {
+                let a = w2
+                    .ingest_reader_in_pieces(&mut std::io::Cursor::new(&d2), piece)
+                    .unwrap();
+                let b = w2
+                    .ingest_reader_in_pieces(
+                        &mut Trickle {
+                            data: &d2,
+                            step: 100_000,
+                        },
+                        piece,
+                    )
+                    .unwrap();
+                (a, b)
+            })
             .await
             .unwrap();
-        let c = repo.config().chunker;
-        let piece = 3 << 20;
-        let mut data = vec![0u8; 40 * piece + 12345];
-        rand::rngs::StdRng::seed_from_u64(9).fill_bytes(&mut data);
-        let mut want = Vec::new();
-        for p in data.chunks(piece) {
-            let cdc = fastcdc::v2020::FastCDC::new(p, c.min, c.avg, c.max);
-            want.extend(cdc.map(|ch| ch.length));
-        }
-        let w = repo.writer(WriterOptions {
-            threads: 2,
-            ..Default::default()
-        });
-        let (w2, d2) = (w.clone(), data.clone());
-        let (a, b) = tokio::task::spawn_blocking(move || {
-            let a = w2
-                .ingest_reader_in_pieces(&mut std::io::Cursor::new(&d2), piece)
-                .unwrap();
-            let b = w2
-                .ingest_reader_in_pieces(
-                    &mut Trickle {
-                        data: &d2,
-                        step: 100_000,
-                    },
-                    piece,
-                )
-                .unwrap();
-            (a, b)
-        })
-        .await
-        .unwrap();
-        // At most the pieces in flight (two channels of 2 x 2 jobs, 2 workers, the one read).
-        let made = w.shared.blocks.made.load(Ordering::Relaxed);
-        assert!(made <= 12, "{made} blocks made for 82 pieces");
-        w.finish().await.unwrap();
-        for s in [&a, &b] {
-            let lens: Vec<usize> = s.blobs.iter().map(|b| b.len as usize).collect();
-            assert_eq!(lens, want);
-            let mut back = Vec::new();
-            repo.read_stream(s, &mut back).await.unwrap();
-            assert!(back == data, "read back");
+            // At most the pieces in flight (two channels of 2 x 2 jobs, 2 workers, the one read).
+            let made = w.shared.blocks.made.load(Ordering::Relaxed);
+            assert!(made <= 12, "{made} blocks made for 82 pieces");
+            w.finish().await.unwrap();
+            for s in [&a, &b] {
+                let lens: Vec<usize> = s.blobs.iter().map(|b| b.len as usize).collect();
+                assert_eq!(lens, want, "whole_pieces = {whole_pieces}");
+                let mut back = Vec::new();
+                repo.read_stream(s, &mut back).await.unwrap();
+                assert!(back == data, "read back");
+            }
         }
     }
 

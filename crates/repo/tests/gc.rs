@@ -25,6 +25,7 @@ fn small_packs() -> InitOptions {
             min: 64 << 10,
             avg: 128 << 10,
             max: 256 << 10,
+            whole_pieces: true,
         },
         pack_size: 1 << 20,
         ..Default::default()

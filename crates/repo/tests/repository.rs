@@ -530,3 +530,53 @@ async fn stored_packs_are_indexed_after_index_every_even_below_the_pack_count() 
         }
     }
 }
+
+async fn store_in_pieces(
+    repo: &Repository,
+    data: Vec<u8>,
+    piece: usize,
+) -> (StreamRef, pgkeep_repo::WriteStats) {
+    let w = repo.writer(WriterOptions::default());
+    let w2 = w.clone();
+    let s = tokio::task::spawn_blocking(move || {
+        w2.ingest_reader_in_pieces(&mut std::io::Cursor::new(data), piece)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let stats = w.finish().await.unwrap();
+    (s, stats)
+}
+
+/// Pieces have been stored whole since 2026-12-05. A repository made before (its `config`
+/// has no `whole_pieces`) must keep cutting them with FastCDC: otherwise every piece would
+/// get new blob ids and the first backup after an upgrade would store the cluster again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repository_made_before_whole_pieces_keeps_cutting_them_so_old_blobs_still_dedupe() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = plain_repo(dir.path()).await;
+    assert!(repo.config().chunker.whole_pieces, "new repositories");
+    let path = dir.path().join("config");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(v["chunker"]["whole_pieces"], true, "{v}");
+    v["chunker"].as_object_mut().unwrap().remove("whole_pieces");
+    std::fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+
+    let old = Repository::open(local(dir.path()), None).await.unwrap();
+    assert!(!old.config().chunker.whole_pieces);
+    let piece = 1 << 20;
+    let data = mixed_data(24 << 20, 3);
+    let (s1, _) = store_in_pieces(&old, data.clone(), piece).await;
+    assert!(s1.blobs.len() > 24, "cut inside pieces: {} blobs", s1.blobs.len());
+    let (s2, second) = store_in_pieces(&old, data.clone(), piece).await;
+    assert_eq!(s1, s2);
+    assert_eq!(second.blobs_new, 0, "{second:?}");
+    assert_eq!(read_back(&old, &s1).await.unwrap(), data);
+
+    // The same data in a new repository: one blob per piece.
+    let dir2 = tempfile::tempdir().unwrap();
+    let new = plain_repo(dir2.path()).await;
+    let (s3, _) = store_in_pieces(&new, data.clone(), piece).await;
+    assert_eq!(s3.blobs.len(), 24);
+    assert_eq!(read_back(&new, &s3).await.unwrap(), data);
+}
