@@ -567,7 +567,11 @@ async fn a_repository_made_before_whole_pieces_keeps_cutting_them_so_old_blobs_s
     let piece = 1 << 20;
     let data = mixed_data(24 << 20, 3);
     let (s1, _) = store_in_pieces(&old, data.clone(), piece).await;
-    assert!(s1.blobs.len() > 24, "cut inside pieces: {} blobs", s1.blobs.len());
+    assert!(
+        s1.blobs.len() > 24,
+        "cut inside pieces: {} blobs",
+        s1.blobs.len()
+    );
     let (s2, second) = store_in_pieces(&old, data.clone(), piece).await;
     assert_eq!(s1, s2);
     assert_eq!(second.blobs_new, 0, "{second:?}");

@@ -388,69 +388,34 @@ impl Repository {
     }
 
     /// Writes the stream through `sink` at `base + offset in the stream`, out of order: the
-    /// blobs of each range read are verified and decoded into one page-aligned buffer, which
-    /// the decoding thread writes at once, so decoding and writing of several ranges overlap
-    /// and no decoded range waits for an earlier one. Every byte written was authenticated; a
-    /// range may be written twice when it is read again after a failed verification. Returns
-    /// the bytes written (the stream's size).
+    /// blobs of each range read are verified and decoded into one page-aligned buffer per run
+    /// of blobs consecutive in the file, which the decoding thread writes at once, so decoding
+    /// and writing of several ranges overlap and no decoded range waits for an earlier one.
+    /// Every byte written was authenticated; a range may be written twice when it is read
+    /// again after a failed verification. Returns the bytes written (the stream's size).
+    ///
+    /// The reads are planned in pack order, as for [`Repository::read_streams_at`], not in
+    /// the stream's order: a backup's writer threads compress a file's pieces in parallel and
+    /// the packer appends them as they finish, so consecutive pieces often sit swapped in the
+    /// pack, and reads planned along the file found no two neighbours (a restore of pgbench
+    /// scale 50 from S3 made 229 requests of one 1 MiB piece each; 137 requests in all now,
+    /// from 379).
     pub async fn read_stream_at(
         &self,
         stream: &StreamRef,
         base: u64,
         sink: Arc<dyn PositionalSink>,
     ) -> Result<u64> {
-        let reqs = self.plan(stream)?;
-        let mut offset = base;
-        let mut jobs = Vec::with_capacity(reqs.len());
-        for r in &reqs {
-            jobs.push((r, offset));
-            offset += r
-                .blobs
-                .iter()
-                .map(|(_, l)| l.raw_length as u64)
-                .sum::<u64>();
-        }
-        if offset - base != stream.size {
-            return Err(RepoError::integrity(
-                "stream",
-                format!(
-                    "its blobs hold {} bytes, the stream says {}",
-                    offset - base,
-                    stream.size
-                ),
-            ));
-        }
-        let mut results = stream::iter(jobs)
-            .map(|(r, at)| {
-                let sealer = self.sealer().clone();
-                let blobs = Arc::new(r.blobs.clone());
-                let (start, pack) = (r.start, r.pack);
-                let sink = sink.clone();
-                self.fetch_then(r, move |data, bases| {
-                    let total: usize = blobs.iter().map(|(_, l)| l.raw_length as usize).sum();
-                    // The decoded range sits in its buffer at the same offset modulo the page
-                    // size as in the file, so that the sink can hand its whole pages to the
-                    // file system without a copy (direct I/O).
-                    let name = format!("pack {pack}");
-                    let range = FetchedRange {
-                        data: &data,
-                        start,
-                        name: &name,
-                        sealer: &sealer,
-                        bases,
-                    };
-                    with_decompressor(|d| {
-                        range.write_run(d, blobs.iter().map(|(id, loc)| (id, loc)), at, &*sink)
-                    })?;
-                    Ok(total as u64)
-                })
-            })
-            .buffer_unordered(READS_IN_FLIGHT);
-        let mut written = 0u64;
-        while let Some(n) = results.next().await {
-            written += n?;
-        }
-        Ok(written)
+        let target = many::StreamTarget {
+            stream: stream.clone(),
+            base,
+            sink,
+        };
+        let written = self
+            .read_streams_at(std::slice::from_ref(&target))
+            .await
+            .map_err(|e| e.error)?;
+        Ok(written[0])
     }
 
     /// The plaintexts of the full blobs `ids` (duplicates allowed), from the base cache or
