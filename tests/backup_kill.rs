@@ -27,12 +27,15 @@ use pgkeep_testing::Cluster;
 /// Small packs, so a backup of a few tens of MiB is many uploads; the writer writes an index
 /// file every 32 packs (its default), so a kill past that point leaves indexed chunks.
 const PACK_SIZE: u64 = 1 << 20;
-/// Rows of ~1 KiB of random bytes (incompressible): ~70 MiB on disk, some 45 packs, so the
-/// writer's index file after 32 packs comes well before the end.
-const ROWS: u32 = 60_000;
+/// Rows of ~1 KiB of random bytes (incompressible): ~100 MiB on disk, some 50 packs (two
+/// 1 MiB relation pieces each), so the writer's index file after 32 packs comes well before
+/// the end. 60,000 rows made 45 packs while FastCDC cut the pieces smaller, and only ~33 once
+/// pieces were stored whole: the first index file then came with the last packs and no kill
+/// fell between it and the manifest.
+const ROWS: u32 = 85_000;
 
 /// Replaces the table's content with new random bytes (a new relation file: TRUNCATE gives
-/// it a new relfilenode), so each backup has ~70 MiB of data the repository has not seen.
+/// it a new relfilenode), so each backup has ~100 MiB of data the repository has not seen.
 fn refill(c: &Cluster, round: u32) {
     c.sql(&format!(
         "truncate r; insert into r select g, (select decode(string_agg(md5(random()::text || x || {round}), ''), 'hex') \
@@ -118,7 +121,7 @@ fn stored_bytes(r: &Run) -> u64 {
 
 #[test]
 fn backup_killed_at_every_stage_leaves_a_usable_repository_and_a_clean_server() {
-    // Each round writes ~70 MiB of WAL: keep pg_wal small on a shared disk.
+    // Each round writes ~100 MiB of WAL: keep pg_wal small on a shared disk.
     let src = Cluster::builder()
         .setting("max_wal_size", "64MB")
         .setting("min_wal_size", "32MB")

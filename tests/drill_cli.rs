@@ -452,13 +452,21 @@ fn a_drill_of_a_backup_with_a_flipped_byte_in_a_pack_fails_with_exit_13() {
     let env = [("PGKEEP_PG", conn.as_str())];
     c.sql("CREATE TABLE t AS SELECT g, md5(g::text) FROM generate_series(1, 50000) g")
         .unwrap();
+    // The sandbox's repository is shared with other tests: damage a pack this backup wrote.
+    let packs_dir = s.repo().join("packs");
+    let before = if packs_dir.exists() {
+        cli_support::listing(&packs_dir)
+    } else {
+        Default::default()
+    };
     s.run_repo(&["backup"], &env).expect(0);
-    // Flip one byte in the middle of the largest pack.
+    // Flip one byte in the middle of the largest pack the backup wrote.
     let packs = cli_support::listing(&s.repo().join("packs"));
     let (pack, _) = packs
         .iter()
+        .filter(|(name, _)| !before.contains_key(*name))
         .max_by_key(|(_, (bytes, _))| bytes.len())
-        .unwrap();
+        .expect("the backup wrote a pack");
     let path = s.repo().join("packs").join(pack);
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
